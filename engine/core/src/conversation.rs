@@ -1,0 +1,230 @@
+//! What the engine remembers about one conversation while it is live.
+//!
+//! [`ConversationState`] is folded from the conversation's events in order: the finalized
+//! transcript from `message_response`, the live caption from `recognition_result`, and the
+//! trackers, insights and topics seen so far. Templates read it as `conversation`.
+//!
+//! It does not own *when* state is released (completion, idle timeout): the engine's router does.
+
+use serde::Serialize;
+
+use crate::event::{Caption, Detail, Event, EventKind, Insight, Topic};
+
+/// One finalized transcript line.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TranscriptLine {
+    /// Symbl's message id, when sent.
+    pub id: Option<String>,
+    /// Speaker label (name, else user id).
+    pub speaker: String,
+    /// Speaker user id (e-mail or phone), when sent.
+    pub user_id: Option<String>,
+    /// The sentence.
+    pub text: String,
+    /// ISO-8601 start time, when sent.
+    pub start_time: Option<String>,
+    /// ISO-8601 end time, when sent.
+    pub end_time: Option<String>,
+    /// Milliseconds since the call started when the line arrived.
+    pub offset_ms: u64,
+    /// Sentiment polarity (-1..1), when sent.
+    pub sentiment: Option<f64>,
+}
+
+/// A tracker seen in this conversation (final and interim results are merged by name).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrackerSeen {
+    /// Tracker name.
+    pub name: String,
+    /// The phrases matched so far.
+    pub phrases: Vec<String>,
+    /// How many detections (interim and final) arrived.
+    pub count: u32,
+    /// When it was first detected.
+    pub first_offset_ms: u64,
+}
+
+/// Everything known about one conversation.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConversationState {
+    /// The engine's id for it (the recording's `conversation` or the connection id).
+    pub id: String,
+    /// Symbl's conversation id, once `conversation_created` (or similar) said it.
+    pub symbl_conversation_id: Option<String>,
+    /// Finalized transcript, oldest first.
+    pub transcript: Vec<TranscriptLine>,
+    /// The latest live caption, cleared when a finalized line arrives.
+    pub caption: Option<Caption>,
+    /// Trackers seen, in order of first detection.
+    pub trackers: Vec<TrackerSeen>,
+    /// Insights (questions, action items, follow-ups), in order.
+    pub insights: Vec<Insight>,
+    /// Topics, without repeats of the same phrase.
+    pub topics: Vec<Topic>,
+    /// Offset of the latest event.
+    pub last_offset_ms: u64,
+    /// Events folded so far.
+    pub events_seen: u64,
+    /// True once `conversation_completed` arrived.
+    pub completed: bool,
+}
+
+impl ConversationState {
+    /// A fresh state for conversation `id`.
+    pub fn new(id: &str) -> Self {
+        ConversationState {
+            id: id.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// Folds one event into the state.
+    pub fn apply(&mut self, event: &Event) {
+        self.events_seen += 1;
+        self.last_offset_ms = self.last_offset_ms.max(event.offset_ms);
+        match &event.detail {
+            Detail::Message(m) => {
+                self.caption = None;
+                self.transcript.push(TranscriptLine {
+                    id: m.id.clone(),
+                    speaker: m.speaker.label().to_owned(),
+                    user_id: m.speaker.user_id.clone(),
+                    text: m.text.clone(),
+                    start_time: m.start_time.clone(),
+                    end_time: m.end_time.clone(),
+                    offset_ms: event.offset_ms,
+                    sentiment: m.sentiment,
+                });
+            }
+            Detail::Caption(c) => self.caption = Some(c.clone()),
+            Detail::Tracker(t) => {
+                let phrases = t.phrases();
+                match self.trackers.iter_mut().find(|s| s.name == t.name) {
+                    Some(seen) => {
+                        seen.count += 1;
+                        for p in phrases {
+                            if !seen.phrases.contains(&p) {
+                                seen.phrases.push(p);
+                            }
+                        }
+                    }
+                    None => self.trackers.push(TrackerSeen {
+                        name: t.name.clone(),
+                        phrases,
+                        count: 1,
+                        first_offset_ms: event.offset_ms,
+                    }),
+                }
+            }
+            Detail::Insight(i) => {
+                let repeat = i.id.is_some() && self.insights.iter().any(|s| s.id == i.id);
+                if !repeat {
+                    self.insights.push(i.clone());
+                }
+            }
+            Detail::Topic(t) => {
+                if !self
+                    .topics
+                    .iter()
+                    .any(|s| s.phrases.eq_ignore_ascii_case(&t.phrases))
+                {
+                    self.topics.push(t.clone());
+                }
+            }
+            Detail::Lifecycle {
+                symbl_conversation_id,
+                ..
+            } => {
+                if let Some(id) = symbl_conversation_id {
+                    self.symbl_conversation_id = Some(id.clone());
+                }
+                if event.kind == EventKind::ConversationCompleted {
+                    self.completed = true;
+                }
+            }
+            Detail::Entity(_) | Detail::Error { .. } | Detail::None => {}
+        }
+    }
+
+    /// The last `n` transcript lines, oldest first.
+    pub fn last_lines(&self, n: usize) -> &[TranscriptLine] {
+        let start = self.transcript.len().saturating_sub(n);
+        &self.transcript[start..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::parse_frame;
+    use serde_json::json;
+
+    fn fold(state: &mut ConversationState, offset: u64, frame: serde_json::Value) {
+        for e in parse_frame("c1", offset, frame).unwrap() {
+            state.apply(&e);
+        }
+    }
+
+    #[test]
+    fn folds_transcript_caption_trackers_insights_topics() {
+        let mut s = ConversationState::new("c1");
+        fold(
+            &mut s,
+            0,
+            json!({"type": "message", "message": {"type": "conversation_created", "data": {"conversationId": "999"}}}),
+        );
+        fold(
+            &mut s,
+            100,
+            json!({"type": "message", "message": {"type": "recognition_result", "isFinal": false, "punctuated": {"transcript": "It seems"}}}),
+        );
+        assert_eq!(s.caption.as_ref().unwrap().text, "It seems");
+        fold(
+            &mut s,
+            900,
+            json!({"type": "message_response", "messages": [
+            {"from": {"name": "Customer"}, "payload": {"content": "It seems expensive."}},
+            {"from": {"name": "Agent"}, "payload": {"content": "I hear you."}}]}),
+        );
+        assert!(s.caption.is_none());
+        for fin in [false, true] {
+            fold(
+                &mut s,
+                1000,
+                json!({"type": "tracker_response", "isFinal": fin, "trackers": [
+                {"name": "Budget", "matches": [{"value": "seems expensive", "messageRefs": []}]}]}),
+            );
+        }
+        fold(
+            &mut s,
+            1100,
+            json!({"type": "insight_response", "insights": [{"id": "q1", "type": "question", "payload": {"content": "Is there a discount?"}}]}),
+        );
+        fold(
+            &mut s,
+            1200,
+            json!({"type": "insight_response", "insights": [{"id": "q1", "type": "question", "payload": {"content": "Is there a discount?"}}]}),
+        );
+        fold(
+            &mut s,
+            1300,
+            json!({"type": "topic_response", "topics": [{"phrases": "pricing"}, {"phrases": "Pricing"}]}),
+        );
+        assert_eq!(s.symbl_conversation_id.as_deref(), Some("999"));
+        assert_eq!(s.transcript.len(), 2);
+        assert_eq!(s.last_lines(1)[0].speaker, "Agent");
+        assert_eq!(s.last_lines(10).len(), 2);
+        assert_eq!(s.trackers.len(), 1);
+        assert_eq!(s.trackers[0].count, 2);
+        assert_eq!(s.insights.len(), 1);
+        assert_eq!(s.topics.len(), 1);
+        assert!(!s.completed);
+        fold(
+            &mut s,
+            2000,
+            json!({"type": "message", "message": {"type": "conversation_completed"}}),
+        );
+        assert!(s.completed);
+        assert_eq!(s.last_offset_ms, 2000);
+    }
+}

@@ -1,0 +1,667 @@
+//! Symbl events as the engine sees them.
+//!
+//! This module owns parsing of the Symbl Streaming/Subscribe frames into typed [`Event`]s. It
+//! accepts both envelope families (`type: message` with the discriminator in `message.type`, and
+//! the top-level result types), tolerates unknown fields and unknown types, and keeps the raw
+//! frame so templates can reach anything we did not model.
+//!
+//! Symbl batches several items into one frame (a `tracker_response` can carry several trackers,
+//! an `insight_response` several insights). [`parse_frame`] splits such frames so that each
+//! [`Event`] carries exactly one item; every split event shares the same raw frame.
+//!
+//! It does not own where events come from (recordings, live sockets): that is the engine's job.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// The kind of a Symbl event, as named in pipeline `on:` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// `message` / `started_listening`.
+    StartedListening,
+    /// `message` / `recognition_started`.
+    RecognitionStarted,
+    /// `message` / `conversation_created`.
+    ConversationCreated,
+    /// `message` / `recognition_result`: a live (possibly interim) caption.
+    RecognitionResult,
+    /// `message` / `session_modified`.
+    SessionModified,
+    /// `message` / `recognition_stopped`.
+    RecognitionStopped,
+    /// `message` / `conversation_completed`: the conversation is over.
+    ConversationCompleted,
+    /// `message_response`: one finalized transcript sentence.
+    MessageResponse,
+    /// `tracker_response`: one tracker detection.
+    TrackerResponse,
+    /// `insight_response`: one question, action item or follow-up.
+    InsightResponse,
+    /// `topic_response`: one topic.
+    TopicResponse,
+    /// `entity_response`: one detected entity.
+    EntityResponse,
+    /// `error` (top-level or nested in `message`).
+    Error,
+}
+
+impl EventKind {
+    /// Every kind, in the order the docs list them.
+    pub const ALL: &'static [EventKind] = &[
+        EventKind::StartedListening,
+        EventKind::RecognitionStarted,
+        EventKind::ConversationCreated,
+        EventKind::RecognitionResult,
+        EventKind::SessionModified,
+        EventKind::RecognitionStopped,
+        EventKind::ConversationCompleted,
+        EventKind::MessageResponse,
+        EventKind::TrackerResponse,
+        EventKind::InsightResponse,
+        EventKind::TopicResponse,
+        EventKind::EntityResponse,
+        EventKind::Error,
+    ];
+
+    /// The name used in YAML (`on: [tracker_response]`) and in outputs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::StartedListening => "started_listening",
+            EventKind::RecognitionStarted => "recognition_started",
+            EventKind::ConversationCreated => "conversation_created",
+            EventKind::RecognitionResult => "recognition_result",
+            EventKind::SessionModified => "session_modified",
+            EventKind::RecognitionStopped => "recognition_stopped",
+            EventKind::ConversationCompleted => "conversation_completed",
+            EventKind::MessageResponse => "message_response",
+            EventKind::TrackerResponse => "tracker_response",
+            EventKind::InsightResponse => "insight_response",
+            EventKind::TopicResponse => "topic_response",
+            EventKind::EntityResponse => "entity_response",
+            EventKind::Error => "error",
+        }
+    }
+
+    /// Looks a kind up by its YAML name.
+    pub fn from_name(name: &str) -> Option<EventKind> {
+        EventKind::ALL.iter().copied().find(|k| k.as_str() == name)
+    }
+
+    /// The names of every kind, for "did you mean" hints.
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        EventKind::ALL.iter().map(|k| k.as_str())
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who said something.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Speaker {
+    /// Symbl's participant id, when sent.
+    pub id: Option<String>,
+    /// Display name ("Agent", "Jane").
+    pub name: Option<String>,
+    /// The caller's user id (an e-mail address or a phone number).
+    pub user_id: Option<String>,
+}
+
+impl Speaker {
+    /// The best human-readable label: name, else user id, else `"Unknown"`.
+    pub fn label(&self) -> &str {
+        self.name
+            .as_deref()
+            .or(self.user_id.as_deref())
+            .unwrap_or("Unknown")
+    }
+}
+
+/// A live caption from `recognition_result`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Caption {
+    /// The speaker, when Symbl sent one.
+    pub speaker: Option<Speaker>,
+    /// Punctuated transcript when present, else the raw transcript.
+    pub text: String,
+    /// `false` for interim captions.
+    pub is_final: bool,
+}
+
+/// One finalized sentence from `message_response`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TranscriptMessage {
+    /// Symbl's message id, when sent (older frames omit it).
+    pub id: Option<String>,
+    /// The speaker.
+    pub speaker: Speaker,
+    /// The sentence.
+    pub text: String,
+    /// ISO-8601 start time, when sent.
+    pub start_time: Option<String>,
+    /// ISO-8601 end time, when sent.
+    pub end_time: Option<String>,
+    /// Sentiment polarity score (-1..1), when sentiment is enabled.
+    pub sentiment: Option<f64>,
+}
+
+/// A reference from a tracker match to the message it matched.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MessageRef {
+    /// The message id.
+    pub id: Option<String>,
+    /// The message text.
+    pub text: Option<String>,
+    /// Match position; `-1` means a fuzzy (semantic) match.
+    pub offset: Option<i64>,
+}
+
+/// One match of a tracker.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrackerMatch {
+    /// Match type, usually `"vocabulary"`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// The vocabulary phrase that matched.
+    pub value: String,
+    /// The messages that matched.
+    pub message_refs: Vec<MessageRef>,
+}
+
+/// One tracker detection from `tracker_response`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrackerHit {
+    /// The tracker's id, when sent.
+    pub id: Option<String>,
+    /// The tracker's name ("Budget Constraints").
+    pub name: String,
+    /// `false` for interim results (sent before the transcript is final).
+    pub is_final: bool,
+    /// The matches of this tracker in the frame.
+    pub matches: Vec<TrackerMatch>,
+}
+
+impl TrackerHit {
+    /// The matched vocabulary phrases, in order, without repeats.
+    pub fn phrases(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for m in &self.matches {
+            if !out.contains(&m.value) {
+                out.push(m.value.clone());
+            }
+        }
+        out
+    }
+}
+
+/// One insight from `insight_response`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Insight {
+    /// The insight's id, when sent.
+    pub id: Option<String>,
+    /// `question`, `action_item` or `follow_up` (or whatever Symbl sends).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The insight text (`payload.content`, or the legacy `text`).
+    pub text: String,
+    /// Confidence, when sent.
+    pub confidence: Option<f64>,
+    /// Who raised it.
+    pub from: Option<Speaker>,
+    /// Who it is assigned to (action items).
+    pub assignee: Option<Speaker>,
+}
+
+/// One topic from `topic_response`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Topic {
+    /// The topic's id, when sent.
+    pub id: Option<String>,
+    /// The topic phrase.
+    pub phrases: String,
+    /// Its score, when sent.
+    pub score: Option<f64>,
+}
+
+/// The typed content of an event; what is not modelled stays in [`Event::raw`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Detail {
+    /// Nothing beyond the kind (e.g. `started_listening`).
+    None,
+    /// A live caption.
+    Caption(Caption),
+    /// A finalized transcript sentence.
+    Message(TranscriptMessage),
+    /// A tracker detection.
+    Tracker(TrackerHit),
+    /// An insight.
+    Insight(Insight),
+    /// A topic.
+    Topic(Topic),
+    /// An entity (kept as sent; Symbl's shape is unconfirmed).
+    Entity(Value),
+    /// Conversation lifecycle with Symbl's conversation id when sent.
+    Lifecycle {
+        /// Symbl's conversation id.
+        symbl_conversation_id: Option<String>,
+        /// Summary page URL (`conversation_completed` variant).
+        summary_url: Option<String>,
+    },
+    /// An error frame.
+    Error {
+        /// Error message.
+        message: Option<String>,
+        /// Error details.
+        details: Option<String>,
+    },
+}
+
+/// One event of one conversation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// The conversation this event belongs to (the recording's `conversation`, or the live
+    /// connection id).
+    pub conversation_id: Arc<str>,
+    /// Milliseconds since the conversation started.
+    pub offset_ms: u64,
+    /// What happened.
+    pub kind: EventKind,
+    /// The typed content.
+    pub detail: Detail,
+    /// The whole frame as received; split events share it.
+    pub raw: Arc<Value>,
+}
+
+impl Event {
+    /// The tracker detection, for `tracker_response` events.
+    pub fn tracker(&self) -> Option<&TrackerHit> {
+        match &self.detail {
+            Detail::Tracker(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// Why a frame could not be parsed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[must_use]
+pub enum ParseError {
+    /// The frame is not a JSON object.
+    #[error("event is not a JSON object")]
+    NotAnObject,
+    /// The frame has no `type`.
+    #[error("event has no string `type` field")]
+    MissingType,
+    /// A `type: message` frame has no `message.type`.
+    #[error("`message` event has no string `message.type` field")]
+    MissingMessageType,
+    /// The type is not one Symbl is known to send.
+    #[error("unknown event type `{0}`")]
+    UnknownType(String),
+}
+
+/// Parses one Symbl frame into its events (one per tracker/insight/topic/message it carries).
+///
+/// A result frame that carries no items (an empty `trackers` list, say) gives no events.
+///
+/// # Errors
+/// Returns [`ParseError`] when the frame has no recognizable type; unknown *fields* are ignored.
+///
+/// # Examples
+/// ```
+/// use prompter_core::event::{parse_frame, EventKind};
+/// let frame = serde_json::json!({"type": "tracker_response", "isFinal": true,
+///     "trackers": [{"name": "Budget Constraints", "matches": [{"type": "vocabulary",
+///     "value": "seems expensive", "messageRefs": [{"id": "m1", "text": "It seems expensive.", "offset": 3}]}]}]});
+/// let events = parse_frame("call-1", 1200, frame).unwrap();
+/// assert_eq!(events[0].kind, EventKind::TrackerResponse);
+/// assert_eq!(events[0].tracker().unwrap().name, "Budget Constraints");
+/// ```
+pub fn parse_frame(
+    conversation: &str,
+    offset_ms: u64,
+    frame: Value,
+) -> Result<Vec<Event>, ParseError> {
+    let raw = Arc::new(frame);
+    let conversation_id: Arc<str> = Arc::from(conversation);
+    let obj = raw.as_object().ok_or(ParseError::NotAnObject)?;
+    let ty = obj
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or(ParseError::MissingType)?;
+    let mut items: Vec<(EventKind, Detail)> = Vec::new();
+    match ty {
+        "message" => {
+            let message = obj.get("message").unwrap_or(&Value::Null);
+            let inner = message
+                .get("type")
+                .and_then(Value::as_str)
+                .ok_or(ParseError::MissingMessageType)?;
+            items.push(parse_platform_message(inner, message)?);
+        }
+        "message_response" => {
+            for m in array(obj.get("messages")) {
+                items.push((
+                    EventKind::MessageResponse,
+                    Detail::Message(parse_message(m)),
+                ));
+            }
+        }
+        "tracker_response" => {
+            let is_final = obj.get("isFinal").and_then(Value::as_bool).unwrap_or(true);
+            for t in array(obj.get("trackers")) {
+                if let Some(hit) = parse_tracker(t, is_final) {
+                    items.push((EventKind::TrackerResponse, Detail::Tracker(hit)));
+                }
+            }
+        }
+        "insight_response" => {
+            for i in array(obj.get("insights")) {
+                items.push((
+                    EventKind::InsightResponse,
+                    Detail::Insight(parse_insight(i)),
+                ));
+            }
+        }
+        "topic_response" => {
+            for t in array(obj.get("topics")) {
+                let topic = Topic {
+                    id: string(t.get("id")),
+                    phrases: string(t.get("phrases"))
+                        .or_else(|| string(t.get("text")))
+                        .unwrap_or_default(),
+                    score: t.get("score").and_then(Value::as_f64),
+                };
+                items.push((EventKind::TopicResponse, Detail::Topic(topic)));
+            }
+        }
+        "entity_response" => {
+            for e in array(obj.get("entities")) {
+                items.push((EventKind::EntityResponse, Detail::Entity(e.clone())));
+            }
+        }
+        "error" => items.push((EventKind::Error, error_detail(&raw))),
+        other => return Err(ParseError::UnknownType(other.to_owned())),
+    }
+    Ok(items
+        .into_iter()
+        .map(|(kind, detail)| Event {
+            conversation_id: conversation_id.clone(),
+            offset_ms,
+            kind,
+            detail,
+            raw: raw.clone(),
+        })
+        .collect())
+}
+
+fn parse_platform_message(inner: &str, message: &Value) -> Result<(EventKind, Detail), ParseError> {
+    let lifecycle = |kind| {
+        // `conversation_completed` carries the id in `data` (Go SDK) or at message level (web
+        // SDK docs); accept both.
+        let id = message
+            .get("data")
+            .and_then(|d| d.get("conversationId"))
+            .or_else(|| message.get("conversationId"));
+        let detail = Detail::Lifecycle {
+            symbl_conversation_id: id.and_then(id_string),
+            summary_url: string(message.get("summaryUrl")),
+        };
+        Ok((kind, detail))
+    };
+    match inner {
+        "started_listening" => lifecycle(EventKind::StartedListening),
+        "recognition_started" => lifecycle(EventKind::RecognitionStarted),
+        "conversation_created" => lifecycle(EventKind::ConversationCreated),
+        "session_modified" => lifecycle(EventKind::SessionModified),
+        "recognition_stopped" => lifecycle(EventKind::RecognitionStopped),
+        "conversation_completed" => lifecycle(EventKind::ConversationCompleted),
+        "recognition_result" => {
+            let text = message
+                .get("punctuated")
+                .and_then(|p| string(p.get("transcript")))
+                .or_else(|| {
+                    message
+                        .pointer("/payload/raw/alternatives/0/transcript")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            let caption = Caption {
+                speaker: message.get("user").map(parse_speaker),
+                text,
+                is_final: message
+                    .get("isFinal")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false),
+            };
+            Ok((EventKind::RecognitionResult, Detail::Caption(caption)))
+        }
+        "error" => Ok((EventKind::Error, error_detail(message))),
+        other => Err(ParseError::UnknownType(format!("message.{other}"))),
+    }
+}
+
+fn parse_message(m: &Value) -> TranscriptMessage {
+    TranscriptMessage {
+        id: string(m.get("id")),
+        speaker: m.get("from").map(parse_speaker).unwrap_or_default(),
+        text: m
+            .pointer("/payload/content")
+            .and_then(Value::as_str)
+            .or_else(|| m.get("text").and_then(Value::as_str))
+            .unwrap_or_default()
+            .to_owned(),
+        start_time: m.pointer("/duration/startTime").and_then(id_string),
+        end_time: m.pointer("/duration/endTime").and_then(id_string),
+        sentiment: m
+            .pointer("/sentiment/polarity/score")
+            .and_then(Value::as_f64),
+    }
+}
+
+fn parse_tracker(t: &Value, is_final: bool) -> Option<TrackerHit> {
+    let name = string(t.get("name"))?;
+    let matches = array(t.get("matches"))
+        .map(|m| TrackerMatch {
+            kind: string(m.get("type")),
+            value: string(m.get("value")).unwrap_or_default(),
+            message_refs: array(m.get("messageRefs"))
+                .map(|r| MessageRef {
+                    id: string(r.get("id")),
+                    text: string(r.get("text")),
+                    offset: r.get("offset").and_then(Value::as_i64),
+                })
+                .collect(),
+        })
+        .collect();
+    Some(TrackerHit {
+        id: string(t.get("id")),
+        name,
+        is_final,
+        matches,
+    })
+}
+
+fn parse_insight(i: &Value) -> Insight {
+    Insight {
+        id: string(i.get("id")),
+        kind: string(i.get("type")).unwrap_or_else(|| "insight".to_owned()),
+        // Current frames carry `payload.content`; the legacy shape has a top-level `text`.
+        text: i
+            .pointer("/payload/content")
+            .and_then(Value::as_str)
+            .or_else(|| i.get("text").and_then(Value::as_str))
+            .unwrap_or_default()
+            .to_owned(),
+        confidence: i.get("confidence").and_then(Value::as_f64),
+        from: i.get("from").map(parse_speaker),
+        assignee: i.get("assignee").map(parse_speaker),
+    }
+}
+
+fn parse_speaker(v: &Value) -> Speaker {
+    Speaker {
+        id: string(v.get("id")),
+        name: string(v.get("name")),
+        user_id: string(v.get("userId")),
+    }
+}
+
+fn error_detail(v: &Value) -> Detail {
+    Detail::Error {
+        message: string(v.get("message")),
+        details: string(v.get("details")),
+    }
+}
+
+fn array(v: Option<&Value>) -> impl Iterator<Item = &Value> {
+    v.and_then(Value::as_array).into_iter().flatten()
+}
+
+fn string(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str).map(str::to_owned)
+}
+
+/// Ids arrive as strings or (sometimes) numbers; keep either as a string.
+fn id_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn splits_tracker_response_and_keeps_interim_flag() {
+        let frame = json!({"type": "tracker_response", "isFinal": false, "sequenceNumber": 1,
+            "trackers": [
+              {"name": "Goodness", "matches": [{"type": "vocabulary", "value": "This is awesome",
+                 "messageRefs": [{"id": "a", "text": "This is awesome.", "offset": 0}], "insightRefs": []}]},
+              {"name": "Budget", "matches": [{"type": "vocabulary", "value": "too pricey",
+                 "messageRefs": [{"id": "b", "text": "Too pricey.", "offset": -1}]}]}],
+            "someNewField": 3});
+        let events = parse_frame("c", 10, frame).unwrap();
+        assert_eq!(events.len(), 2);
+        let t = events[1].tracker().unwrap();
+        assert_eq!(t.name, "Budget");
+        assert!(!t.is_final);
+        assert_eq!(t.matches[0].message_refs[0].offset, Some(-1));
+        assert!(Arc::ptr_eq(&events[0].raw, &events[1].raw));
+    }
+
+    #[test]
+    fn conversation_completed_id_in_either_place() {
+        let a = json!({"type": "message", "message": {"type": "conversation_completed",
+            "data": {"conversationId": "123"}}});
+        let b = json!({"type": "message", "message": {"type": "conversation_completed",
+            "conversationId": "456", "summaryUrl": "https://x"}});
+        for (frame, id) in [(a, "123"), (b, "456")] {
+            let e = parse_frame("c", 0, frame).unwrap().remove(0);
+            assert_eq!(e.kind, EventKind::ConversationCompleted);
+            match e.detail {
+                Detail::Lifecycle {
+                    symbl_conversation_id,
+                    ..
+                } => {
+                    assert_eq!(symbl_conversation_id.as_deref(), Some(id))
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn legacy_and_current_insight_text() {
+        let legacy = json!({"type": "insight_response", "insights": [
+            {"type": "question", "text": "Can you send pricing?", "confidence": 0.9, "hints": [], "tags": []}]});
+        let current = json!({"type": "insight_response", "insights": [
+            {"type": "action_item", "payload": {"content": "Send the quote.", "contentType": "text/plain"}}]});
+        let l = parse_frame("c", 0, legacy).unwrap().remove(0);
+        let c = parse_frame("c", 0, current).unwrap().remove(0);
+        assert!(
+            matches!(&l.detail, Detail::Insight(i) if i.text == "Can you send pricing?" && i.kind == "question")
+        );
+        assert!(
+            matches!(&c.detail, Detail::Insight(i) if i.text == "Send the quote." && i.kind == "action_item")
+        );
+    }
+
+    #[test]
+    fn caption_prefers_punctuated_transcript() {
+        let frame = json!({"type": "message", "message": {"type": "recognition_result", "isFinal": false,
+            "payload": {"raw": {"alternatives": [{"transcript": "hello world"}]}},
+            "punctuated": {"transcript": "Hello world."}, "user": {"name": "Jane", "userId": "j@x"}}});
+        let e = parse_frame("c", 0, frame).unwrap().remove(0);
+        match e.detail {
+            Detail::Caption(c) => {
+                assert_eq!(c.text, "Hello world.");
+                assert!(!c.is_final);
+                assert_eq!(c.speaker.unwrap().label(), "Jane");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn message_response_reads_speaker_text_and_sentiment() {
+        let frame = json!({"type": "message_response", "messages": [{
+            "from": {"id": "u1", "name": "John Doe", "userId": "john@x"},
+            "payload": {"content": "Hello world.", "contentType": "text/plain"},
+            "duration": {"startTime": "2021-02-04T20:34:59.029Z", "endTime": "2021-02-04T20:35:00.029Z"},
+            "sentiment": {"polarity": {"score": -0.4}, "suggested": "negative"}}]});
+        let e = parse_frame("c", 0, frame).unwrap().remove(0);
+        match e.detail {
+            Detail::Message(m) => {
+                assert_eq!(m.text, "Hello world.");
+                assert_eq!(m.speaker.label(), "John Doe");
+                assert_eq!(m.sentiment, Some(-0.4));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_and_unknowns() {
+        let top = json!({"type": "error", "details": "d", "message": "sampleRateHertz must be a valid number."});
+        assert_eq!(parse_frame("c", 0, top).unwrap()[0].kind, EventKind::Error);
+        assert_eq!(
+            parse_frame("c", 0, json!([1])).unwrap_err(),
+            ParseError::NotAnObject
+        );
+        assert_eq!(
+            parse_frame("c", 0, json!({"x": 1})).unwrap_err(),
+            ParseError::MissingType
+        );
+        assert_eq!(
+            parse_frame("c", 0, json!({"type": "bogus"})).unwrap_err(),
+            ParseError::UnknownType("bogus".into())
+        );
+        assert!(
+            parse_frame("c", 0, json!({"type": "tracker_response", "trackers": []}))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn every_kind_round_trips_by_name() {
+        for k in EventKind::ALL {
+            assert_eq!(EventKind::from_name(k.as_str()), Some(*k));
+        }
+        assert_eq!(EventKind::from_name("tracker"), None);
+    }
+}

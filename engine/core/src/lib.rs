@@ -1,0 +1,30 @@
+//! The plugin API of Prompter, the event-processing engine for live conversations.
+//!
+//! This crate is what built-in plugins (and, through an adapter, Wasm plugins) depend on. It owns
+//! the vocabulary shared by the engine and its plugins; it does not own loading configuration,
+//! routing events or running pipelines (that is `prompter-engine`).
+//!
+//! # Layout
+//! - [`event`]: Symbl frames parsed into typed events, one item per event.
+//! - [`conversation`]: per-conversation state folded from events.
+//! - [`plugin`]: the [`plugin::Plugin`] and [`plugin::PluginFactory`] traits, build and stage
+//!   contexts.
+//! - [`resource`]: knowledge stores and chat providers that stages share.
+//! - [`output`]: what pipelines deliver.
+//! - [`template`]: the Jinja templates and filter expressions.
+//! - [`error`], [`diagnostic`]: classified stage errors; positioned config problems.
+//! - [`test_util`]: helpers to drive a plugin in tests.
+
+pub mod conversation;
+pub mod diagnostic;
+pub mod error;
+pub mod event;
+pub mod output;
+pub mod plugin;
+pub mod resource;
+pub mod template;
+pub mod test_util;
+
+pub use async_trait::async_trait;
+pub use marked_yaml;
+pub use minijinja;

@@ -1,0 +1,492 @@
+//! The stage plugin API: factories that build stages from typed config, and the stages
+//! themselves.
+//!
+//! A *factory* exists once per plugin type (`retrieve`, `prompt`, ...). The engine hands each
+//! stage's `config:` to the factory named by `plugin:`, which deserializes it into its typed
+//! `Config` and builds an `Arc<dyn Plugin>`. Built-in plugins and (later) the Wasm adapter both
+//! implement [`Plugin`]; the engine only ever sees the trait.
+//!
+//! A pipeline run calls its stages in order with a [`StageContext`]: the triggering event, the
+//! conversation state, and the outputs of the earlier stages by id. A stage returns
+//! [`Flow::Continue`] with its output (a JSON value templates can read as `stages.<id>`) or
+//! [`Flow::Halt`] to end the run quietly (a filter or a dedupe hit).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use crate::conversation::ConversationState;
+use crate::diagnostic::{Position, did_you_mean};
+use crate::error::PluginError;
+use crate::event::Event;
+use crate::output::{Output, Timings};
+use crate::resource::{ChatProvider, KnowledgeStore};
+use crate::template::{Template, conversation_value, event_value};
+
+/// What a stage tells the pipeline after it ran.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Flow {
+    /// Go on; the value is this stage's output, readable as `stages.<id>`.
+    Continue(serde_json::Value),
+    /// Stop this run quietly, with a reason for the logs.
+    Halt(String),
+}
+
+/// One stage of a pipeline, ready to run.
+#[async_trait]
+pub trait Plugin: Send + Sync + 'static {
+    /// Handles one pipeline run. Re-entrant: different conversations call it concurrently, so
+    /// mutable state goes behind the plugin's own lock.
+    ///
+    /// # Errors
+    /// A classified [`PluginError`]; the stage's `on_error` policy decides what happens next.
+    async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError>;
+}
+
+/// A problem found while building a stage, positioned by a path inside the stage's `config:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildError {
+    /// Dotted path inside `config:` (`messages.1.text`); empty for the whole config.
+    pub path: String,
+    /// Exact position when the deserializer knew it.
+    pub pos: Option<Position>,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it.
+    pub help: Option<String>,
+}
+
+impl BuildError {
+    /// A problem at `path`.
+    pub fn at(path: &str, message: impl Into<String>) -> Self {
+        BuildError {
+            path: path.to_owned(),
+            pos: None,
+            message: message.into(),
+            help: None,
+        }
+    }
+    /// Adds a hint.
+    #[must_use]
+    pub fn help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+}
+
+/// Marker returned by a factory whose problems were already recorded in the [`BuildContext`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reported;
+
+/// The shared resources stages may use, by name.
+#[derive(Default, Clone)]
+pub struct Resources {
+    /// Knowledge stores from the engine config's `knowledge:`.
+    pub knowledge: BTreeMap<String, Arc<dyn KnowledgeStore>>,
+    /// Chat providers from the engine config's `llm:`.
+    pub chat: BTreeMap<String, Arc<dyn ChatProvider>>,
+}
+
+/// What a factory gets while building a stage: resources, template compilation, and a place to
+/// report every problem it finds.
+pub struct BuildContext<'a> {
+    /// The pipeline's name.
+    pub pipeline: &'a str,
+    /// The stage's id.
+    pub stage: &'a str,
+    /// Folder of the file that declared the stage; relative paths resolve against it.
+    pub base_dir: &'a Path,
+    /// Ids of the stages before this one.
+    pub earlier_stages: &'a [String],
+    resources: &'a Resources,
+    problems: Vec<BuildError>,
+}
+
+impl<'a> BuildContext<'a> {
+    /// A context for stage `stage` of `pipeline`.
+    pub fn new(
+        pipeline: &'a str,
+        stage: &'a str,
+        base_dir: &'a Path,
+        earlier_stages: &'a [String],
+        resources: &'a Resources,
+    ) -> Self {
+        BuildContext {
+            pipeline,
+            stage,
+            base_dir,
+            earlier_stages,
+            resources,
+            problems: Vec::new(),
+        }
+    }
+
+    /// Records a problem.
+    pub fn report(&mut self, problem: BuildError) {
+        self.problems.push(problem);
+    }
+
+    /// The problems recorded so far.
+    pub fn into_problems(self) -> Vec<BuildError> {
+        self.problems
+    }
+
+    /// True when a problem was recorded.
+    pub fn has_problems(&self) -> bool {
+        !self.problems.is_empty()
+    }
+
+    /// Looks up a knowledge store; reports an unknown name (with a hint) at `path`.
+    pub fn knowledge(&mut self, path: &str, name: &str) -> Option<Arc<dyn KnowledgeStore>> {
+        let found = self.resources.knowledge.get(name).cloned();
+        if found.is_none() {
+            let names = self.resources.knowledge.keys().map(String::as_str);
+            self.unknown(path, "knowledge store", name, names, "knowledge");
+        }
+        found
+    }
+
+    /// Looks up a chat provider; reports an unknown name (with a hint) at `path`.
+    pub fn chat_provider(&mut self, path: &str, name: &str) -> Option<Arc<dyn ChatProvider>> {
+        let found = self.resources.chat.get(name).cloned();
+        if found.is_none() {
+            let names = self.resources.chat.keys().map(String::as_str);
+            self.unknown(path, "llm provider", name, names, "llm");
+        }
+        found
+    }
+
+    fn unknown<'n>(
+        &mut self,
+        path: &str,
+        what: &str,
+        name: &str,
+        names: impl Iterator<Item = &'n str> + Clone,
+        section: &str,
+    ) {
+        let help = match did_you_mean(name, names.clone()) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None => {
+                let all: Vec<String> = names.map(|n| format!("`{n}`")).collect();
+                if all.is_empty() {
+                    format!("the engine config declares no `{section}:` entries")
+                } else {
+                    format!(
+                        "declared in the engine config's `{section}:`: {}",
+                        all.join(", ")
+                    )
+                }
+            }
+        };
+        self.report(BuildError::at(path, format!("unknown {what} `{name}`")).help(help));
+    }
+
+    /// Compiles a template found at `path`, and checks that every `stages.<id>` it reads is an
+    /// earlier stage.
+    pub fn template(&mut self, path: &str, source: &str) -> Option<Template> {
+        match Template::compile(source) {
+            Ok(t) => {
+                for id in t.stage_refs() {
+                    self.check_stage_ref(path, &id);
+                }
+                Some(t)
+            }
+            Err(e) => {
+                self.report(BuildError::at(
+                    path,
+                    format!("bad template: {}", first_line(&e)),
+                ));
+                None
+            }
+        }
+    }
+
+    /// Checks that `id` names an earlier stage; reports it at `path` otherwise.
+    pub fn check_stage_ref(&mut self, path: &str, id: &str) -> bool {
+        if self.earlier_stages.iter().any(|s| s == id) {
+            return true;
+        }
+        let mut err = if id == self.stage {
+            BuildError::at(path, format!("stage `{id}` refers to its own output"))
+        } else {
+            BuildError::at(
+                path,
+                format!("unknown stage `{id}`: no earlier stage has this id"),
+            )
+        };
+        if let Some(s) = did_you_mean(id, self.earlier_stages.iter().map(String::as_str)) {
+            err = err.help(format!("did you mean `{s}`?"));
+        }
+        self.report(err);
+        false
+    }
+}
+
+fn first_line(e: &minijinja::Error) -> String {
+    let mut msg = e.kind().to_string();
+    if let Some(detail) = e.detail() {
+        msg = format!("{msg}: {detail}");
+    }
+    if let Some(line) = e.line() {
+        msg = format!("{msg} (template line {line})");
+    }
+    msg
+}
+
+/// A plugin type: names itself, has a typed config, builds stages.
+pub trait PluginFactory: Send + Sync + 'static {
+    /// The name used as `plugin:` in YAML (snake_case).
+    const NAME: &'static str;
+    /// One-line description, shown by `prompter plugins`.
+    const DESCRIPTION: &'static str;
+    /// The stage's typed `config:`; use `#[serde(deny_unknown_fields)]`.
+    type Config: DeserializeOwned;
+
+    /// Builds a stage from its config.
+    ///
+    /// # Errors
+    /// [`Reported`] after recording every problem in `cx`.
+    fn build(
+        &self,
+        config: Self::Config,
+        cx: &mut BuildContext<'_>,
+    ) -> Result<Arc<dyn Plugin>, Reported>;
+}
+
+/// The object-safe face of [`PluginFactory`] that the engine's registry stores.
+pub trait ErasedFactory: Send + Sync + 'static {
+    /// The `plugin:` name.
+    fn name(&self) -> &'static str;
+    /// One-line description.
+    fn description(&self) -> &'static str;
+    /// Deserializes `config` (a YAML node with positions) and builds the stage.
+    ///
+    /// # Errors
+    /// [`Reported`] after recording every problem in `cx`.
+    fn build_from_node(
+        &self,
+        config: &marked_yaml::Node,
+        cx: &mut BuildContext<'_>,
+    ) -> Result<Arc<dyn Plugin>, Reported>;
+}
+
+impl<F: PluginFactory> ErasedFactory for F {
+    fn name(&self) -> &'static str {
+        F::NAME
+    }
+    fn description(&self) -> &'static str {
+        F::DESCRIPTION
+    }
+    fn build_from_node(
+        &self,
+        config: &marked_yaml::Node,
+        cx: &mut BuildContext<'_>,
+    ) -> Result<Arc<dyn Plugin>, Reported> {
+        match marked_yaml::from_node::<F::Config>(config) {
+            Ok(cfg) => self.build(cfg, cx),
+            Err(e) => {
+                let pos = e.start_mark().map(|m| Position {
+                    line: m.line(),
+                    col: m.column(),
+                });
+                let path = e.path().unwrap_or_default().to_owned();
+                let message = e.into_inner().to_string();
+                cx.report(config_error(path, pos, message));
+                Err(Reported)
+            }
+        }
+    }
+}
+
+/// Turns serde's message into ours: lowercase first letter, and a "did you mean" hint for
+/// unknown fields (serde lists the expected ones).
+fn config_error(path: String, pos: Option<Position>, message: String) -> BuildError {
+    let mut message = lowercase_first(&message);
+    let mut help = None;
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let field = rest.split('`').next().unwrap_or_default().to_owned();
+        let expected: Vec<&str> = rest
+            .split_once("expected")
+            .map(|(_, list)| list.split('`').skip(1).step_by(2).collect())
+            .unwrap_or_default();
+        help = Some(match did_you_mean(&field, expected.iter().copied()) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None => format!(
+                "expected one of {}",
+                expected
+                    .iter()
+                    .map(|e| format!("`{e}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+        message = format!("unknown field `{field}` in `config`");
+    }
+    BuildError {
+        path,
+        pos,
+        message,
+        help,
+    }
+}
+
+fn lowercase_first(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_lowercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// Values computed once per pipeline run and shared by its stages.
+pub struct RunScope<'a> {
+    /// The triggering event.
+    pub event: &'a Event,
+    /// The conversation state after the event was folded in.
+    pub conversation: &'a ConversationState,
+    event_value: OnceLock<minijinja::Value>,
+    conversation_value: OnceLock<minijinja::Value>,
+}
+
+impl<'a> RunScope<'a> {
+    /// A scope for one run.
+    pub fn new(event: &'a Event, conversation: &'a ConversationState) -> Self {
+        RunScope {
+            event,
+            conversation,
+            event_value: OnceLock::new(),
+            conversation_value: OnceLock::new(),
+        }
+    }
+
+    /// The template context: `event`, `conversation`, `stages`, `pipeline`.
+    pub fn template_context(
+        &self,
+        pipeline: &str,
+        outputs: &[(String, serde_json::Value)],
+    ) -> minijinja::Value {
+        let event = self
+            .event_value
+            .get_or_init(|| event_value(self.event))
+            .clone();
+        let conversation = self
+            .conversation_value
+            .get_or_init(|| conversation_value(self.conversation))
+            .clone();
+        let stages: BTreeMap<&str, &serde_json::Value> =
+            outputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        minijinja::context! {
+            event => event,
+            conversation => conversation,
+            stages => minijinja::Value::from_serialize(&stages),
+            pipeline => pipeline,
+        }
+    }
+}
+
+/// Everything a stage sees while it runs.
+pub struct StageContext<'a> {
+    /// The pipeline's name.
+    pub pipeline: &'a str,
+    /// This stage's id.
+    pub stage: &'a str,
+    /// Shared per-run values (event, conversation).
+    pub scope: &'a RunScope<'a>,
+    /// The outputs of the earlier stages, in order.
+    pub outputs: &'a [(String, serde_json::Value)],
+    /// Durations of the earlier stages in microseconds.
+    pub stage_timings: &'a [(String, u64)],
+    /// When the run started.
+    pub started: Instant,
+    /// Where outputs go.
+    pub sink: &'a mpsc::Sender<Output>,
+    /// Per-conversation output counter (ids are `<conversation>/<pipeline>/<n>`).
+    pub output_seq: &'a AtomicU64,
+}
+
+impl StageContext<'_> {
+    /// The triggering event.
+    pub fn event(&self) -> &Event {
+        self.scope.event
+    }
+
+    /// The conversation state.
+    pub fn conversation(&self) -> &ConversationState {
+        self.scope.conversation
+    }
+
+    /// The output of earlier stage `id`.
+    pub fn output(&self, id: &str) -> Option<&serde_json::Value> {
+        self.outputs.iter().find(|(k, _)| k == id).map(|(_, v)| v)
+    }
+
+    /// The most recent earlier output that has field `field`, with its stage id.
+    pub fn latest_with(&self, field: &str) -> Option<(&str, &serde_json::Value)> {
+        self.outputs
+            .iter()
+            .rev()
+            .find(|(_, v)| v.get(field).is_some())
+            .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Renders `template` with the run's context.
+    ///
+    /// # Errors
+    /// A runtime template error.
+    pub fn render(&self, template: &Template) -> Result<String, PluginError> {
+        template.render(&self.scope.template_context(self.pipeline, self.outputs))
+    }
+
+    /// The timings so far.
+    pub fn timings(&self) -> Timings {
+        Timings {
+            stages_us: self.stage_timings.iter().cloned().collect(),
+            total_us: self.started.elapsed().as_micros() as u64,
+        }
+    }
+
+    /// A new output id for this conversation and pipeline.
+    pub fn next_output_id(&self) -> String {
+        let n = self.output_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("{}/{}/{n}", self.scope.event.conversation_id, self.pipeline)
+    }
+
+    /// Delivers an output to the engine's sinks.
+    ///
+    /// # Errors
+    /// When the engine is shutting down and no longer takes outputs.
+    pub async fn emit(&self, output: Output) -> Result<(), PluginError> {
+        self.sink
+            .send(output)
+            .await
+            .map_err(|_| PluginError::internal("the engine's output channel is closed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_field_gets_a_hint() {
+        let e = config_error(
+            String::new(),
+            None,
+            "Unknown field `tpo_k`, expected one of `top_k`, `query`, or `knowledge`".into(),
+        );
+        assert_eq!(e.message, "unknown field `tpo_k` in `config`");
+        assert_eq!(e.help.as_deref(), Some("did you mean `top_k`?"));
+        let e = config_error(
+            String::new(),
+            None,
+            "Unknown field `zzz`, expected `a` or `b`".into(),
+        );
+        assert_eq!(e.help.as_deref(), Some("expected one of `a`, `b`"));
+    }
+}

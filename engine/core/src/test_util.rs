@@ -1,0 +1,90 @@
+//! Helpers to drive a plugin in tests without an engine: build it from YAML, run it on an event.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::conversation::ConversationState;
+use crate::error::PluginError;
+use crate::event::{Event, parse_frame};
+use crate::output::Output;
+use crate::plugin::{
+    BuildContext, BuildError, ErasedFactory, Flow, Plugin, Resources, RunScope, StageContext,
+};
+
+/// Builds a stage from a YAML `config:` body, as the engine would, with `earlier` stage ids.
+///
+/// # Errors
+/// Every problem the factory reported.
+pub fn build(
+    factory: &dyn ErasedFactory,
+    yaml: &str,
+    resources: &Resources,
+    earlier: &[&str],
+) -> Result<Arc<dyn Plugin>, Vec<BuildError>> {
+    let node = if yaml.trim().is_empty() {
+        marked_yaml::parse_yaml(0, "{}")
+    } else {
+        marked_yaml::parse_yaml(0, yaml)
+    }
+    .map_err(|e| vec![BuildError::at("", e.to_string())])?;
+    let earlier: Vec<String> = earlier.iter().map(|s| s.to_string()).collect();
+    let mut cx = BuildContext::new("test", "stage", Path::new("."), &earlier, resources);
+    let built = factory.build_from_node(&node, &mut cx);
+    let problems = cx.into_problems();
+    match built {
+        Ok(p) if problems.is_empty() => Ok(p),
+        _ => Err(problems),
+    }
+}
+
+/// One event built from a Symbl frame (the first item of it).
+///
+/// # Panics
+/// When the frame does not parse: test input is expected to be valid.
+pub fn event(conversation: &str, offset_ms: u64, frame: serde_json::Value) -> Event {
+    parse_frame(conversation, offset_ms, frame)
+        .expect("invariant: test frames are valid")
+        .remove(0)
+}
+
+/// What a stage run produced.
+#[derive(Debug)]
+pub struct RunResult {
+    /// The stage's flow decision.
+    pub flow: Result<Flow, PluginError>,
+    /// Outputs it emitted.
+    pub emitted: Vec<Output>,
+}
+
+/// Runs `plugin` once on `event` with `state` and earlier `outputs`.
+pub async fn run(
+    plugin: &dyn Plugin,
+    event: &Event,
+    state: &ConversationState,
+    outputs: &[(String, serde_json::Value)],
+) -> RunResult {
+    let (tx, mut rx) = mpsc::channel(64);
+    let seq = AtomicU64::new(0);
+    let scope = RunScope::new(event, state);
+    let cx = StageContext {
+        pipeline: "test",
+        stage: "stage",
+        scope: &scope,
+        outputs,
+        stage_timings: &[],
+        started: Instant::now(),
+        sink: &tx,
+        output_seq: &seq,
+    };
+    let flow = plugin.process(&cx).await;
+    drop(tx);
+    let mut emitted = Vec::new();
+    while let Some(o) = rx.recv().await {
+        emitted.push(o);
+    }
+    RunResult { flow, emitted }
+}
