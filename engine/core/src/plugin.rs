@@ -47,6 +47,10 @@ pub trait Plugin: Send + Sync + 'static {
     /// # Errors
     /// A classified [`PluginError`]; the stage's `on_error` policy decides what happens next.
     async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError>;
+
+    /// Called once when the engine releases a conversation (completed or idle), so the stage can
+    /// drop whatever it kept for it.
+    fn conversation_ended(&self, _conversation_id: &str) {}
 }
 
 /// A problem found while building a stage, positioned by a path inside the stage's `config:`.
@@ -440,7 +444,13 @@ impl StageContext<'_> {
     /// # Errors
     /// A runtime template error.
     pub fn render(&self, template: &Template) -> Result<String, PluginError> {
-        template.render(&self.scope.template_context(self.pipeline, self.outputs))
+        template.render(&self.template_context())
+    }
+
+    /// The run's template context (`event`, `conversation`, `stages`, `pipeline`); a stage may
+    /// extend it with values of its own before rendering.
+    pub fn template_context(&self) -> minijinja::Value {
+        self.scope.template_context(self.pipeline, self.outputs)
     }
 
     /// The timings so far.

@@ -88,3 +88,19 @@ pub async fn run(
     }
     RunResult { flow, emitted }
 }
+
+/// The problems reported when building a stage from `yaml`.
+///
+/// # Panics
+/// When the stage builds fine: the test expected problems.
+pub fn build_errors(
+    factory: &dyn ErasedFactory,
+    yaml: &str,
+    resources: &Resources,
+    earlier: &[&str],
+) -> Vec<BuildError> {
+    match build(factory, yaml, resources, earlier) {
+        Ok(_) => panic!("expected build problems, the stage built fine"),
+        Err(problems) => problems,
+    }
+}

@@ -1,1 +1,305 @@
-//! placeholder
+//! The `notify` stage: turns a pipeline run into an [`Output`] and delivers it.
+//!
+//! It owns the shape of what the agent sees (kind, title, text, trigger, sources, timings) and
+//! where it goes: the engine's output stream (`stdout: true`, which `prompter replay` prints as
+//! JSON lines and `prompter demo` renders as cards) and, optionally, a JSONL file. Agent feed,
+//! webhooks and Slack come later as further targets.
+//!
+//! ```yaml
+//! - id: deliver
+//!   plugin: notify
+//!   config:
+//!     kind: suggestion
+//!     title: "{{ event.tracker.name }}"
+//!     text: "{{ stages.answer.text }}"   # default: the latest earlier output's `text`
+//!     sources: retrieve                  # default: the latest earlier output with `documents`
+//!     jsonl: ../out/suggestions.jsonl    # optional; relative to this pipeline file
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prompter_core::async_trait;
+use prompter_core::error::PluginError;
+use prompter_core::output::{Output, Trigger};
+use prompter_core::plugin::{
+    BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext,
+};
+use prompter_core::resource::ScoredDocument;
+use prompter_core::template::Template;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+
+/// Configuration of a `notify` stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// What the output is: `suggestion`, `alert`, `open_questions`, `summary`, ...
+    pub kind: String,
+    /// Optional title template.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Text template. Default: the latest earlier stage output's `text`.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// The stage whose `documents` are the sources. Default: the latest earlier stage with
+    /// documents (none when there is none).
+    #[serde(default)]
+    pub sources: Option<String>,
+    /// Deliver to the engine's output stream. Default true.
+    #[serde(default = "yes")]
+    pub stdout: bool,
+    /// Also append each output as one JSON line to this file (relative to the pipeline file).
+    #[serde(default)]
+    pub jsonl: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Builds `notify` stages.
+#[derive(Debug, Default)]
+pub struct NotifyFactory;
+
+impl PluginFactory for NotifyFactory {
+    const NAME: &'static str = "notify";
+    const DESCRIPTION: &'static str =
+        "deliver an output (suggestion, alert, summary) to the output stream and files";
+    type Config = NotifyConfig;
+
+    fn build(
+        &self,
+        cfg: NotifyConfig,
+        cx: &mut BuildContext<'_>,
+    ) -> Result<Arc<dyn Plugin>, Reported> {
+        let title = cfg.title.as_deref().map(|t| cx.template("title", t));
+        let text = cfg.text.as_deref().map(|t| cx.template("text", t));
+        if let Some(id) = &cfg.sources {
+            cx.check_stage_ref("sources", id);
+        }
+        if cfg.kind.trim().is_empty() {
+            cx.report(BuildError::at("kind", "`kind` must not be empty"));
+        }
+        if !cfg.stdout && cfg.jsonl.is_none() {
+            cx.report(
+                BuildError::at("stdout", "this stage delivers nowhere")
+                    .help("set `stdout: true` or a `jsonl:` file"),
+            );
+        }
+        let jsonl = cfg.jsonl.map(|p| cx.base_dir.join(p));
+        if cx.has_problems() {
+            return Err(Reported);
+        }
+        Ok(Arc::new(Notify {
+            kind: cfg.kind,
+            title: title.flatten(),
+            text: text.flatten(),
+            sources: cfg.sources,
+            stdout: cfg.stdout,
+            jsonl: jsonl.map(|path| JsonlFile {
+                path,
+                file: Mutex::new(None),
+            }),
+        }))
+    }
+}
+
+struct JsonlFile {
+    path: PathBuf,
+    /// Opened on first write, so validating a pipeline creates no files.
+    file: Mutex<Option<tokio::fs::File>>,
+}
+
+impl JsonlFile {
+    async fn append(&self, line: &str) -> std::io::Result<()> {
+        let mut guard = self.file.lock().await;
+        if guard.is_none() {
+            if let Some(dir) = self.path.parent() {
+                tokio::fs::create_dir_all(dir).await?;
+            }
+            let f = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .await?;
+            *guard = Some(f);
+        }
+        let f = guard
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("invariant: file opened above"))?;
+        f.write_all(line.as_bytes()).await?;
+        f.write_all(b"\n").await?;
+        f.flush().await
+    }
+}
+
+/// A built `notify` stage.
+pub struct Notify {
+    kind: String,
+    title: Option<Template>,
+    text: Option<Template>,
+    sources: Option<String>,
+    stdout: bool,
+    jsonl: Option<JsonlFile>,
+}
+
+#[async_trait]
+impl Plugin for Notify {
+    async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
+        let text = match &self.text {
+            Some(t) => cx.render(t)?,
+            None => cx
+                .latest_with("text")
+                .and_then(|(_, v)| v.get("text"))
+                .and_then(|t| t.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        let text = text.trim().to_owned();
+        if text.is_empty() {
+            return Ok(Flow::Halt("nothing to deliver: the text is empty".into()));
+        }
+        let title = match &self.title {
+            Some(t) => Some(cx.render(t)?.trim().to_owned()).filter(|t| !t.is_empty()),
+            None => None,
+        };
+        let docs = match &self.sources {
+            Some(id) => cx.output(id).and_then(|v| v.get("documents")),
+            None => cx
+                .latest_with("documents")
+                .and_then(|(_, v)| v.get("documents")),
+        };
+        let sources: Vec<ScoredDocument> = match docs {
+            Some(d) => serde_json::from_value(d.clone()).map_err(|e| {
+                PluginError::input("the sources stage output is not a document list").with_source(e)
+            })?,
+            None => Vec::new(),
+        };
+        let event = cx.event();
+        let output = Output {
+            id: cx.next_output_id(),
+            version: 1,
+            kind: self.kind.clone(),
+            conversation_id: event.conversation_id.to_string(),
+            pipeline: cx.pipeline.to_owned(),
+            title,
+            text,
+            trigger: Trigger::from_event(event),
+            sources,
+            timings: cx.timings(),
+            data: serde_json::Value::Null,
+        };
+        if let Some(file) = &self.jsonl {
+            let line = serde_json::to_string(&output)
+                .map_err(|e| PluginError::internal("output did not serialize").with_source(e))?;
+            file.append(&line).await.map_err(|e| {
+                PluginError::external(format!("cannot append to `{}`", file.path.display()))
+                    .with_source(e)
+            })?;
+        }
+        let id = output.id.clone();
+        if self.stdout {
+            cx.emit(output).await?;
+        }
+        Ok(Flow::Continue(serde_json::json!({ "id": id })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prompter_core::conversation::ConversationState;
+    use prompter_core::plugin::Resources;
+    use prompter_core::test_util::{build, build_errors, event, run};
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn builds_a_self_explaining_output_and_appends_jsonl() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out/s.jsonl");
+        let yaml = format!(
+            "kind: suggestion\ntitle: \"{{{{ event.tracker.name }}}}\"\njsonl: {}\n",
+            path.display()
+        );
+        let stage = build(
+            &NotifyFactory,
+            &yaml,
+            &Resources::default(),
+            &["kb", "answer"],
+        )
+        .unwrap();
+        let e = event(
+            "call-9",
+            4200,
+            json!({"type": "tracker_response", "isFinal": true, "trackers": [
+            {"name": "Timing", "matches": [{"type": "vocabulary", "value": "next quarter", "messageRefs": []}]}]}),
+        );
+        let outputs = vec![
+            (
+                "kb".to_string(),
+                json!({"documents": [{"id": "d1", "text": "Timing", "data": "Ask what changes next quarter.", "score": 0.7}]}),
+            ),
+            (
+                "answer".to_string(),
+                json!({"text": " Ask what changes next quarter. "}),
+            ),
+        ];
+        let r = run(
+            stage.as_ref(),
+            &e,
+            &ConversationState::new("call-9"),
+            &outputs,
+        )
+        .await;
+        assert!(matches!(r.flow, Ok(Flow::Continue(_))));
+        let o = &r.emitted[0];
+        assert_eq!(o.id, "call-9/test/1");
+        assert_eq!(o.kind, "suggestion");
+        assert_eq!(o.title.as_deref(), Some("Timing"));
+        assert_eq!(o.text, "Ask what changes next quarter.");
+        assert_eq!(o.trigger.tracker.as_deref(), Some("Timing"));
+        assert_eq!(o.trigger.phrases, ["next quarter"]);
+        assert_eq!(o.sources[0].id, "d1");
+        let written: Output =
+            serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+        assert_eq!(&written, o);
+    }
+
+    #[tokio::test]
+    async fn empty_text_delivers_nothing() {
+        let stage = build(
+            &NotifyFactory,
+            "kind: suggestion\ntext: \"{{ stages.answer.text }}\"",
+            &Resources::default(),
+            &["answer"],
+        )
+        .unwrap();
+        let e = event(
+            "c",
+            0,
+            json!({"type": "message", "message": {"type": "started_listening"}}),
+        );
+        let r = run(
+            stage.as_ref(),
+            &e,
+            &ConversationState::new("c"),
+            &[("answer".into(), json!({"text": ""}))],
+        )
+        .await;
+        assert!(matches!(r.flow, Ok(Flow::Halt(_))));
+        assert!(r.emitted.is_empty());
+    }
+
+    #[test]
+    fn delivering_nowhere_is_a_config_error() {
+        let errs = build_errors(
+            &NotifyFactory,
+            "kind: alert\nstdout: false",
+            &Resources::default(),
+            &[],
+        );
+        assert_eq!(errs[0].path, "stdout");
+    }
+}

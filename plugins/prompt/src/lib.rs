@@ -1,1 +1,287 @@
-//! placeholder
+//! The `prompt` stage: renders a system prompt and a chat message list from templates.
+//!
+//! It owns turning the event, the conversation and the retrieved documents into a
+//! [`ChatRequest`]; it does not call any model (that is the `chat` stage).
+//!
+//! ```yaml
+//! - id: render
+//!   plugin: prompt
+//!   config:
+//!     documents: retrieve          # stage whose `documents` are the context (default: the latest)
+//!     transcript_lines: 8          # how many transcript lines `transcript` holds
+//!     system: "Be brief. Context: {% for d in documents %}{{ d.data }} {% endfor %}"
+//!     messages:
+//!       - { role: human, text: "{{ event.tracker.name }}" }
+//!     max_new_tokens: 1024
+//!     temperature: 0
+//! ```
+//!
+//! Templates see the usual context (`event`, `conversation`, `stages`, `pipeline`) plus
+//! `documents` (the context documents) and `transcript` (the last `transcript_lines` lines as
+//! `Speaker: text`). The defaults are the Real-Time Assist prompt of Symbl's RTA guide.
+
+use std::sync::Arc;
+
+use prompter_core::async_trait;
+use prompter_core::error::PluginError;
+use prompter_core::minijinja;
+use prompter_core::plugin::{
+    BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext,
+};
+use prompter_core::resource::{ChatMessage, ChatRequest, Role, ScoredDocument};
+use prompter_core::template::Template;
+use serde::Deserialize;
+
+/// The RTA guide's system prompt, with the retrieved guidance and the live transcript as context.
+pub const DEFAULT_SYSTEM: &str = "You are assisting a support agent. Based on the following context, \
+provide information to the agent, to convey to the user - one step at a time. Be very brief and \
+concise in your instructions. Do not generate information on your own. Context: \
+{% for d in documents %}{{ d.data }}\n{% endfor %}Transcript:\n{{ transcript }}";
+
+/// Configuration of a `prompt` stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptConfig {
+    /// System prompt template. Default: the RTA guide's prompt.
+    #[serde(default = "default_system")]
+    pub system: String,
+    /// Message templates, in order. Default: the RTA guide's three messages, the last being the
+    /// tracker name.
+    #[serde(default = "default_messages")]
+    pub messages: Vec<MessageTemplate>,
+    /// Stage whose `documents` are the context. Default: the latest earlier stage with documents.
+    #[serde(default)]
+    pub documents: Option<String>,
+    /// How many recent transcript lines `transcript` holds. Default 8.
+    #[serde(default = "default_transcript_lines")]
+    pub transcript_lines: usize,
+    /// Maximum tokens the model may generate. Default 1024.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: u32,
+    /// Sampling temperature. Default 0.
+    #[serde(default)]
+    pub temperature: f32,
+}
+
+/// One message template.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageTemplate {
+    /// `human` or `assistant`.
+    pub role: Role,
+    /// The text template.
+    pub text: String,
+}
+
+fn default_system() -> String {
+    DEFAULT_SYSTEM.to_owned()
+}
+fn default_messages() -> Vec<MessageTemplate> {
+    vec![
+        MessageTemplate {
+            role: Role::Human,
+            text: "Hi. I am a support agent. I want to help my customer based on the context."
+                .into(),
+        },
+        MessageTemplate {
+            role: Role::Assistant,
+            text: "Hi, I am a conversation expert agent. I would be happy to help you".into(),
+        },
+        MessageTemplate {
+            role: Role::Human,
+            text: "{{ event.tracker.name or event.insight.text or event.message.text }}".into(),
+        },
+    ]
+}
+fn default_transcript_lines() -> usize {
+    8
+}
+fn default_max_new_tokens() -> u32 {
+    1024
+}
+
+/// Builds `prompt` stages.
+#[derive(Debug, Default)]
+pub struct PromptFactory;
+
+impl PluginFactory for PromptFactory {
+    const NAME: &'static str = "prompt";
+    const DESCRIPTION: &'static str = "render a system prompt and chat messages from templates";
+    type Config = PromptConfig;
+
+    fn build(
+        &self,
+        cfg: PromptConfig,
+        cx: &mut BuildContext<'_>,
+    ) -> Result<Arc<dyn Plugin>, Reported> {
+        let system = cx.template("system", &cfg.system);
+        let messages: Vec<Option<(Role, Template)>> = cfg
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                cx.template(&format!("messages.{i}.text"), &m.text)
+                    .map(|t| (m.role, t))
+            })
+            .collect();
+        if let Some(id) = &cfg.documents {
+            cx.check_stage_ref("documents", id);
+        }
+        if cfg.messages.is_empty() {
+            cx.report(BuildError::at(
+                "messages",
+                "a prompt needs at least one message",
+            ));
+        }
+        if cx.has_problems() {
+            return Err(Reported);
+        }
+        let (Some(system), Some(messages)) =
+            (system, messages.into_iter().collect::<Option<Vec<_>>>())
+        else {
+            return Err(Reported);
+        };
+        Ok(Arc::new(Prompt {
+            system,
+            messages,
+            documents: cfg.documents,
+            transcript_lines: cfg.transcript_lines,
+            max_new_tokens: cfg.max_new_tokens,
+            temperature: cfg.temperature,
+        }))
+    }
+}
+
+/// A built `prompt` stage.
+#[derive(Debug)]
+pub struct Prompt {
+    system: Template,
+    messages: Vec<(Role, Template)>,
+    documents: Option<String>,
+    transcript_lines: usize,
+    max_new_tokens: u32,
+    temperature: f32,
+}
+
+#[async_trait]
+impl Plugin for Prompt {
+    async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
+        let docs_value = match &self.documents {
+            Some(id) => cx.output(id).and_then(|v| v.get("documents")),
+            None => cx
+                .latest_with("documents")
+                .and_then(|(_, v)| v.get("documents")),
+        };
+        let documents: Vec<ScoredDocument> = match docs_value {
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                PluginError::input("the documents stage output is not a document list")
+                    .with_source(e)
+            })?,
+            None => Vec::new(),
+        };
+        let lines = cx.conversation().last_lines(self.transcript_lines);
+        let transcript = lines
+            .iter()
+            .map(|l| format!("{}: {}", l.speaker, l.text))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let base = cx.template_context();
+        let ctx = minijinja::context! {
+            documents => minijinja::Value::from_serialize(&documents),
+            transcript => transcript,
+            ..base
+        };
+        let system_prompt = self.system.render(&ctx)?;
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (role, t) in &self.messages {
+            messages.push(ChatMessage {
+                role: *role,
+                text: t.render(&ctx)?,
+            });
+        }
+        let request = ChatRequest {
+            system_prompt,
+            messages,
+            context: documents,
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+        };
+        let value = serde_json::to_value(&request)
+            .map_err(|e| PluginError::internal("chat request did not serialize").with_source(e))?;
+        Ok(Flow::Continue(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prompter_core::conversation::ConversationState;
+    use prompter_core::plugin::Resources;
+    use prompter_core::test_util::{build, build_errors, event, run};
+    use serde_json::json;
+
+    fn tracker_event() -> prompter_core::event::Event {
+        event(
+            "c1",
+            5000,
+            json!({"type": "tracker_response", "isFinal": true, "trackers": [
+            {"name": "Budget Constraints", "matches": [{"type": "vocabulary", "value": "seems expensive", "messageRefs": []}]}]}),
+        )
+    }
+
+    #[tokio::test]
+    async fn default_prompt_is_the_rta_prompt_with_guidance_and_transcript() {
+        let p = build(&PromptFactory, "", &Resources::default(), &["kb"]).unwrap();
+        let mut state = ConversationState::new("c1");
+        state.apply(&event(
+            "c1",
+            4000,
+            json!({"type": "message_response", "messages": [
+            {"from": {"name": "Dana"}, "payload": {"content": "Honestly it seems expensive."}}]}),
+        ));
+        let docs = json!({"documents": [{"id": "d1", "text": "Budget", "data": "Offer the starter tier.", "score": 0.8}]});
+        let r = run(p.as_ref(), &tracker_event(), &state, &[("kb".into(), docs)]).await;
+        let Ok(Flow::Continue(v)) = r.flow else {
+            panic!("{:?}", r.flow)
+        };
+        let req: ChatRequest = serde_json::from_value(v).unwrap();
+        assert!(
+            req.system_prompt
+                .starts_with("You are assisting a support agent.")
+        );
+        assert!(req.system_prompt.contains("Offer the starter tier."));
+        assert!(
+            req.system_prompt
+                .contains("Dana: Honestly it seems expensive.")
+        );
+        assert_eq!(req.messages.len(), 3);
+        assert_eq!(req.messages[2].text, "Budget Constraints");
+        assert_eq!(req.messages[1].role, Role::Assistant);
+        assert_eq!(req.context[0].id, "d1");
+    }
+
+    #[test]
+    fn reports_bad_templates_and_unknown_stages() {
+        let errs = build_errors(
+            &PromptFactory,
+            "documents: retreive\nsystem: \"{{ stages.nope.x }}\"\nmessages:\n  - { role: human, text: \"{{ oops(\" }\n",
+            &Resources::default(),
+            &["retrieve"],
+        );
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["system", "messages.0.text", "documents"]);
+        assert_eq!(errs[2].help.as_deref(), Some("did you mean `retrieve`?"));
+        assert!(errs[1].message.starts_with("bad template: syntax error"));
+    }
+
+    #[test]
+    fn rejects_unknown_roles() {
+        let errs = build_errors(
+            &PromptFactory,
+            "messages:\n  - { role: robot, text: hi }\n",
+            &Resources::default(),
+            &[],
+        );
+        assert!(errs[0].message.contains("robot"), "{errs:?}");
+    }
+}
