@@ -1,1 +1,26 @@
-//! engine
+//! The Prompter engine: loads and validates configuration, routes Symbl events to conversation
+//! tasks, runs pipelines of stages, and replays recorded calls. The `prompter` binary is
+//! [`cli::main`].
+//!
+//! It does not own the plugin API (that is `prompter-core`) nor the built-in plugins (the
+//! `prompter-plugin-*` crates, listed once in [`registry::builtin`]).
+//!
+//! # Layout
+//! - [`config`]: engine config and pipeline files, with positioned diagnostics.
+//! - [`registry`]: the explicit list of built-in plugins, stores and providers.
+//! - [`pipeline`]: one pipeline run: filter, stages, timeouts, error policy.
+//! - [`router`]: one ordered task per conversation, parallel across conversations.
+//! - [`recording`], [`session`]: recordings and the replay driver.
+//! - [`cli`], [`demo`], [`bench`]: the commands.
+
+pub mod bench;
+pub mod bundle;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod pipeline;
+pub mod recording;
+pub mod registry;
+pub mod router;
+pub mod session;
+pub mod stats;

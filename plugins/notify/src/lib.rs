@@ -13,9 +13,11 @@
 //!     title: "{{ event.tracker.name }}"
 //!     text: "{{ stages.answer.text }}"   # default: the latest earlier output's `text`
 //!     sources: retrieve                  # default: the latest earlier output with `documents`
+//!     key: "{{ event.tracker.name }}"    # optional: same key = a new version of the same output
 //!     jsonl: ../out/suggestions.jsonl    # optional; relative to this pipeline file
 //! ```
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -47,6 +49,11 @@ pub struct NotifyConfig {
     /// documents (none when there is none).
     #[serde(default)]
     pub sources: Option<String>,
+    /// Template of a key that makes later outputs *updates* of earlier ones: outputs of one
+    /// conversation with the same key share an id and get increasing versions (a list card that
+    /// grows). Default: none, every output is new.
+    #[serde(default)]
+    pub key: Option<String>,
     /// Deliver to the engine's output stream. Default true.
     #[serde(default = "yes")]
     pub stdout: bool,
@@ -76,6 +83,7 @@ impl PluginFactory for NotifyFactory {
     ) -> Result<Arc<dyn Plugin>, Reported> {
         let title = cfg.title.as_deref().map(|t| cx.template("title", t));
         let text = cfg.text.as_deref().map(|t| cx.template("text", t));
+        let key = cfg.key.as_deref().map(|t| cx.template("key", t));
         if let Some(id) = &cfg.sources {
             cx.check_stage_ref("sources", id);
         }
@@ -96,6 +104,8 @@ impl PluginFactory for NotifyFactory {
             kind: cfg.kind,
             title: title.flatten(),
             text: text.flatten(),
+            key: key.flatten(),
+            versions: std::sync::Mutex::default(),
             sources: cfg.sources,
             stdout: cfg.stdout,
             jsonl: jsonl.map(|path| JsonlFile {
@@ -140,6 +150,9 @@ pub struct Notify {
     kind: String,
     title: Option<Template>,
     text: Option<Template>,
+    key: Option<Template>,
+    /// conversation → key → latest version, for keyed (updating) outputs.
+    versions: std::sync::Mutex<HashMap<String, HashMap<String, u32>>>,
     sources: Option<String>,
     stdout: bool,
     jsonl: Option<JsonlFile>,
@@ -178,9 +191,29 @@ impl Plugin for Notify {
             None => Vec::new(),
         };
         let event = cx.event();
+        let (id, version) = match &self.key {
+            None => (cx.next_output_id(), 1),
+            Some(k) => {
+                let key = cx.render(k)?.trim().to_owned();
+                let mut versions = self
+                    .versions
+                    .lock()
+                    .map_err(|_| PluginError::internal("notify version lock poisoned"))?;
+                let v = versions
+                    .entry(event.conversation_id.to_string())
+                    .or_default()
+                    .entry(key.clone())
+                    .or_insert(0);
+                *v += 1;
+                (
+                    format!("{}/{}/{key}", event.conversation_id, cx.pipeline),
+                    *v,
+                )
+            }
+        };
         let output = Output {
-            id: cx.next_output_id(),
-            version: 1,
+            id,
+            version,
             kind: self.kind.clone(),
             conversation_id: event.conversation_id.to_string(),
             pipeline: cx.pipeline.to_owned(),
@@ -204,6 +237,12 @@ impl Plugin for Notify {
             cx.emit(output).await?;
         }
         Ok(Flow::Continue(serde_json::json!({ "id": id })))
+    }
+
+    fn conversation_ended(&self, conversation_id: &str) {
+        if let Ok(mut v) = self.versions.lock() {
+            v.remove(conversation_id);
+        }
     }
 }
 
@@ -290,6 +329,55 @@ mod tests {
         .await;
         assert!(matches!(r.flow, Ok(Flow::Halt(_))));
         assert!(r.emitted.is_empty());
+    }
+
+    #[tokio::test]
+    async fn keyed_outputs_are_versions_of_one_card() {
+        let stage = build(
+            &NotifyFactory,
+            "kind: open_questions\nkey: questions\ntext: \"{{ event.insight.text }}\"",
+            &Resources::default(),
+            &[],
+        )
+        .unwrap();
+        let q = |text: &str| {
+            event(
+                "c7",
+                0,
+                json!({"type": "insight_response", "insights": [{"type": "question", "payload": {"content": text}}]}),
+            )
+        };
+        let a = run(
+            stage.as_ref(),
+            &q("Is there a trial?"),
+            &ConversationState::new("c7"),
+            &[],
+        )
+        .await;
+        let b = run(
+            stage.as_ref(),
+            &q("Who signs?"),
+            &ConversationState::new("c7"),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            (a.emitted[0].id.as_str(), a.emitted[0].version),
+            ("c7/test/questions", 1)
+        );
+        assert_eq!(
+            (b.emitted[0].id.as_str(), b.emitted[0].version),
+            ("c7/test/questions", 2)
+        );
+        stage.conversation_ended("c7");
+        let c = run(
+            stage.as_ref(),
+            &q("Again?"),
+            &ConversationState::new("c7"),
+            &[],
+        )
+        .await;
+        assert_eq!(c.emitted[0].version, 1);
     }
 
     #[test]

@@ -1,0 +1,174 @@
+//! `prompter bench`: events per second and per-event engine overhead on replayed calls.
+//!
+//! Each recording is replayed `iterations` times, each copy as its own conversation, all
+//! interleaved by offset and run as fast as possible through the configured pipelines (the
+//! offline LLM, so the figures are the engine's own cost, not a model's). Reported:
+//! - throughput: events routed per second of wall time;
+//! - per-event engine time: from the conversation task taking the event to every pipeline
+//!   having finished with it (state update, filters, stages, delivery), p50/p99/max;
+//! - per-suggestion pipeline time: the `total_us` that RTA outputs carry.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use crate::cli::{Stream, load_for_run, say};
+use crate::recording::{self, RecordedLine};
+use crate::registry::Registry;
+use crate::session::{self, Pace};
+use crate::stats::Stats;
+
+/// Runs the benchmark.
+pub async fn run(
+    registry: &Registry,
+    config: Option<PathBuf>,
+    iterations: usize,
+    recordings: Vec<PathBuf>,
+    out: &Stream,
+    err: &Stream,
+) -> u8 {
+    let config = config.unwrap_or_else(|| PathBuf::from("prompter.yaml"));
+    let Some(loaded) = load_for_run(registry, &config, err) else {
+        return 1;
+    };
+    let recordings = if recordings.is_empty() {
+        let dir = config
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("pipelines/recordings/*.jsonl");
+        let mut found: Vec<PathBuf> = glob::glob(&dir.to_string_lossy())
+            .map(|g| g.filter_map(Result::ok).collect())
+            .unwrap_or_default();
+        found.sort();
+        found
+    } else {
+        recordings
+    };
+    if recordings.is_empty() {
+        say(
+            err,
+            "error: no recordings to run (pass some, or keep pipelines/recordings/*.jsonl next to the config)",
+        );
+        return 1;
+    }
+    let (lines, problems) = match recording::read_all(&recordings) {
+        Ok(v) => v,
+        Err((p, e)) => {
+            say(
+                err,
+                &format!("error: cannot read recording `{}`: {e}", p.display()),
+            );
+            return 1;
+        }
+    };
+    if !problems.is_empty() {
+        say(
+            err,
+            &format!("warning: {} malformed line(s) skipped", problems.len()),
+        );
+    }
+    let iterations = iterations.max(1);
+    let mut copies: Vec<RecordedLine> = Vec::with_capacity(lines.len() * iterations);
+    for i in 0..iterations {
+        for l in &lines {
+            let mut c = l.clone();
+            c.conversation = format!("{}#{i}", l.conversation);
+            copies.push(c);
+        }
+    }
+    copies.sort_by_key(|l| l.offset_ms);
+    let stats = Arc::new(Stats::sampling());
+    let rta_us: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let rta_sink = rta_us.clone();
+    let summary = session::run(
+        loaded,
+        copies,
+        &recordings,
+        Pace::Fast,
+        stats.clone(),
+        |_| {},
+        |_| {},
+        move |o| {
+            if o.kind == "suggestion" {
+                if let Ok(mut v) = rta_sink.lock() {
+                    v.push(o.timings.total_us);
+                }
+            }
+        },
+    )
+    .await;
+    let mut samples = stats
+        .samples
+        .as_ref()
+        .and_then(|s| s.lock().ok().map(|v| v.clone()))
+        .unwrap_or_default();
+    samples.sort_unstable();
+    let mut rta = rta_us.lock().map(|v| v.clone()).unwrap_or_default();
+    rta.sort_unstable();
+    let secs = summary.elapsed.as_secs_f64().max(1e-9);
+    say(
+        out,
+        &format!(
+            "bench: {} recording(s) x {iterations} = {} events, {} conversations, {} outputs, {} stage errors",
+            recordings.len(),
+            summary.events,
+            stats.conversations_opened.load(Ordering::Relaxed),
+            summary.outputs,
+            summary.stage_errors
+        ),
+    );
+    say(
+        out,
+        &format!(
+            "throughput: {:.0} events/s ({:.3} s wall, {} cores)",
+            summary.events as f64 / secs,
+            secs,
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        ),
+    );
+    say(
+        out,
+        &format!(
+            "per-event engine time: p50 {:.1} us, p99 {:.1} us, max {:.1} us ({} events)",
+            pct(&samples, 50.0) as f64 / 1000.0,
+            pct(&samples, 99.0) as f64 / 1000.0,
+            samples.last().copied().unwrap_or(0) as f64 / 1000.0,
+            samples.len()
+        ),
+    );
+    say(
+        out,
+        &format!(
+            "per-suggestion RTA pipeline time: p50 {} us, p99 {} us ({} suggestions)",
+            pct(&rta, 50.0),
+            pct(&rta, 99.0),
+            rta.len()
+        ),
+    );
+    0
+}
+
+/// The `p`th percentile (nearest rank) of sorted `v`; 0 when empty.
+fn pct(v: &[u64], p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pct;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(pct(&v, 50.0), 50);
+        assert_eq!(pct(&v, 99.0), 99);
+        assert_eq!(pct(&[7], 99.0), 7);
+        assert_eq!(pct(&[], 50.0), 0);
+    }
+}

@@ -1,0 +1,358 @@
+//! The `prompter` command line: `validate`, `replay`, `demo`, `bench`, `plugins`.
+//!
+//! [`main`] takes its arguments and output streams as parameters so tests run the real command
+//! in process and read exactly what a user would see.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, LoadRequest, Loaded};
+use crate::recording;
+use crate::registry::{self, Registry};
+use crate::session::{self, Pace};
+use crate::stats::Stats;
+
+/// A shared output stream.
+pub type Stream = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// Writes one line to a shared stream (a closed pipe is not worth a panic).
+pub fn say(stream: &Stream, text: &str) {
+    if let Ok(mut w) = stream.lock() {
+        let _ = writeln!(w, "{text}");
+        let _ = w.flush();
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "prompter",
+    version,
+    about = "Event-processing engine for live conversations: Symbl events in, pipelines of plugins, suggestions out."
+)]
+struct Cli {
+    /// More logs on stderr (repeat for more). `RUST_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check pipeline files and engine configs; print every problem as file:line:col.
+    Validate {
+        /// Engine config that declares the resources pipelines use [default: ./prompter.yaml if it exists].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Pipeline files and/or engine configs.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run recorded calls through the configured pipelines; print outputs as JSON lines.
+    Replay {
+        /// Engine config [default: ./prompter.yaml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Pace events by their `offset_ms` instead of as fast as possible.
+        #[arg(long)]
+        realtime: bool,
+        /// Speed factor for --realtime (2 = twice as fast).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Recording files (JSONL).
+        #[arg(required = true)]
+        recordings: Vec<PathBuf>,
+    },
+    /// Play a bundled sales call through Real-Time Assist, in real time, as the agent would see it.
+    Demo {
+        /// Engine config [default: ./prompter.yaml, else the embedded defaults].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Recording to play [default: the bundled discovery call].
+        #[arg(long)]
+        call: Option<PathBuf>,
+        /// Speed factor (2 = twice as fast).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Never use colors.
+        #[arg(long)]
+        no_color: bool,
+    },
+    /// Measure events per second and per-event engine overhead on replayed calls.
+    Bench {
+        /// Engine config [default: ./prompter.yaml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How many copies of each recording to run (each copy is its own conversation).
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// Recordings [default: pipelines/recordings/*.jsonl next to the config].
+        recordings: Vec<PathBuf>,
+    },
+    /// List the built-in plugins, knowledge-store kinds and LLM provider kinds.
+    Plugins,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main(
+    args: Vec<OsString>,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+) -> u8 {
+    let out: Stream = Arc::new(Mutex::new(stdout));
+    let err: Stream = Arc::new(Mutex::new(stderr));
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let stream = if e.use_stderr() { &err } else { &out };
+            say(stream, e.render().to_string().trim_end());
+            return code;
+        }
+    };
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            say(&err, &format!("error: cannot start the async runtime: {e}"));
+            return 1;
+        }
+    };
+    let registry = registry::builtin();
+    match cli.command {
+        Command::Validate { config, files } => validate(&registry, config, &files, &out, &err),
+        Command::Replay {
+            config,
+            realtime,
+            speed,
+            recordings,
+        } => {
+            let pace = if realtime {
+                Pace::Realtime(speed)
+            } else {
+                Pace::Fast
+            };
+            runtime.block_on(replay(&registry, config, &recordings, pace, &out, &err))
+        }
+        Command::Demo {
+            config,
+            call,
+            speed,
+            no_color,
+        } => runtime.block_on(crate::demo::run(
+            &registry, config, call, speed, no_color, &out, &err,
+        )),
+        Command::Bench {
+            config,
+            iterations,
+            recordings,
+        } => runtime.block_on(crate::bench::run(
+            &registry, config, iterations, recordings, &out, &err,
+        )),
+        Command::Plugins => {
+            say(&out, "stage plugins (`plugin:` in a pipeline stage):");
+            for p in registry.plugins() {
+                say(&out, &format!("  {:<10} {}", p.name(), p.description()));
+            }
+            say(&out, "knowledge stores (`store:` under `knowledge:`):");
+            for s in &registry.stores {
+                say(&out, &format!("  {:<10} {}", s.name, s.description));
+            }
+            say(&out, "llm providers (`provider:` under `llm:`):");
+            for p in &registry.providers {
+                say(&out, &format!("  {:<10} {}", p.name, p.description));
+            }
+            0
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A second call in the same process (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// The engine config to use: the flag, else `./prompter.yaml` when it exists.
+fn default_config(flag: Option<PathBuf>) -> Option<PathBuf> {
+    flag.or_else(|| {
+        let p = PathBuf::from("prompter.yaml");
+        p.exists().then_some(p)
+    })
+}
+
+fn validate(
+    registry: &Registry,
+    config: Option<PathBuf>,
+    files: &[PathBuf],
+    out: &Stream,
+    err: &Stream,
+) -> u8 {
+    let config = default_config(config);
+    // A config also named among the files is checked in full, pipelines included.
+    let listed = config
+        .as_ref()
+        .is_some_and(|c| files.iter().any(|f| same(f, c)));
+    let req = LoadRequest {
+        config: config.as_deref(),
+        files,
+        include_config_pipelines: listed,
+        env: &env_lookup,
+    };
+    match config::load(&req, registry) {
+        Ok(loaded) => {
+            let names: Vec<&str> = loaded.pipelines.iter().map(|p| p.name.as_str()).collect();
+            say(
+                out,
+                &format!(
+                    "ok: {} file(s) valid; pipelines: {}; knowledge stores: {}; llm providers: {}",
+                    files.len(),
+                    if names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        names.join(", ")
+                    },
+                    list(loaded.resources.knowledge.keys()),
+                    list(loaded.resources.chat.keys()),
+                ),
+            );
+            0
+        }
+        Err(diags) => {
+            say(err, diags.render().trim_end());
+            say(
+                err,
+                &format!("error: {} problem(s) found", diags.items().len()),
+            );
+            1
+        }
+    }
+}
+
+fn list<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = names.map(String::as_str).collect();
+    if v.is_empty() {
+        "none".to_owned()
+    } else {
+        v.join(", ")
+    }
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Loads the engine config and its pipelines for running; prints problems on failure.
+pub(crate) fn load_for_run(registry: &Registry, config: &Path, err: &Stream) -> Option<Loaded> {
+    if !config.exists() {
+        say(
+            err,
+            &format!(
+                "error: engine config `{}` not found (pass --config FILE)",
+                config.display()
+            ),
+        );
+        return None;
+    }
+    let req = LoadRequest {
+        config: Some(config),
+        files: &[],
+        include_config_pipelines: true,
+        env: &env_lookup,
+    };
+    match config::load(&req, registry) {
+        Ok(l) => Some(l),
+        Err(diags) => {
+            say(err, diags.render().trim_end());
+            say(
+                err,
+                &format!(
+                    "error: {} problem(s) in the configuration; nothing was run",
+                    diags.items().len()
+                ),
+            );
+            None
+        }
+    }
+}
+
+async fn replay(
+    registry: &Registry,
+    config: Option<PathBuf>,
+    paths: &[PathBuf],
+    pace: Pace,
+    out: &Stream,
+    err: &Stream,
+) -> u8 {
+    let config = config.unwrap_or_else(|| PathBuf::from("prompter.yaml"));
+    let Some(loaded) = load_for_run(registry, &config, err) else {
+        return 1;
+    };
+    let (lines, problems) = match recording::read_all(paths) {
+        Ok(v) => v,
+        Err((p, e)) => {
+            say(
+                err,
+                &format!("error: cannot read recording `{}`: {e}", p.display()),
+            );
+            return 1;
+        }
+    };
+    for p in &problems {
+        say(err, &format!("warning: {p}"));
+    }
+    let printer = out.clone();
+    let err2 = err.clone();
+    let summary = session::run(
+        loaded,
+        lines,
+        paths,
+        pace,
+        Arc::new(Stats::default()),
+        |_| {},
+        |p| say(&err2, &format!("warning: {p}")),
+        move |o| match serde_json::to_string(&o) {
+            Ok(line) => say(&printer, &line),
+            Err(e) => tracing::error!(error = %e, "An output did not serialize."),
+        },
+    )
+    .await;
+    say(
+        err,
+        &format!(
+            "replayed {} event(s) from {} conversation(s) in {:.3} s: {} output(s), {} malformed line(s) skipped, {} stage error(s)",
+            summary.events,
+            summary.conversations,
+            summary.elapsed.as_secs_f64(),
+            summary.outputs,
+            summary.skipped_lines + problems.len() as u64,
+            summary.stage_errors
+        ),
+    );
+    0
+}

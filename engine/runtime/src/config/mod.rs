@@ -1,0 +1,652 @@
+//! Loading and validating configuration: the engine config (`prompter.yaml`) and pipeline files.
+//!
+//! Loading is one pass that collects *every* problem as a positioned [`Diagnostic`] (syntax,
+//! unknown keys, wrong types, unknown plugins, unknown stage ids, unknown event kinds, bad
+//! expressions, resources that cannot be opened) and only succeeds when there is none.
+//!
+//! Engine config:
+//! ```yaml
+//! pipelines: [pipelines/*.yaml]      # files or globs, relative to this file
+//! knowledge:                         # named knowledge stores
+//!   sales: { store: embedded, config: { source: pipelines/data/sales_objections.csv } }
+//! llm:                               # named chat providers
+//!   offline: { provider: offline }
+//! engine: { conversation_idle_secs: 1800, queue_capacity: 64 }
+//! ```
+//!
+//! Pipeline file:
+//! ```yaml
+//! pipeline: rta
+//! description: Real-Time Assist
+//! on: [tracker_response]
+//! when: "event.tracker.name != ''"
+//! stages:
+//!   - { id: kb, plugin: retrieve, config: { knowledge: sales }, timeout_ms: 500, on_error: stop }
+//! ```
+//!
+//! [`Diagnostic`]: prompter_core::diagnostic::Diagnostic
+
+pub mod diagnostics;
+pub mod yaml;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use marked_yaml::Node;
+use marked_yaml::types::MarkedMappingNode;
+use prompter_core::diagnostic::did_you_mean;
+use prompter_core::event::EventKind;
+use prompter_core::plugin::{BuildContext, Resources};
+use prompter_core::template::Expr;
+
+use crate::pipeline::{OnError, Pipeline, Stage};
+use crate::registry::Registry;
+use diagnostics::{Diagnostics, WithHelp};
+use yaml::{
+    EnvLookup, check_keys, deserialize_at, expect_map, expect_scalar, expect_seq, opt_u64, required,
+};
+
+/// Engine-wide settings (`engine:` in the engine config).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// A conversation with no event for this long is released. Default 1800 s.
+    pub conversation_idle: Duration,
+    /// Events queued per conversation before the source waits. Default 64.
+    pub queue_capacity: usize,
+    /// Stage timeout when a stage sets no `timeout_ms`. Default 10 s.
+    pub default_stage_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            conversation_idle: Duration::from_secs(1800),
+            queue_capacity: 64,
+            default_stage_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A loaded, valid configuration: pipelines ready to run.
+pub struct Loaded {
+    /// The engine config file, when there was one.
+    pub config_file: Option<PathBuf>,
+    /// The pipelines, in file order.
+    pub pipelines: Vec<Pipeline>,
+    /// The shared resources.
+    pub resources: Resources,
+    /// Engine settings.
+    pub settings: Settings,
+}
+
+/// What to load.
+pub struct LoadRequest<'a> {
+    /// The engine config file (resources, settings, pipeline globs).
+    pub config: Option<&'a Path>,
+    /// Extra files given on the command line: pipeline files, or engine configs.
+    pub files: &'a [PathBuf],
+    /// Whether to load the pipelines the engine config lists.
+    pub include_config_pipelines: bool,
+    /// Environment lookup for `${NAME}`.
+    pub env: EnvLookup<'a>,
+}
+
+/// Loads everything; every problem is in the returned diagnostics.
+///
+/// # Errors
+/// [`Diagnostics`] with at least one problem.
+pub fn load(req: &LoadRequest<'_>, registry: &Registry) -> Result<Loaded, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let mut settings = Settings::default();
+    let mut resources = Resources::default();
+    let mut pipeline_files: Vec<PathBuf> = Vec::new();
+
+    // Files named on the command line may be engine configs themselves.
+    let mut configs: Vec<PathBuf> = req.config.map(Path::to_path_buf).into_iter().collect();
+    let mut extra: Vec<(PathBuf, Node)> = Vec::new();
+    for f in req.files {
+        let Some(node) = read(f, req.env, &mut diags) else {
+            continue;
+        };
+        if is_pipeline(&node) {
+            extra.push((f.clone(), node));
+        } else if !configs.iter().any(|c| same_file(c, f)) {
+            configs.push(f.clone());
+        }
+    }
+    for (i, cfg) in configs.iter().enumerate() {
+        let Some(node) = read(cfg, req.env, &mut diags) else {
+            continue;
+        };
+        let listed = engine_config(
+            cfg,
+            &node,
+            registry,
+            &mut settings,
+            &mut resources,
+            &mut diags,
+        );
+        // The first config's pipelines run only when asked; configs given as files are checked.
+        if req.include_config_pipelines || i > 0 || req.config.is_none() {
+            pipeline_files.extend(listed);
+        }
+    }
+
+    let mut pipelines = Vec::new();
+    let mut seen_files: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut names: BTreeMap<String, (PathBuf, usize)> = BTreeMap::new();
+    let from_configs = pipeline_files.into_iter().filter_map(|f| {
+        let node = read(&f, req.env, &mut diags)?;
+        Some((f, node))
+    });
+    let all: Vec<(PathBuf, Node)> = from_configs
+        .collect::<Vec<_>>()
+        .into_iter()
+        .chain(extra)
+        .collect();
+    for (file, node) in all {
+        let key = file.canonicalize().unwrap_or_else(|_| file.clone());
+        if !seen_files.insert(key) {
+            continue;
+        }
+        if let Some(p) = pipeline(&file, &node, registry, &resources, &settings, &mut diags) {
+            let line = node
+                .as_mapping()
+                .and_then(|m| m.get_node("pipeline"))
+                .and_then(|n| n.span().start())
+                .map(|m| m.line())
+                .unwrap_or(1);
+            if let Some((first, first_line)) = names.get(&p.name) {
+                diags
+                    .error_at(
+                        &file,
+                        Some(prompter_core::diagnostic::Position { line, col: 11 }),
+                        format!("duplicate pipeline name `{}`", p.name),
+                    )
+                    .help(Some(format!(
+                        "first defined at {}:{first_line}",
+                        first.display()
+                    )));
+            } else {
+                names.insert(p.name.clone(), (file.clone(), line));
+            }
+            pipelines.push(p);
+        }
+    }
+    if diags.is_empty() {
+        Ok(Loaded {
+            config_file: configs.first().cloned(),
+            pipelines,
+            resources,
+            settings,
+        })
+    } else {
+        Err(diags)
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+fn read(file: &Path, env: EnvLookup<'_>, diags: &mut Diagnostics) -> Option<Node> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            diags.error(file, None, format!("cannot read file: {e}"));
+            return None;
+        }
+    };
+    let mut node = yaml::parse(file, &text, diags)?;
+    yaml::interpolate(file, &mut node, env, diags);
+    Some(node)
+}
+
+fn is_pipeline(node: &Node) -> bool {
+    node.as_mapping()
+        .is_some_and(|m| m.get_node("pipeline").is_some() || m.get_node("stages").is_some())
+}
+
+fn base_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+const ENGINE_KEYS: &[&str] = &["pipelines", "knowledge", "llm", "engine"];
+
+/// Reads an engine config; returns the pipeline files it lists.
+fn engine_config(
+    file: &Path,
+    node: &Node,
+    registry: &Registry,
+    settings: &mut Settings,
+    resources: &mut Resources,
+    diags: &mut Diagnostics,
+) -> Vec<PathBuf> {
+    let Some(map) = expect_map(file, node, "the engine config", diags) else {
+        return Vec::new();
+    };
+    check_keys(file, map, ENGINE_KEYS, "the engine config", diags);
+    let base = base_dir(file);
+    let mut files = Vec::new();
+    if let Some(list) = map.get_node("pipelines") {
+        let items: Vec<&Node> = match list {
+            Node::Scalar(_) => vec![list],
+            other => expect_seq(file, other, "`pipelines`", diags)
+                .map(|s| s.iter().collect())
+                .unwrap_or_default(),
+        };
+        for item in items {
+            let Some(pattern) = expect_scalar(file, item, "a `pipelines` entry", diags) else {
+                continue;
+            };
+            let full = base.join(pattern.as_str());
+            let full_s = full.to_string_lossy().into_owned();
+            match glob::glob(&full_s) {
+                Ok(paths) => {
+                    let mut matched: Vec<PathBuf> = paths.filter_map(Result::ok).collect();
+                    matched.sort();
+                    if matched.is_empty() {
+                        diags.error_node(
+                            file,
+                            item,
+                            format!("`{}` matches no file", pattern.as_str()),
+                        );
+                    }
+                    files.extend(matched);
+                }
+                Err(e) => {
+                    diags.error_node(file, item, format!("bad glob pattern: {e}"));
+                }
+            }
+        }
+    }
+    if let Some(engine) = map
+        .get_node("engine")
+        .and_then(|n| expect_map(file, n, "`engine`", diags))
+    {
+        check_keys(
+            file,
+            engine,
+            &[
+                "conversation_idle_secs",
+                "queue_capacity",
+                "default_stage_timeout_ms",
+            ],
+            "`engine`",
+            diags,
+        );
+        if let Some(v) = opt_u64(file, engine, "conversation_idle_secs", diags) {
+            settings.conversation_idle = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = opt_u64(file, engine, "queue_capacity", diags) {
+            settings.queue_capacity = usize::try_from(v).unwrap_or(usize::MAX).clamp(1, 1 << 20);
+        }
+        if let Some(v) = opt_u64(file, engine, "default_stage_timeout_ms", diags) {
+            settings.default_stage_timeout = Duration::from_millis(v.max(1));
+        }
+    }
+    if let Some(k) = map
+        .get_node("knowledge")
+        .and_then(|n| expect_map(file, n, "`knowledge`", diags))
+    {
+        for (name, decl) in k.iter() {
+            let Some((kind, kind_node, config)) =
+                resource_decl(file, decl, "store", "knowledge store", diags)
+            else {
+                continue;
+            };
+            match registry.stores.iter().find(|s| s.name == kind) {
+                Some(factory) => match (factory.open)(name.as_str(), config, &base, file, diags) {
+                    Some(store) => {
+                        resources.knowledge.insert(name.as_str().to_owned(), store);
+                    }
+                    None => continue,
+                },
+                None => unknown_kind(
+                    file,
+                    kind_node,
+                    "knowledge store kind",
+                    &kind,
+                    registry.stores.iter().map(|s| s.name),
+                    diags,
+                ),
+            }
+        }
+    }
+    if let Some(l) = map
+        .get_node("llm")
+        .and_then(|n| expect_map(file, n, "`llm`", diags))
+    {
+        for (name, decl) in l.iter() {
+            let Some((kind, kind_node, config)) =
+                resource_decl(file, decl, "provider", "llm provider", diags)
+            else {
+                continue;
+            };
+            match registry.providers.iter().find(|p| p.name == kind) {
+                Some(factory) => {
+                    if let Some(p) = (factory.open)(name.as_str(), config, &base, file, diags) {
+                        resources.chat.insert(name.as_str().to_owned(), p);
+                    }
+                }
+                None => unknown_kind(
+                    file,
+                    kind_node,
+                    "llm provider kind",
+                    &kind,
+                    registry.providers.iter().map(|p| p.name),
+                    diags,
+                ),
+            }
+        }
+    }
+    files
+}
+
+/// `{ <kind_key>: NAME, config: {...} }` → (kind, its node, config node).
+fn resource_decl<'n>(
+    file: &Path,
+    decl: &'n Node,
+    kind_key: &str,
+    what: &str,
+    diags: &mut Diagnostics,
+) -> Option<(String, &'n Node, &'n Node)> {
+    let map = expect_map(file, decl, &format!("a {what}"), diags)?;
+    check_keys(
+        file,
+        map,
+        &[kind_key, "config"],
+        &format!("a {what}"),
+        diags,
+    );
+    let kind_node = required(file, map, kind_key, &format!("a {what}"), diags)?;
+    let kind = expect_scalar(file, kind_node, &format!("`{kind_key}`"), diags)?;
+    let config = map.get_node("config").unwrap_or(&EMPTY_MAP);
+    Some((kind.as_str().to_owned(), kind_node, config))
+}
+
+static EMPTY_MAP: std::sync::LazyLock<Node> = std::sync::LazyLock::new(|| {
+    Node::Mapping(MarkedMappingNode::new_empty(marked_yaml::Span::new_blank()))
+});
+
+fn unknown_kind<'a>(
+    file: &Path,
+    node: &Node,
+    what: &str,
+    got: &str,
+    names: impl Iterator<Item = &'a str> + Clone,
+    diags: &mut Diagnostics,
+) {
+    let help = did_you_mean(got, names.clone())
+        .map(|s| format!("did you mean `{s}`?"))
+        .unwrap_or_else(|| {
+            format!(
+                "available: {}",
+                names
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        });
+    diags
+        .error_node(file, node, format!("unknown {what} `{got}`"))
+        .help(Some(help));
+}
+
+/// Opens a resource from its typed config, reporting problems with positions.
+pub fn typed_config<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    config: &Node,
+    diags: &mut Diagnostics,
+) -> Option<T> {
+    // An absent `config:` is an empty mapping, so all-default configs need none.
+    if config.span().start().is_none() {
+        let empty = marked_yaml::parse_yaml(0, "{}").ok()?;
+        return deserialize_at(file, &empty, diags);
+    }
+    deserialize_at(file, config, diags)
+}
+
+const PIPELINE_KEYS: &[&str] = &["pipeline", "description", "on", "when", "stages"];
+const STAGE_KEYS: &[&str] = &["id", "plugin", "config", "timeout_ms", "on_error"];
+
+fn pipeline(
+    file: &Path,
+    node: &Node,
+    registry: &Registry,
+    resources: &Resources,
+    settings: &Settings,
+    diags: &mut Diagnostics,
+) -> Option<Pipeline> {
+    let before = diags.len();
+    let map = expect_map(file, node, "a pipeline file", diags)?;
+    check_keys(file, map, PIPELINE_KEYS, "a pipeline", diags);
+    let name = required(file, map, "pipeline", "a pipeline", diags)
+        .and_then(|n| expect_scalar(file, n, "`pipeline`", diags))
+        .map(|s| s.as_str().to_owned());
+    if let (Some(n), Some(node)) = (&name, map.get_node("pipeline")) {
+        if !valid_id(n) {
+            diags.error_node(
+                file,
+                node,
+                format!("pipeline name `{n}` must use only a-z, 0-9, `_` and `-`"),
+            );
+        }
+    }
+    let description = map
+        .get_node("description")
+        .and_then(|n| expect_scalar(file, n, "`description`", diags))
+        .map(|s| s.as_str().to_owned());
+
+    let mut on = Vec::new();
+    if let Some(on_node) = required(file, map, "on", "a pipeline", diags) {
+        let items: Vec<&Node> = match on_node {
+            Node::Scalar(_) => vec![on_node],
+            other => expect_seq(file, other, "`on`", diags)
+                .map(|s| s.iter().collect())
+                .unwrap_or_default(),
+        };
+        if items.is_empty() {
+            diags.error_node(file, on_node, "`on` must name at least one event kind");
+        }
+        for item in items {
+            let Some(s) = expect_scalar(file, item, "an `on` entry", diags) else {
+                continue;
+            };
+            match EventKind::from_name(s.as_str()) {
+                Some(k) => on.push(k),
+                None => {
+                    let help = did_you_mean(s.as_str(), EventKind::names())
+                        .map(|n| format!("did you mean `{n}`?"))
+                        .unwrap_or_else(|| {
+                            format!(
+                                "event kinds: {}",
+                                EventKind::names().collect::<Vec<_>>().join(", ")
+                            )
+                        });
+                    diags
+                        .error_node(file, item, format!("unknown event kind `{}`", s.as_str()))
+                        .help(Some(help));
+                }
+            }
+        }
+    }
+
+    let when = map
+        .get_node("when")
+        .and_then(|n| expect_scalar(file, n, "`when`", diags).map(|s| (n, s)))
+        .and_then(|(n, s)| match Expr::compile(s.as_str()) {
+            Ok(expr) => {
+                for id in expr.stage_refs() {
+                    diags.error_node(
+                        file,
+                        n,
+                        format!("`when` reads `stages.{id}`, but it runs before any stage"),
+                    );
+                }
+                Some(expr)
+            }
+            Err(e) => {
+                let detail = e.detail().map(|d| format!(": {d}")).unwrap_or_default();
+                diags.error_node(
+                    file,
+                    n,
+                    format!("bad `when` expression: {}{detail}", e.kind()),
+                );
+                None
+            }
+        });
+
+    let pipeline_name = name.clone().unwrap_or_default();
+    let base = base_dir(file);
+    let mut stages: Vec<Stage> = Vec::new();
+    let mut ids: Vec<String> = Vec::new();
+    let mut id_lines: BTreeMap<String, usize> = BTreeMap::new();
+    if let Some(stages_node) = required(file, map, "stages", "a pipeline", diags) {
+        let list = expect_seq(file, stages_node, "`stages`", diags);
+        if list.is_some_and(|l| l.is_empty()) {
+            diags.error_node(file, stages_node, "a pipeline needs at least one stage");
+        }
+        for (i, st) in list.into_iter().flat_map(|l| l.iter()).enumerate() {
+            let Some(smap) = expect_map(file, st, "a stage", diags) else {
+                continue;
+            };
+            check_keys(file, smap, STAGE_KEYS, "a stage", diags);
+            let id = required(file, smap, "id", "a stage", diags)
+                .and_then(|n| expect_scalar(file, n, "`id`", diags).map(|s| (n, s)));
+            let id = match id {
+                Some((n, s)) => {
+                    let id = s.as_str().to_owned();
+                    if !valid_stage_id(&id) {
+                        diags.error_node(
+                            file,
+                            n,
+                            format!("stage id `{id}` must use only a-z, 0-9 and `_`"),
+                        );
+                    }
+                    let line = n.span().start().map(|m| m.line()).unwrap_or(0);
+                    if let Some(first) = id_lines.get(&id) {
+                        diags
+                            .error_node(file, n, format!("duplicate stage id `{id}`"))
+                            .help(Some(format!("first defined at line {first}")));
+                    } else {
+                        id_lines.insert(id.clone(), line);
+                    }
+                    id
+                }
+                None => format!("stage{i}"),
+            };
+            let timeout = opt_u64(file, smap, "timeout_ms", diags)
+                .map(Duration::from_millis)
+                .unwrap_or(settings.default_stage_timeout);
+            let on_error = match smap
+                .get_node("on_error")
+                .and_then(|n| expect_scalar(file, n, "`on_error`", diags).map(|s| (n, s)))
+            {
+                None => OnError::Stop,
+                Some((n, s)) => {
+                    match s.as_str() {
+                        "stop" => OnError::Stop,
+                        "continue" => OnError::Continue,
+                        other => {
+                            let help = did_you_mean(other, ["stop", "continue"])
+                                .map(|s| format!("did you mean `{s}`?"));
+                            diags.error_node(file, n, format!("unknown `on_error` policy `{other}` (use `stop` or `continue`)")).help(help);
+                            OnError::Stop
+                        }
+                    }
+                }
+            };
+            let plugin_node = required(file, smap, "plugin", "a stage", diags)
+                .and_then(|n| expect_scalar(file, n, "`plugin`", diags).map(|s| (n, s)));
+            let config_node = smap.get_node("config").unwrap_or(&EMPTY_MAP);
+            if let Some(c) = smap.get_node("config") {
+                expect_map(file, c, "`config`", diags);
+            }
+            if let Some((pnode, pname)) = plugin_node {
+                match registry.plugin(pname.as_str()) {
+                    Some(factory) => {
+                        let cfg = if config_node.span().start().is_none() {
+                            marked_yaml::parse_yaml(0, "{}").ok()
+                        } else {
+                            None
+                        };
+                        let cfg_ref = cfg.as_ref().unwrap_or(config_node);
+                        let mut cx = BuildContext::new(&pipeline_name, &id, &base, &ids, resources);
+                        let built = factory.build_from_node(cfg_ref, &mut cx);
+                        for problem in cx.into_problems() {
+                            // Problems inside `config:` get the config's positions; a stage
+                            // without `config:` points at its plugin.
+                            let anchor = if config_node.span().start().is_some() {
+                                config_node
+                            } else {
+                                pnode
+                            };
+                            yaml::report_build_error(file, anchor, &problem, diags);
+                        }
+                        if let Ok(plugin) = built {
+                            stages.push(Stage {
+                                id: id.clone(),
+                                plugin_name: factory.name().to_owned(),
+                                plugin,
+                                timeout,
+                                on_error,
+                            });
+                        }
+                    }
+                    None => {
+                        let help = did_you_mean(pname.as_str(), registry.plugin_names())
+                            .map(|s| format!("did you mean `{s}`?"))
+                            .unwrap_or_else(|| {
+                                format!(
+                                    "built-in plugins: {}",
+                                    registry
+                                        .plugin_names()
+                                        .map(|n| format!("`{n}`"))
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                )
+                            });
+                        diags
+                            .error_node(file, pnode, format!("unknown plugin `{}`", pname.as_str()))
+                            .help(Some(help));
+                    }
+                }
+            }
+            ids.push(id);
+        }
+    }
+    if diags.len() > before {
+        return None;
+    }
+    Some(Pipeline {
+        name: name?,
+        description,
+        file: file.to_path_buf(),
+        on,
+        when,
+        stages: stages.into_iter().map(Arc::new).collect(),
+    })
+}
+
+fn valid_stage_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}

@@ -1,0 +1,142 @@
+//! A loaded pipeline and how one run of it goes: check the filter, then call the stages in
+//! order, timing each, applying its timeout and error policy.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prompter_core::conversation::ConversationState;
+use prompter_core::event::{Event, EventKind};
+use prompter_core::output::Output;
+use prompter_core::plugin::{Flow, Plugin, RunScope, StageContext};
+use prompter_core::template::Expr;
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, debug_span, warn};
+
+use crate::stats::Stats;
+
+/// What to do when a stage fails or times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// End this run (default).
+    Stop,
+    /// Go on; the stage's output is `null`.
+    Continue,
+}
+
+/// One stage, built.
+pub struct Stage {
+    /// Its id.
+    pub id: String,
+    /// The plugin name.
+    pub plugin_name: String,
+    /// The built plugin.
+    pub plugin: Arc<dyn Plugin>,
+    /// Its timeout.
+    pub timeout: Duration,
+    /// Its error policy.
+    pub on_error: OnError,
+}
+
+/// One pipeline, built.
+pub struct Pipeline {
+    /// Its name.
+    pub name: String,
+    /// What it is for.
+    pub description: Option<String>,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// The event kinds it reacts to.
+    pub on: Vec<EventKind>,
+    /// The filter.
+    pub when: Option<Expr>,
+    /// The stages, in order.
+    pub stages: Vec<Arc<Stage>>,
+}
+
+/// Where a run's outputs and counters go.
+pub struct RunEnv<'a> {
+    /// Outputs.
+    pub sink: &'a mpsc::Sender<Output>,
+    /// Per-conversation output counter.
+    pub output_seq: &'a AtomicU64,
+    /// Engine counters.
+    pub stats: &'a Stats,
+}
+
+impl Pipeline {
+    /// Whether this pipeline reacts to `kind`.
+    pub fn accepts(&self, kind: EventKind) -> bool {
+        self.on.contains(&kind)
+    }
+
+    /// Runs the pipeline once for `event` (already folded into `state`).
+    pub async fn run(&self, event: &Event, state: &ConversationState, env: &RunEnv<'_>) {
+        let scope = RunScope::new(event, state);
+        if let Some(when) = &self.when {
+            match when.is_true(&scope.template_context(&self.name, &[])) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(error) => {
+                    env.stats.stage_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(pipeline = %self.name, conversation = %event.conversation_id, error = %error, "The `when` filter failed; skipping the run.");
+                    return;
+                }
+            }
+        }
+        env.stats.runs.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut outputs: Vec<(String, serde_json::Value)> = Vec::with_capacity(self.stages.len());
+        let mut timings: Vec<(String, u64)> = Vec::with_capacity(self.stages.len());
+        for stage in &self.stages {
+            let t0 = Instant::now();
+            let result = {
+                let cx = StageContext {
+                    pipeline: &self.name,
+                    stage: &stage.id,
+                    scope: &scope,
+                    outputs: &outputs,
+                    stage_timings: &timings,
+                    started,
+                    sink: env.sink,
+                    output_seq: env.output_seq,
+                };
+                let span = debug_span!("stage", pipeline = %self.name, stage = %stage.id, plugin = %stage.plugin_name, conversation = %event.conversation_id);
+                tokio::time::timeout(stage.timeout, stage.plugin.process(&cx))
+                    .instrument(span)
+                    .await
+            };
+            timings.push((stage.id.clone(), t0.elapsed().as_micros() as u64));
+            let error = match result {
+                Ok(Ok(Flow::Continue(v))) => {
+                    outputs.push((stage.id.clone(), v));
+                    continue;
+                }
+                Ok(Ok(Flow::Halt(reason))) => {
+                    debug!(pipeline = %self.name, stage = %stage.id, conversation = %event.conversation_id, reason = %reason, "Run halted.");
+                    return;
+                }
+                Ok(Err(e)) => format!("{} error: {}", e.kind, error_chain(&e)),
+                Err(_) => format!("timed out after {} ms", stage.timeout.as_millis()),
+            };
+            env.stats.stage_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(pipeline = %self.name, stage = %stage.id, plugin = %stage.plugin_name, conversation = %event.conversation_id, error = %error, "Stage failed.");
+            match stage.on_error {
+                OnError::Stop => return,
+                OnError::Continue => outputs.push((stage.id.clone(), serde_json::Value::Null)),
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

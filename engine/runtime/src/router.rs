@@ -1,0 +1,175 @@
+//! The router: one task per live conversation, so a conversation's events are handled in order
+//! while different conversations proceed in parallel.
+//!
+//! Each conversation task owns its [`ConversationState`]: it folds each event in, then runs every
+//! pipeline that reacts to the event's kind. The task ends, releasing the state and telling the
+//! stages, when the conversation completes or has been idle for `conversation_idle`. Its queue
+//! is bounded, so a slow conversation applies backpressure to its source instead of growing
+//! memory without limit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use prompter_core::conversation::ConversationState;
+use prompter_core::event::{Event, EventKind};
+use prompter_core::output::Output;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::debug;
+
+use crate::config::Settings;
+use crate::pipeline::{Pipeline, RunEnv};
+use crate::stats::Stats;
+
+/// Routes events to conversation tasks.
+pub struct Router {
+    pipelines: Arc<Vec<Pipeline>>,
+    settings: Settings,
+    sink: mpsc::Sender<Output>,
+    stats: Arc<Stats>,
+    conversations: HashMap<Arc<str>, mpsc::Sender<Event>>,
+    tasks: JoinSet<()>,
+}
+
+impl Router {
+    /// A router over `pipelines`, delivering outputs to `sink`.
+    pub fn new(
+        pipelines: Vec<Pipeline>,
+        settings: Settings,
+        sink: mpsc::Sender<Output>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Router {
+            pipelines: Arc::new(pipelines),
+            settings,
+            sink,
+            stats,
+            conversations: HashMap::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Hands `event` to its conversation's task, starting one if needed. Waits when that
+    /// conversation's queue is full.
+    pub async fn dispatch(&mut self, event: Event) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        let mut event = event;
+        loop {
+            let tx = match self.conversations.get(&event.conversation_id) {
+                Some(tx) => tx.clone(),
+                None => self.open(event.conversation_id.clone()),
+            };
+            match tx.send(event).await {
+                Ok(()) => return,
+                // The task ended (completed or idle) between events: start a fresh one.
+                Err(mpsc::error::SendError(back)) => {
+                    self.conversations.remove(&back.conversation_id);
+                    event = back;
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, id: Arc<str>) -> mpsc::Sender<Event> {
+        // Drop the senders of tasks that have ended, so the map only holds live conversations.
+        if self.conversations.len() >= 64 {
+            self.conversations.retain(|_, tx| !tx.is_closed());
+        }
+        while let Some(res) = self.tasks.try_join_next() {
+            if let Err(e) = res {
+                tracing::error!(error = %e, "A conversation task panicked.");
+            }
+        }
+        let (tx, rx) = mpsc::channel(self.settings.queue_capacity);
+        self.conversations.insert(id.clone(), tx.clone());
+        self.stats
+            .conversations_opened
+            .fetch_add(1, Ordering::Relaxed);
+        let task = ConversationTask {
+            state: ConversationState::new(&id),
+            pipelines: self.pipelines.clone(),
+            sink: self.sink.clone(),
+            stats: self.stats.clone(),
+            idle: self.settings.conversation_idle,
+            output_seq: AtomicU64::new(0),
+        };
+        self.tasks.spawn(task.run(rx));
+        tx
+    }
+
+    /// Closes every conversation queue and waits until all queued events are handled.
+    pub async fn finish(mut self) {
+        self.conversations.clear();
+        while let Some(res) = self.tasks.join_next().await {
+            if let Err(e) = res {
+                tracing::error!(error = %e, "A conversation task panicked.");
+            }
+        }
+    }
+}
+
+struct ConversationTask {
+    state: ConversationState,
+    pipelines: Arc<Vec<Pipeline>>,
+    sink: mpsc::Sender<Output>,
+    stats: Arc<Stats>,
+    idle: std::time::Duration,
+    output_seq: AtomicU64,
+}
+
+impl ConversationTask {
+    /// Folds `event` in and runs the pipelines; true when the conversation completed.
+    async fn handle(&mut self, event: Event) -> bool {
+        let t0 = Instant::now();
+        self.state.apply(&event);
+        let env = RunEnv {
+            sink: &self.sink,
+            output_seq: &self.output_seq,
+            stats: &self.stats,
+        };
+        for p in self.pipelines.iter().filter(|p| p.accepts(event.kind)) {
+            p.run(&event, &self.state, &env).await;
+        }
+        self.stats.sample(t0.elapsed().as_nanos() as u64);
+        event.kind == EventKind::ConversationCompleted
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        loop {
+            match tokio::time::timeout(self.idle, rx.recv()).await {
+                Ok(Some(event)) => {
+                    if self.handle(event).await {
+                        debug!(conversation = %self.state.id, "Conversation completed; releasing its state.");
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    debug!(conversation = %self.state.id, "Conversation idle; releasing its state.");
+                    break;
+                }
+            }
+        }
+        // Refuse new events (the router starts a fresh task for late ones), but handle every
+        // event already accepted into the queue: nothing accepted is dropped.
+        rx.close();
+        while let Some(event) = rx.recv().await {
+            self.handle(event).await;
+        }
+        self.stats
+            .conversations_released
+            .fetch_add(1, Ordering::Relaxed);
+        for p in self.pipelines.iter() {
+            for s in &p.stages {
+                s.plugin.conversation_ended(&self.state.id);
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The embedded default embedder: local, deterministic, LEXICAL feature hashing.
+//!
+//! It owns turning a text into a fixed-size, L2-normalized vector from the words and spellings
+//! the text contains; it does not capture meaning (synonyms with no shared words or letters score
+//! near zero). Semantic embeddings come from a model provider (Nebula) later.
+//!
+//! Features, each hashed into one of `dims` buckets with a hash-chosen sign:
+//! - lowercased word unigrams (weight 1.0) and bigrams of adjacent words (weight 0.7), so a
+//!   tracker name like "Budget Constraints" matches the row that starts with it;
+//! - character trigrams of each word padded with spaces (weight 0.3: `" budget "` gives
+//!   `" bu"`, `"bud"`, ..., `"et "`), so inflections and typos ("budgets", "budgte") still
+//!   overlap.
+//!
+//! Punctuation is stripped and a tiny English stopword list is skipped. A feature seen `n` times
+//! counts `1 + ln n` (sublinear), so one repeated word cannot dominate a short text.
+
+use std::collections::BTreeMap;
+
+/// Words skipped for every feature. Their character trigrams are skipped too: they would make
+/// every pair of English sentences look alike.
+const STOPWORDS: &[&str] = &[
+    "a", "an", "the", "to", "of", "and", "or", "is", "are", "we", "i", "you", "it", "this", "that",
+    "for", "in", "on", "our", "your", "be", "with", "do", "don't", "not",
+];
+
+const UNIGRAM_WEIGHT: f32 = 1.0;
+const BIGRAM_WEIGHT: f32 = 0.7;
+const TRIGRAM_WEIGHT: f32 = 0.3;
+
+/// A lexical embedder by feature hashing; see the module docs.
+///
+/// # Examples
+/// ```
+/// use prompter_plugin_retrieve::embedder::{HashingEmbedder, cosine};
+///
+/// let e = HashingEmbedder::default();
+/// let budget = e.embed("Budget Constraints: it's too expensive");
+/// assert!(cosine(&budget, &e.embed("budget constraints")) > cosine(&budget, &e.embed("security review")));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashingEmbedder {
+    dims: usize,
+}
+
+impl Default for HashingEmbedder {
+    fn default() -> Self {
+        HashingEmbedder::new(Self::DEFAULT_DIMS)
+    }
+}
+
+impl HashingEmbedder {
+    /// The default number of dimensions.
+    pub const DEFAULT_DIMS: usize = 1024;
+
+    /// An embedder producing `dims`-dimensional vectors (zero is treated as one).
+    pub fn new(dims: usize) -> Self {
+        HashingEmbedder { dims: dims.max(1) }
+    }
+
+    /// The number of dimensions of the vectors.
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+
+    /// Names the algorithm, its version and its parameters (`hashing-v1-1024`): an index built
+    /// by an embedder with another id must be rebuilt.
+    pub fn id(&self) -> String {
+        format!("hashing-v1-{}", self.dims)
+    }
+
+    /// The L2-normalized embedding of `text`; all zeros when the text has no features (empty,
+    /// punctuation or stopwords only).
+    pub fn embed(&self, text: &str) -> Vec<f32> {
+        // Keyed by hash in a BTreeMap so buckets are summed in the same order on every run:
+        // embeddings are bit-for-bit reproducible.
+        let mut features: BTreeMap<u64, (f32, u32)> = BTreeMap::new();
+        let mut add = |kind: u8, feature: &str, weight: f32| {
+            let entry = features
+                .entry(feature_hash(kind, feature))
+                .or_insert((weight, 0));
+            entry.1 += 1;
+        };
+        let words = words(text);
+        for w in &words {
+            add(b'u', w, UNIGRAM_WEIGHT);
+            let padded: Vec<char> = format!(" {w} ").chars().collect();
+            for tri in padded.windows(3) {
+                let tri: String = tri.iter().collect();
+                add(b'c', &tri, TRIGRAM_WEIGHT);
+            }
+        }
+        for pair in words.windows(2) {
+            add(b'b', &format!("{} {}", pair[0], pair[1]), BIGRAM_WEIGHT);
+        }
+
+        let mut v = vec![0.0f32; self.dims];
+        for (hash, (weight, count)) in features {
+            let value = weight * (1.0 + (count as f32).ln());
+            // The low bits pick the bucket, the top bit the sign, so colliding features tend to
+            // cancel out instead of piling up.
+            let bucket = (hash % self.dims as u64) as usize;
+            if hash >> 63 == 1 {
+                v[bucket] -= value;
+            } else {
+                v[bucket] += value;
+            }
+        }
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            for x in &mut v {
+                *x /= norm;
+            }
+        }
+        v
+    }
+}
+
+/// Cosine similarity of two vectors (0 when either is all zeros or their lengths differ).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return 0.0;
+    }
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if na == 0.0 || nb == 0.0 {
+        0.0
+    } else {
+        dot / (na * nb)
+    }
+}
+
+/// Lowercased words without punctuation or stopwords. Apostrophes inside words are dropped after
+/// the stopword check, so "don't" is a stopword and "we're" becomes "were".
+fn words(text: &str) -> Vec<String> {
+    text.to_lowercase()
+        .replace('\u{2019}', "'")
+        .split(|c: char| !(c.is_alphanumeric() || c == '\''))
+        .map(|w| w.trim_matches('\''))
+        .filter(|w| !w.is_empty() && !STOPWORDS.contains(w))
+        .map(|w| w.replace('\'', ""))
+        .collect()
+}
+
+/// FNV-1a 64 over a kind tag and the feature, then a murmur3 finalizer: stable across Rust
+/// versions and platforms (unlike std's `DefaultHasher`), and well mixed in every bit.
+fn feature_hash(kind: u8, feature: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    for &byte in std::iter::once(&kind).chain(feature.as_bytes()) {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(PRIME);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_deterministic_and_normalized() {
+        let e = HashingEmbedder::default();
+        let a = e.embed("Budget Constraints: we don't have the budget");
+        assert_eq!(a, e.embed("Budget Constraints: we don't have the budget"));
+        assert_eq!(a.len(), 1024);
+        let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        assert!((cosine(&a, &a) - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn hash_is_stable() {
+        // Pinned so a change of hash (which would silently invalidate every persisted index
+        // without changing the embedder id) fails here.
+        assert_eq!(feature_hash(b'u', "budget"), 0x2143_8d24_2435_c86f);
+        assert_eq!(feature_hash(b'c', " bu"), 0x80e2_8145_7aab_17e4);
+        let e = HashingEmbedder::new(16);
+        let v = e.embed("budget");
+        let nonzero: Vec<usize> = (0..16).filter(|&i| v[i] != 0.0).collect();
+        assert!(!nonzero.is_empty());
+        assert_eq!(v, HashingEmbedder::new(16).embed("BUDGET!"));
+    }
+
+    #[test]
+    fn similar_texts_score_higher_than_unrelated_ones() {
+        let e = HashingEmbedder::default();
+        let q = e.embed("Budget Constraints seems expensive");
+        let budget = e.embed("Budget Constraints: it's too expensive for us right now");
+        let security = e.embed("Security Concerns: where is our data stored and who can see it");
+        let timing = e.embed("Timing: call me back next quarter");
+        assert!(cosine(&q, &budget) > cosine(&q, &security));
+        assert!(cosine(&q, &budget) > cosine(&q, &timing));
+        assert!(cosine(&q, &budget) > 0.3, "{}", cosine(&q, &budget));
+        // Spellings overlap through character trigrams.
+        let typo = e.embed("budgets");
+        assert!(cosine(&typo, &e.embed("budget")) > cosine(&typo, &e.embed("security")));
+    }
+
+    #[test]
+    fn dims_are_respected_and_named_in_the_id() {
+        let e = HashingEmbedder::new(64);
+        assert_eq!(e.embed("hello world").len(), 64);
+        assert_eq!(e.id(), "hashing-v1-64");
+        assert_eq!(HashingEmbedder::default().id(), "hashing-v1-1024");
+        assert_eq!(HashingEmbedder::new(0).dims(), 1);
+    }
+
+    #[test]
+    fn stopwords_and_punctuation_are_skipped() {
+        assert_eq!(
+            words("We don't know; it's the BUDGET, you see!"),
+            ["know", "its", "budget", "see"]
+        );
+        let e = HashingEmbedder::default();
+        assert!(e.embed("the, and... of!").iter().all(|x| *x == 0.0));
+        assert_eq!(cosine(&e.embed(""), &e.embed("budget")), 0.0);
+    }
+}
