@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 /// A writer that keeps what was written.
 #[derive(Clone, Default)]
-pub struct Capture(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Capture(Arc<Mutex<Vec<u8>>>);
 
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -19,20 +19,20 @@ impl Write for Capture {
 }
 
 impl Capture {
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
     }
 }
 
 /// What a command run produced.
-pub struct Run {
-    pub code: u8,
-    pub stdout: String,
-    pub stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: u8,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Runs `prompter ARGS...`.
-pub fn prompter(args: &[&str]) -> Run {
+pub(crate) fn prompter(args: &[&str]) -> Run {
     let out = Capture::default();
     let err = Capture::default();
     let mut argv: Vec<std::ffi::OsString> = vec!["prompter".into()];
@@ -46,7 +46,7 @@ pub fn prompter(args: &[&str]) -> Run {
 }
 
 /// The workspace root.
-pub fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
@@ -54,7 +54,7 @@ pub fn root() -> PathBuf {
 }
 
 /// A path under the workspace root, as a string.
-pub fn at(rel: &str) -> String {
+pub(crate) fn at(rel: &str) -> String {
     root().join(rel).to_string_lossy().into_owned()
 }
 

@@ -1,3 +1,7 @@
+#![allow(
+    clippy::unwrap_used,
+    reason = "integration tests fail loudly on broken invariants"
+)]
 //! Integration tests: the real `prompter` command run in process, on the shipped configuration,
 //! pipelines, knowledge bases and recordings.
 

@@ -209,8 +209,7 @@ fn shipped_calls_replay_cleanly() {
     // The legacy insight shape (`text`, no payload) still reaches the questions list.
     let initech_q = outs
         .iter()
-        .filter(|o| o.kind == "open_questions" && o.conversation_id == "initech-7")
-        .last()
+        .rfind(|o| o.kind == "open_questions" && o.conversation_id == "initech-7")
         .unwrap();
     assert!(initech_q.text.contains("Salesforce"), "{}", initech_q.text);
     // Versions of the questions card grow in order within a conversation.

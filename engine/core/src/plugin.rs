@@ -330,7 +330,9 @@ fn config_error(path: String, pos: Option<Position>, message: String) -> BuildEr
                     .join(", ")
             ),
         });
-        message = format!("unknown field `{field}` in `config`");
+        message = format!("unknown key `{field}` in `config`");
+    } else if !path.is_empty() && !message.starts_with("missing field") {
+        message = format!("invalid `{path}`: {message}");
     }
     BuildError {
         path,
@@ -490,7 +492,7 @@ mod tests {
             None,
             "Unknown field `tpo_k`, expected one of `top_k`, `query`, or `knowledge`".into(),
         );
-        assert_eq!(e.message, "unknown field `tpo_k` in `config`");
+        assert_eq!(e.message, "unknown key `tpo_k` in `config`");
         assert_eq!(e.help.as_deref(), Some("did you mean `top_k`?"));
         let e = config_error(
             String::new(),

@@ -76,11 +76,10 @@ pub async fn run(
         },
     };
     let call = call.unwrap_or_else(|| {
-        let beside = config
+        config
             .parent()
             .unwrap_or(std::path::Path::new("."))
-            .join(bundle::DEMO_CALL);
-        beside
+            .join(bundle::DEMO_CALL)
     });
     let call = if call.exists() {
         call

@@ -319,7 +319,7 @@ mod tests {
 
         let errs = build_errors(&RetrieveFactory, "knowledge: sales\ntpo_k: 3", &res, &[]);
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert_eq!(errs[0].message, "unknown field `tpo_k` in `config`");
+        assert_eq!(errs[0].message, "unknown key `tpo_k` in `config`");
         assert_eq!(errs[0].help.as_deref(), Some("did you mean `top_k`?"));
 
         // Every problem at once, and stage references are checked.

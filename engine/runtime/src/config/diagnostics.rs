@@ -107,7 +107,8 @@ impl Diagnostics {
                 }
             }
             if let Some(help) = &d.help {
-                let _ = writeln!(out, "  = help: {help}");
+                let width = d.pos.map(|p| p.line.to_string().len()).unwrap_or(1);
+                let _ = writeln!(out, "{} = help: {help}", " ".repeat(width));
             }
         }
         out

@@ -203,8 +203,10 @@ fn read(file: &Path, env: EnvLookup<'_>, diags: &mut Diagnostics) -> Option<Node
         }
     };
     let mut node = yaml::parse(file, &text, diags)?;
+    let before = diags.len();
     yaml::interpolate(file, &mut node, env, diags);
-    Some(node)
+    // A value left as `${NAME}` would only cause follow-on errors; stop at the real one.
+    (diags.len() == before).then_some(node)
 }
 
 fn is_pipeline(node: &Node) -> bool {

@@ -292,6 +292,8 @@ pub fn deserialize_at<T: serde::de::DeserializeOwned>(
                 problem.message = format!("unknown key `{field}`");
                 problem.help = did_you_mean(field, expected.iter().copied())
                     .map(|s| format!("did you mean `{s}`?"));
+            } else if !path.is_empty() && !message.starts_with("missing field") {
+                problem.message = format!("invalid `{path}`: {}", problem.message);
             }
             report_build_error(file, node, &problem, diags);
             None
@@ -318,9 +320,45 @@ pub fn report_build_error(
     let pos = problem
         .pos
         .or_else(|| locate(config, &problem.path, &problem.message));
+    let mut message = friendly(&problem.message);
+    // Scalar parse errors come with a position but no field name: name the key at that spot.
+    if problem.path.is_empty() && problem.pos.is_some() && !message.starts_with("unknown") {
+        if let Some(key) = pos.and_then(|p| key_at(config, p)) {
+            message = format!("invalid `{key}`: {message}");
+        }
+    }
     diags
-        .error_at(file, pos, problem.message.clone())
+        .error_at(file, pos, message)
         .help(problem.help.clone());
+}
+
+/// Plainer words for the standard library's parse errors.
+fn friendly(message: &str) -> String {
+    message
+        .replace(
+            "invalid digit found in string",
+            "expected a whole number (no sign, no decimals)",
+        )
+        .replace("invalid float literal", "expected a number")
+}
+
+/// The mapping key whose value starts at `pos`.
+fn key_at(node: &Node, pos: Position) -> Option<String> {
+    match node {
+        Node::Mapping(m) => m.iter().find_map(|(k, v)| {
+            let at = v.span().start().map(|mk| Position {
+                line: mk.line(),
+                col: mk.column(),
+            });
+            if at == Some(pos) {
+                Some(k.as_str().to_owned())
+            } else {
+                key_at(v, pos)
+            }
+        }),
+        Node::Sequence(s) => s.iter().find_map(|v| key_at(v, pos)),
+        Node::Scalar(_) => None,
+    }
 }
 
 /// Finds the position of `path` (dotted; numbers index lists) inside `root`. For "unknown
@@ -435,7 +473,7 @@ mod tests {
         );
         assert_eq!(
             locate(&root, "messages.0.role", "bad"),
-            Some(Position { line: 2, col: 13 })
+            Some(Position { line: 2, col: 11 })
         );
     }
 }
