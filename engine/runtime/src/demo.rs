@@ -56,14 +56,14 @@ pub async fn run(
     err: &Stream,
 ) -> u8 {
     // Embedded defaults when there is no config here: the demo runs from any folder.
-    let mut _bundle_dir = None;
+    let mut bundle_dir = None;
     let config = match config
         .or_else(|| Some(PathBuf::from("prompter.yaml")).filter(|p| p.exists()))
     {
         Some(c) => c,
         None => match tempfile::tempdir().and_then(|d| bundle::extract(d.path()).map(|c| (d, c))) {
             Ok((dir, cfg)) => {
-                _bundle_dir = Some(dir);
+                bundle_dir = Some(dir);
                 cfg
             }
             Err(e) => {
@@ -87,7 +87,7 @@ pub async fn run(
         match tempfile::tempdir().and_then(|d| bundle::extract(d.path()).map(|_| d)) {
             Ok(dir) => {
                 let p = dir.path().join(bundle::DEMO_CALL);
-                _bundle_dir = Some(dir);
+                bundle_dir = Some(dir);
                 p
             }
             Err(e) => {
@@ -173,14 +173,16 @@ pub async fn run(
         move |o| say(&out_cards, &card(&o, style)),
     )
     .await;
+    let replay_hint = if bundle_dir.is_some() {
+        String::new()
+    } else {
+        format!(" Replay it as JSON: prompter replay {}", call.display())
+    };
     say(
         out,
         &style.dim(&format!(
-            "end of call: {} events, {} outputs, {} stage errors. Replay it as JSON: prompter replay {}",
-            summary.events,
-            summary.outputs,
-            summary.stage_errors,
-            call.display()
+            "end of call: {} events, {} outputs, {} stage errors.{replay_hint}",
+            summary.events, summary.outputs, summary.stage_errors
         )),
     );
     0
@@ -261,8 +263,13 @@ pub fn card(o: &Output, style: Style) -> String {
         .map(|(k, v)| format!("{k} {v}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let stages = if stages.is_empty() {
+        String::new()
+    } else {
+        format!(" ({stages})")
+    };
     lines.push(style.dim(&format!(
-        "    | engine time {} us ({stages})",
+        "    | engine time {} us{stages}",
         o.timings.total_us
     )));
     lines.push(style.accent(&rule("    +")));

@@ -140,3 +140,143 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prompter_core::async_trait;
+    use prompter_core::error::PluginError;
+    use prompter_core::output::Trigger;
+    use prompter_core::test_util::event;
+    use serde_json::json;
+
+    enum Behaviour {
+        Sleep,
+        Fail,
+        /// Emits an output whose text lists the earlier stages' outputs.
+        Report,
+    }
+
+    struct Fake(Behaviour);
+
+    #[async_trait]
+    impl Plugin for Fake {
+        async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
+            match self.0 {
+                Behaviour::Sleep => {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok(Flow::Continue(json!("slept")))
+                }
+                Behaviour::Fail => Err(PluginError::external("upstream said 503")),
+                Behaviour::Report => {
+                    let text = serde_json::to_string(cx.outputs).unwrap_or_default();
+                    let output = Output {
+                        id: cx.next_output_id(),
+                        version: 1,
+                        kind: "report".into(),
+                        conversation_id: cx.event().conversation_id.to_string(),
+                        pipeline: cx.pipeline.into(),
+                        title: None,
+                        text,
+                        trigger: Trigger::from_event(cx.event()),
+                        sources: vec![],
+                        timings: cx.timings(),
+                        data: serde_json::Value::Null,
+                    };
+                    cx.emit(output).await?;
+                    Ok(Flow::Continue(json!({})))
+                }
+            }
+        }
+    }
+
+    fn stage(id: &str, b: Behaviour, on_error: OnError) -> Arc<Stage> {
+        Arc::new(Stage {
+            id: id.into(),
+            plugin_name: "fake".into(),
+            plugin: Arc::new(Fake(b)),
+            timeout: Duration::from_millis(100),
+            on_error,
+        })
+    }
+
+    async fn run(p: &Pipeline) -> (Vec<Output>, u64) {
+        let e = event(
+            "c",
+            0,
+            json!({"type": "message_response", "messages": [{"payload": {"content": "hi"}}]}),
+        );
+        let mut state = ConversationState::new("c");
+        state.apply(&e);
+        let (tx, mut rx) = mpsc::channel(8);
+        let seq = AtomicU64::new(0);
+        let stats = Stats::default();
+        p.run(
+            &e,
+            &state,
+            &RunEnv {
+                sink: &tx,
+                output_seq: &seq,
+                stats: &stats,
+            },
+        )
+        .await;
+        drop(tx);
+        let mut outs = Vec::new();
+        while let Some(o) = rx.recv().await {
+            outs.push(o);
+        }
+        (outs, stats.stage_errors.load(Ordering::Relaxed))
+    }
+
+    fn pipeline(when: Option<&str>, stages: Vec<Arc<Stage>>) -> Pipeline {
+        Pipeline {
+            name: "p".into(),
+            description: None,
+            file: "p.yaml".into(),
+            on: vec![EventKind::MessageResponse],
+            when: when.map(|w| Expr::compile(w).unwrap()),
+            stages,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_and_failures_follow_the_error_policy() {
+        let cont = pipeline(
+            None,
+            vec![
+                stage("slow", Behaviour::Sleep, OnError::Continue),
+                stage("flaky", Behaviour::Fail, OnError::Continue),
+                stage("out", Behaviour::Report, OnError::Stop),
+            ],
+        );
+        let (outs, errors) = run(&cont).await;
+        assert_eq!(errors, 2);
+        assert_eq!(outs[0].text, r#"[["slow",null],["flaky",null]]"#);
+        assert!(outs[0].timings.stages_us.contains_key("slow"));
+
+        let stop = pipeline(
+            None,
+            vec![
+                stage("flaky", Behaviour::Fail, OnError::Stop),
+                stage("out", Behaviour::Report, OnError::Stop),
+            ],
+        );
+        let (outs, errors) = run(&stop).await;
+        assert_eq!((outs.len(), errors), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn when_filters_runs() {
+        let yes = pipeline(
+            Some("event.message.text == 'hi'"),
+            vec![stage("out", Behaviour::Report, OnError::Stop)],
+        );
+        let no = pipeline(
+            Some("event.message.text == 'bye'"),
+            vec![stage("out", Behaviour::Report, OnError::Stop)],
+        );
+        assert_eq!(run(&yes).await.0.len(), 1);
+        assert_eq!(run(&no).await.0.len(), 0);
+    }
+}

@@ -173,3 +173,153 @@ impl ConversationTask {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{OnError, Stage};
+    use prompter_core::async_trait;
+    use prompter_core::error::PluginError;
+    use prompter_core::plugin::{Flow, Plugin, StageContext};
+    use prompter_core::test_util::event;
+    use serde_json::json;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tokio::sync::Notify;
+
+    /// Records (conversation, text) of every message it sees. For message `a1` it first waits
+    /// until conversation `b` has been handled: that only finishes if conversations run in
+    /// parallel.
+    #[derive(Default)]
+    struct Probe {
+        seen: Mutex<Vec<(String, String)>>,
+        b_done: Notify,
+        ended: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Plugin for Probe {
+        async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
+            let e = cx.event();
+            let text = cx
+                .conversation()
+                .transcript
+                .last()
+                .map(|l| l.text.clone())
+                .unwrap_or_default();
+            if text == "a1" {
+                self.b_done.notified().await;
+            }
+            self.seen
+                .lock()
+                .unwrap()
+                .push((e.conversation_id.to_string(), text));
+            if &*e.conversation_id == "b" {
+                self.b_done.notify_one();
+            }
+            Ok(Flow::Continue(json!({})))
+        }
+        fn conversation_ended(&self, id: &str) {
+            self.ended.lock().unwrap().push(id.to_owned());
+        }
+    }
+
+    fn router_with(probe: Arc<Probe>, idle: Duration) -> (Router, mpsc::Receiver<Output>) {
+        let pipeline = Pipeline {
+            name: "p".into(),
+            description: None,
+            file: "p.yaml".into(),
+            on: vec![EventKind::MessageResponse],
+            when: None,
+            stages: vec![Arc::new(Stage {
+                id: "probe".into(),
+                plugin_name: "probe".into(),
+                plugin: probe,
+                timeout: Duration::from_secs(30),
+                on_error: OnError::Stop,
+            })],
+        };
+        let settings = Settings {
+            conversation_idle: idle,
+            ..Settings::default()
+        };
+        let (tx, rx) = mpsc::channel(16);
+        (
+            Router::new(vec![pipeline], settings, tx, Arc::new(Stats::default())),
+            rx,
+        )
+    }
+
+    fn said(conv: &str, text: &str) -> Event {
+        event(
+            conv,
+            0,
+            json!({"type": "message_response", "messages": [{"from": {"name": "X"}, "payload": {"content": text}}]}),
+        )
+    }
+
+    #[tokio::test]
+    async fn conversations_run_in_parallel_and_each_in_order() {
+        let probe = Arc::new(Probe::default());
+        let (mut router, _rx) = router_with(probe.clone(), Duration::from_secs(60));
+        router.dispatch(said("a", "a1")).await;
+        router.dispatch(said("a", "a2")).await;
+        router.dispatch(said("b", "b1")).await;
+        // `a1` blocks until `b1` is handled: a router that serialized conversations would hang.
+        tokio::time::timeout(Duration::from_secs(10), router.finish())
+            .await
+            .expect("conversations did not run in parallel");
+        let seen = probe.seen.lock().unwrap().clone();
+        assert_eq!(seen[0], ("b".to_string(), "b1".to_string()));
+        let a: Vec<&str> = seen
+            .iter()
+            .filter(|(c, _)| c == "a")
+            .map(|(_, t)| t.as_str())
+            .collect();
+        assert_eq!(a, ["a1", "a2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_and_completed_conversations_are_released() {
+        let probe = Arc::new(Probe::default());
+        let (mut router, _rx) = router_with(probe.clone(), Duration::from_secs(30));
+        router.dispatch(said("b", "hello")).await;
+        router
+            .dispatch(event(
+                "c",
+                0,
+                json!({"type": "message", "message": {"type": "conversation_completed"}}),
+            ))
+            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            *probe.ended.lock().unwrap(),
+            ["c"],
+            "completed conversation released at once"
+        );
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(
+            *probe.ended.lock().unwrap(),
+            ["c", "b"],
+            "idle conversation released after 30 s"
+        );
+        // A late event for a released conversation starts it afresh; nothing is lost.
+        router.dispatch(said("b", "again")).await;
+        router.finish().await;
+        assert_eq!(
+            probe.seen.lock().unwrap().last().unwrap(),
+            &("b".to_string(), "again".to_string())
+        );
+        assert_eq!(router_stats(&probe), 2);
+    }
+
+    fn router_stats(probe: &Probe) -> usize {
+        probe
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(c, _)| c == "b")
+            .count()
+    }
+}
