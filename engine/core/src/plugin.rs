@@ -26,7 +26,7 @@ use crate::diagnostic::{Position, did_you_mean};
 use crate::error::PluginError;
 use crate::event::Event;
 use crate::output::{Output, Timings};
-use crate::resource::{ChatProvider, KnowledgeStore};
+use crate::resource::{ChatProvider, KnowledgeStore, ScoredDocument};
 use crate::template::{Template, conversation_value, event_value};
 
 /// What a stage tells the pipeline after it ran.
@@ -295,17 +295,23 @@ impl<F: PluginFactory> ErasedFactory for F {
         match marked_yaml::from_node::<F::Config>(config) {
             Ok(cfg) => self.build(cfg, cx),
             Err(e) => {
-                let pos = e.start_mark().map(|m| Position {
-                    line: m.line(),
-                    col: m.column(),
-                });
-                let path = e.path().unwrap_or_default().to_owned();
-                let message = e.into_inner().to_string();
-                cx.report(config_error(path, pos, message));
+                cx.report(config_problem(e));
                 Err(Reported)
             }
         }
     }
+}
+
+/// Turns a config deserialization error into a [`BuildError`]: position and path when known,
+/// lowercase message, and for an unknown key a "did you mean" hint (serde lists the expected
+/// keys).
+pub fn config_problem(e: marked_yaml::FromNodeError) -> BuildError {
+    let pos = e.start_mark().map(|m| Position {
+        line: m.line(),
+        col: m.column(),
+    });
+    let path = e.path().unwrap_or_default().to_owned();
+    config_error(path, pos, e.into_inner().to_string())
 }
 
 /// Turns serde's message into ours: lowercase first letter, and a "did you mean" hint for
@@ -439,6 +445,27 @@ impl StageContext<'_> {
             .rev()
             .find(|(_, v)| v.get(field).is_some())
             .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// The documents output by stage `id`, or by the latest earlier stage that output
+    /// documents when `id` is `None`; empty when there is none.
+    ///
+    /// # Errors
+    /// When that stage's `documents` is not a list of documents.
+    pub fn documents(&self, id: Option<&str>) -> Result<Vec<ScoredDocument>, PluginError> {
+        let docs = match id {
+            Some(id) => self.output(id).and_then(|v| v.get("documents")),
+            None => self
+                .latest_with("documents")
+                .and_then(|(_, v)| v.get("documents")),
+        };
+        match docs {
+            Some(d) => serde_json::from_value(d.clone()).map_err(|e| {
+                PluginError::input("the documents stage output is not a document list")
+                    .with_source(e)
+            }),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Renders `template` with the run's context.

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use crate::cli::{Stream, load_for_run, say};
-use crate::recording::{self, RecordedLine};
+use crate::cli::{Stream, load_for_run, read_recordings, say};
+use crate::recording::RecordedLine;
 use crate::registry::Registry;
 use crate::session::{self, Pace};
 use crate::stats::Stats;
@@ -51,22 +51,9 @@ pub async fn run(
         );
         return 1;
     }
-    let (lines, problems) = match recording::read_all(&recordings) {
-        Ok(v) => v,
-        Err((p, e)) => {
-            say(
-                err,
-                &format!("error: cannot read recording `{}`: {e}", p.display()),
-            );
-            return 1;
-        }
+    let Some((lines, _)) = read_recordings(&recordings, err) else {
+        return 1;
     };
-    if !problems.is_empty() {
-        say(
-            err,
-            &format!("warning: {} malformed line(s) skipped", problems.len()),
-        );
-    }
     let iterations = iterations.max(1);
     let mut copies: Vec<RecordedLine> = Vec::with_capacity(lines.len() * iterations);
     for i in 0..iterations {

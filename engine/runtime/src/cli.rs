@@ -301,6 +301,30 @@ pub(crate) fn load_for_run(registry: &Registry, config: &Path, err: &Stream) -> 
     }
 }
 
+/// Reads recordings, printing each skipped line on `err`; `None` (after saying why) when a file
+/// cannot be read at all.
+/// Also returns how many lines were skipped.
+pub(crate) fn read_recordings(
+    paths: &[PathBuf],
+    err: &Stream,
+) -> Option<(Vec<recording::RecordedLine>, u64)> {
+    match recording::read_all(paths) {
+        Ok((lines, problems)) => {
+            for p in &problems {
+                say(err, &format!("warning: {p}"));
+            }
+            Some((lines, problems.len() as u64))
+        }
+        Err((p, e)) => {
+            say(
+                err,
+                &format!("error: cannot read recording `{}`: {e}", p.display()),
+            );
+            None
+        }
+    }
+}
+
 async fn replay(
     registry: &Registry,
     config: Option<PathBuf>,
@@ -313,19 +337,9 @@ async fn replay(
     let Some(loaded) = load_for_run(registry, &config, err) else {
         return 1;
     };
-    let (lines, problems) = match recording::read_all(paths) {
-        Ok(v) => v,
-        Err((p, e)) => {
-            say(
-                err,
-                &format!("error: cannot read recording `{}`: {e}", p.display()),
-            );
-            return 1;
-        }
+    let Some((lines, skipped)) = read_recordings(paths, err) else {
+        return 1;
     };
-    for p in &problems {
-        say(err, &format!("warning: {p}"));
-    }
     let printer = out.clone();
     let err2 = err.clone();
     let summary = session::run(
@@ -350,7 +364,7 @@ async fn replay(
             summary.conversations,
             summary.elapsed.as_secs_f64(),
             summary.outputs,
-            summary.skipped_lines + problems.len() as u64,
+            summary.skipped_lines + skipped,
             summary.stage_errors
         ),
     );

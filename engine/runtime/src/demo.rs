@@ -9,8 +9,7 @@ use prompter_core::event::{Detail, Event};
 use prompter_core::output::Output;
 
 use crate::bundle;
-use crate::cli::{Stream, load_for_run, say};
-use crate::recording;
+use crate::cli::{Stream, load_for_run, read_recordings, say};
 use crate::registry::Registry;
 use crate::session::{self, Pace};
 use crate::stats::Stats;
@@ -100,19 +99,9 @@ pub async fn run(
         return 1;
     };
     let paths = vec![call.clone()];
-    let (lines, problems) = match recording::read_all(&paths) {
-        Ok(v) => v,
-        Err((p, e)) => {
-            say(
-                err,
-                &format!("error: cannot read recording `{}`: {e}", p.display()),
-            );
-            return 1;
-        }
+    let Some((lines, _)) = read_recordings(&paths, err) else {
+        return 1;
     };
-    for p in &problems {
-        say(err, &format!("warning: {p}"));
-    }
     use std::io::IsTerminal;
     let style = Style {
         color: !no_color

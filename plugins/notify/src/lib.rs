@@ -27,7 +27,6 @@ use prompter_core::output::{Output, Trigger};
 use prompter_core::plugin::{
     BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext,
 };
-use prompter_core::resource::ScoredDocument;
 use prompter_core::template::Template;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -178,18 +177,7 @@ impl Plugin for Notify {
             Some(t) => Some(cx.render(t)?.trim().to_owned()).filter(|t| !t.is_empty()),
             None => None,
         };
-        let docs = match &self.sources {
-            Some(id) => cx.output(id).and_then(|v| v.get("documents")),
-            None => cx
-                .latest_with("documents")
-                .and_then(|(_, v)| v.get("documents")),
-        };
-        let sources: Vec<ScoredDocument> = match docs {
-            Some(d) => serde_json::from_value(d.clone()).map_err(|e| {
-                PluginError::input("the sources stage output is not a document list").with_source(e)
-            })?,
-            None => Vec::new(),
-        };
+        let sources = cx.documents(self.sources.as_deref())?;
         let event = cx.event();
         let (id, version) = match &self.key {
             None => (cx.next_output_id(), 1),

@@ -28,7 +28,7 @@ use prompter_core::minijinja;
 use prompter_core::plugin::{
     BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext,
 };
-use prompter_core::resource::{ChatMessage, ChatRequest, Role, ScoredDocument};
+use prompter_core::resource::{ChatMessage, ChatRequest, Role};
 use prompter_core::template::Template;
 use serde::Deserialize;
 
@@ -166,19 +166,7 @@ pub struct Prompt {
 #[async_trait]
 impl Plugin for Prompt {
     async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
-        let docs_value = match &self.documents {
-            Some(id) => cx.output(id).and_then(|v| v.get("documents")),
-            None => cx
-                .latest_with("documents")
-                .and_then(|(_, v)| v.get("documents")),
-        };
-        let documents: Vec<ScoredDocument> = match docs_value {
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
-                PluginError::input("the documents stage output is not a document list")
-                    .with_source(e)
-            })?,
-            None => Vec::new(),
-        };
+        let documents = cx.documents(self.documents.as_deref())?;
         let lines = cx.conversation().last_lines(self.transcript_lines);
         let transcript = lines
             .iter()

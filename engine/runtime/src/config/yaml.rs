@@ -275,37 +275,10 @@ pub fn deserialize_at<T: serde::de::DeserializeOwned>(
     match marked_yaml::from_node::<T>(node) {
         Ok(v) => Some(v),
         Err(e) => {
-            let pos = e.start_mark().map(|m| Position {
-                line: m.line(),
-                col: m.column(),
-            });
-            let path = e.path().unwrap_or_default().to_owned();
-            let message = e.into_inner().to_string();
-            let mut problem = BuildError::at(&path, lowercase_first(&message));
-            problem.pos = pos;
-            if let Some(rest) = message.strip_prefix("Unknown field `") {
-                let field = rest.split('`').next().unwrap_or_default();
-                let expected: Vec<&str> = rest
-                    .split_once("expected")
-                    .map(|(_, l)| l.split('`').skip(1).step_by(2).collect())
-                    .unwrap_or_default();
-                problem.message = format!("unknown key `{field}`");
-                problem.help = did_you_mean(field, expected.iter().copied())
-                    .map(|s| format!("did you mean `{s}`?"));
-            } else if !path.is_empty() && !message.starts_with("missing field") {
-                problem.message = format!("invalid `{path}`: {}", problem.message);
-            }
+            let problem = prompter_core::plugin::config_problem(e);
             report_build_error(file, node, &problem, diags);
             None
         }
-    }
-}
-
-fn lowercase_first(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_lowercase().chain(c).collect(),
-        None => String::new(),
     }
 }
 
