@@ -98,9 +98,14 @@ fn open_embedded(
     match EmbeddedStore::open(name, cfg, base) {
         Ok(store) => Some(Arc::new(store)),
         Err(e) => {
+            // Most failures are about the CSV: point at `source` when it is there.
+            let at = config
+                .as_mapping()
+                .and_then(|m| m.get_node("source"))
+                .unwrap_or(config);
             diags.error_node(
                 file,
-                config,
+                at,
                 format!("cannot open knowledge store `{name}`: {e}"),
             );
             None

@@ -152,17 +152,16 @@ pub fn load(req: &LoadRequest<'_>, registry: &Registry) -> Result<Loaded, Diagno
             continue;
         }
         if let Some(p) = pipeline(&file, &node, registry, &resources, &settings, &mut diags) {
-            let line = node
+            let marker = node
                 .as_mapping()
                 .and_then(|m| m.get_node("pipeline"))
-                .and_then(|n| n.span().start())
-                .map(|m| m.line())
-                .unwrap_or(1);
+                .and_then(|n| n.span().start().copied());
+            let line = marker.map(|m| m.line()).unwrap_or(1);
             if let Some((first, first_line)) = names.get(&p.name) {
                 diags
-                    .error_at(
+                    .error(
                         &file,
-                        Some(prompter_core::diagnostic::Position { line, col: 11 }),
+                        marker.as_ref(),
                         format!("duplicate pipeline name `{}`", p.name),
                     )
                     .help(Some(format!(
@@ -202,6 +201,10 @@ fn read(file: &Path, env: EnvLookup<'_>, diags: &mut Diagnostics) -> Option<Node
             return None;
         }
     };
+    if text.trim().is_empty() {
+        diags.error(file, None, "the file is empty");
+        return None;
+    }
     let mut node = yaml::parse(file, &text, diags)?;
     let before = diags.len();
     yaml::interpolate(file, &mut node, env, diags);
