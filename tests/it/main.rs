@@ -8,3 +8,4 @@
 mod cli;
 mod config_ui;
 mod replay;
+mod wasm;

@@ -161,6 +161,13 @@ pub fn main(
             for p in registry.plugins() {
                 say(&out, &format!("  {:<10} {}", p.name(), p.description()));
             }
+            say(
+                &out,
+                &format!(
+                    "  {:<10} a WebAssembly component (`module:`), see `prompter plugin new`",
+                    registry::WASM
+                ),
+            );
             say(&out, "knowledge stores (`store:` under `knowledge:`):");
             for s in &registry.stores {
                 say(&out, &format!("  {:<10} {}", s.name, s.description));

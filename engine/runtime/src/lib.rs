@@ -24,3 +24,4 @@ pub mod registry;
 pub mod router;
 pub mod session;
 pub mod stats;
+pub mod wasm;

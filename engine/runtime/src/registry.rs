@@ -14,6 +14,9 @@ use crate::config::typed_config;
 /// Opens a named resource from its `config:` node (name, config, base dir, file, diagnostics).
 pub type OpenFn<T> = fn(&str, &Node, &Path, &Path, &mut Diagnostics) -> Option<Arc<T>>;
 
+/// The `plugin:` name of WebAssembly stages (built by `config::wasm`, not by a factory).
+pub const WASM: &str = "wasm";
+
 /// A kind of knowledge store (`store:` in the engine config).
 pub struct StoreKind {
     /// The name used as `store:`.
@@ -54,7 +57,10 @@ impl Registry {
 
     /// The names of all stage plugins.
     pub fn plugin_names(&self) -> impl Iterator<Item = &'static str> + Clone + '_ {
-        self.plugins.iter().map(|p| p.name())
+        self.plugins
+            .iter()
+            .map(|p| p.name())
+            .chain(std::iter::once(WASM))
     }
 
     /// The stage plugins.

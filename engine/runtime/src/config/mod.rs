@@ -27,6 +27,7 @@
 //! [`Diagnostic`]: prompter_core::diagnostic::Diagnostic
 
 pub mod diagnostics;
+pub mod wasm;
 pub mod yaml;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -421,7 +422,16 @@ pub fn typed_config<T: serde::de::DeserializeOwned>(
 }
 
 const PIPELINE_KEYS: &[&str] = &["pipeline", "description", "on", "when", "stages"];
-const STAGE_KEYS: &[&str] = &["id", "plugin", "config", "timeout_ms", "on_error"];
+const STAGE_KEYS: &[&str] = &[
+    "id",
+    "plugin",
+    "config",
+    "timeout_ms",
+    "on_error",
+    "module",
+    "allow_hosts",
+    "limits",
+];
 
 fn pipeline(
     file: &Path,
@@ -576,7 +586,38 @@ fn pipeline(
             if let Some(c) = smap.get_node("config") {
                 expect_map(file, c, "`config`", diags);
             }
-            if let Some((pnode, pname)) = plugin_node {
+            let is_wasm = plugin_node.is_some_and(|(_, p)| p.as_str() == "wasm");
+            if !is_wasm && plugin_node.is_some() {
+                for key in wasm::WASM_KEYS {
+                    if let Some(k) = smap.keys().find(|k| k.as_str() == *key) {
+                        diags.error(
+                            file,
+                            k.span().start(),
+                            format!("`{key}` is only for `plugin: wasm` stages"),
+                        );
+                    }
+                }
+            }
+            if is_wasm {
+                let input = wasm::WasmStageInput {
+                    file,
+                    stage: smap,
+                    config: smap.get_node("config"),
+                    id: &id,
+                    base: &base,
+                    resources,
+                    timeout,
+                };
+                if let Some(plugin) = wasm::build(input, diags) {
+                    stages.push(Stage {
+                        id: id.clone(),
+                        plugin_name: "wasm".into(),
+                        plugin,
+                        timeout,
+                        on_error,
+                    });
+                }
+            } else if let Some((pnode, pname)) = plugin_node {
                 match registry.plugin(pname.as_str()) {
                     Some(factory) => {
                         let cfg = if config_node.span().start().is_none() {

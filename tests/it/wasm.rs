@@ -1,0 +1,195 @@
+//! The Wasm host against real components built from `sdk/` (see build.rs): hostile plugins are
+//! stopped with clear stage errors and the next event is served normally.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use prompter_core::conversation::ConversationState;
+use prompter_core::error::ErrorKind;
+use prompter_core::plugin::{Flow, Plugin, Resources};
+use prompter_core::test_util::{event, run};
+use prompter_engine::wasm::{Limits, WasmPlugin, WasmSpec};
+use serde_json::json;
+
+pub(crate) fn module(name: &str) -> PathBuf {
+    PathBuf::from(env!("PROMPTER_WASM_DIR")).join(format!("{name}.wasm"))
+}
+
+async fn hostile(
+    config: serde_json::Value,
+    limits: Limits,
+) -> Result<WasmPlugin, prompter_engine::wasm::InitError> {
+    WasmPlugin::build(WasmSpec {
+        stage: "hostile".into(),
+        module: module("hostile_plugin"),
+        config_json: config.to_string(),
+        allow_hosts: vec!["allowed.example".into()],
+        limits,
+        timeout: Duration::from_millis(200),
+        resources: Resources::default(),
+    })
+    .await
+}
+
+fn said(conv: &str, text: &str) -> prompter_core::event::Event {
+    event(
+        conv,
+        1000,
+        json!({"type": "message_response", "messages": [{"from": {"name": "Eve", "userId": "+15550100"}, "payload": {"content": text}}]}),
+    )
+}
+
+async fn call(
+    p: &WasmPlugin,
+    conv: &str,
+    text: &str,
+) -> Result<Flow, prompter_core::error::PluginError> {
+    let e = said(conv, text);
+    let mut state = ConversationState::new(conv);
+    state.apply(&e);
+    run(p, &e, &state, &[]).await.flow
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_plugins_are_stopped_and_the_next_event_is_served() {
+    let p = hostile(
+        json!({}),
+        Limits {
+            max_memory_mb: 64,
+            max_output_kb: 64,
+            ..Limits::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ok = |r: Result<Flow, _>| match r {
+        Ok(Flow::Continue(v)) => assert_eq!(v["ok"], true, "{v}"),
+        other => panic!("the next event was not served normally: {other:?}"),
+    };
+    ok(call(&p, "c1", "hello").await);
+
+    let e = call(&p, "c1", "loop").await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Timeout);
+    assert_eq!(
+        e.message,
+        "plugin `hostile` exceeded its `timeout_ms` of 200 ms while processing an event"
+    );
+    ok(call(&p, "c1", "hello").await);
+
+    let e = call(&p, "c1", "memory").await.unwrap_err();
+    assert_eq!(
+        e.message,
+        "plugin `hostile` exceeded its memory limit of 64 MiB while processing an event"
+    );
+    ok(call(&p, "c1", "hello").await);
+
+    let e = call(&p, "c1", "trap").await.unwrap_err();
+    assert!(
+        e.message
+            .starts_with("plugin `hostile` trapped while processing an event"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("hostile plugin trapped on purpose"),
+        "the panic message is kept: {}",
+        e.message
+    );
+    ok(call(&p, "c1", "hello").await);
+
+    let e = call(&p, "c1", "http").await.unwrap_err();
+    assert_eq!(
+        e.message,
+        "plugin `hostile` called forbidden.example, which is not in `allow_hosts`"
+    );
+    ok(call(&p, "c1", "hello").await);
+
+    let e = call(&p, "c1", "huge").await.unwrap_err();
+    assert!(
+        e.message
+            .starts_with("plugin `hostile` returned 8192 KiB, more than its `max_output_kb` of 64"),
+        "{}",
+        e.message
+    );
+    ok(call(&p, "c1", "hello").await);
+
+    let errors: std::collections::BTreeMap<_, _> = p.metrics.errors().into_iter().collect();
+    for cause in ["timeout", "memory", "trap", "grant", "output"] {
+        assert_eq!(errors.get(cause), Some(&1), "metrics: {errors:?}");
+    }
+    assert_eq!(
+        p.metrics.calls.load(std::sync::atomic::Ordering::Relaxed),
+        11
+    );
+}
+
+#[tokio::test]
+async fn scratch_space_is_per_conversation_and_survives_recycling() {
+    // Recycle after every call: the count must still grow, because kv lives in the host.
+    let p = hostile(
+        json!({}),
+        Limits {
+            recycle_after_calls: 1,
+            ..Limits::default()
+        },
+    )
+    .await
+    .unwrap();
+    let count = |r: Result<Flow, _>| match r {
+        Ok(Flow::Continue(v)) => v["count"].as_u64().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(count(call(&p, "a", "kv").await), 1);
+    assert_eq!(count(call(&p, "a", "kv").await), 2);
+    assert_eq!(count(call(&p, "b", "kv").await), 1);
+    p.conversation_ended("a");
+    assert_eq!(count(call(&p, "a", "kv").await), 1);
+    assert!(
+        p.metrics
+            .instances
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4
+    );
+}
+
+#[tokio::test]
+async fn init_rejects_config_naming_the_field() {
+    let err = hostile(json!({"reject": true}), Limits::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.field.as_deref(), Some("mode"));
+    assert!(
+        err.message
+            .starts_with("plugin `hostile` rejected its config:"),
+        "{}",
+        err.message
+    );
+}
+
+#[tokio::test]
+async fn non_components_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm at all").unwrap();
+    for (path, expected) in [
+        (core, "is a core WebAssembly module, not a component"),
+        (junk, "cannot compile"),
+    ] {
+        let err = WasmPlugin::build(WasmSpec {
+            stage: "x".into(),
+            module: path,
+            config_json: "{}".into(),
+            allow_hosts: vec![],
+            limits: Limits::default(),
+            timeout: Duration::from_millis(100),
+            resources: Resources::default(),
+        })
+        .await
+        .err()
+        .unwrap();
+        assert!(err.message.contains(expected), "{}", err.message);
+    }
+}
