@@ -26,9 +26,7 @@ thread_local! {
 }
 
 fn unavailable(what: &str) -> String {
-    format!(
-        "not available outside the engine: {what} (install a mock with prompter_sdk::testing)"
-    )
+    format!("not available outside the engine: {what} (install a mock with prompter_sdk::testing)")
 }
 
 pub(crate) fn log(level: Level, message: &str) {
@@ -78,7 +76,11 @@ pub(crate) fn knowledge_search(store: &str, query: &str, k: u32) -> Result<Vec<D
     })
 }
 
-pub(crate) fn chat(provider: &str, system: &str, messages: &[ChatMessage]) -> Result<String, String> {
+pub(crate) fn chat(
+    provider: &str,
+    system: &str,
+    messages: &[ChatMessage],
+) -> Result<String, String> {
     CHAT.with(|m| match m.borrow_mut().as_mut() {
         Some(f) => f(provider, system, messages),
         None => Err(unavailable(&format!("chat with `{provider}`"))),

@@ -118,7 +118,8 @@ impl Response {
     /// # Errors
     /// The parse error, as text.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, String> {
-        serde_json::from_slice(&self.body).map_err(|e| format!("response is not the JSON expected: {e}"))
+        serde_json::from_slice(&self.body)
+            .map_err(|e| format!("response is not the JSON expected: {e}"))
     }
 }
 

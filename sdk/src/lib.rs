@@ -125,13 +125,19 @@
 //! stages:
 //!   - id: spot
 //!     plugin: wasm
-//!     module: plugins/my_plugin.wasm
-//!     config:
+//!     module: ../my-plugin/target/wasm32-wasip2/release/my_plugin.wasm # relative to this file
+//!     config:                        # handed to Plugin::init as JSON
 //!       phrase: price
-//!     allow_hosts: []               # hosts http::fetch may reach; none by default
-//!     limits: { max_memory_mb: 32 } # the sandbox; see the engine docs for every limit
-//!     timeout_ms: 200
+//!     allow_hosts: [api.example.com] # hosts http::fetch may reach (`host:port`, `*.domain`);
+//!                                    # none by default
+//!     limits: { max_memory_mb: 32, max_output_kb: 256 }
+//!     timeout_ms: 200                # per event; the instance is interrupted past it
 //! ```
+//!
+//! `limits:` takes `max_memory_mb` (linear memory cap, default 64), `max_output_kb` (largest
+//! output plus notices, default 256), `recycle_after_calls`, `recycle_memory_mb`,
+//! `max_idle_instances` (the instance pool) and `fuel` (a deterministic budget, for tests).
+//! A config the plugin rejects is reported at the offending line of `config:`.
 //!
 //! ## Things to know
 //!
@@ -142,9 +148,10 @@
 //!   "what happened in this call". [`kv`] is private to the stage and the current conversation,
 //!   survives recycling and is dropped when the conversation ends.
 //! * **Limits.** A stage runs under a memory cap (`limits.max_memory_mb`), a time budget
-//!   (`timeout_ms`) and a size cap on what it returns; exceeding one traps the instance, the
-//!   stage fails with its `on_error` policy and a fresh instance serves the next event. A panic
-//!   is a trap too.
+//!   (`timeout_ms`) and a size cap on what it returns (`limits.max_output_kb`). Running out of
+//!   memory or time traps the instance; any failure makes the stage fail under its `on_error`
+//!   policy, and a trapped instance is replaced by a fresh one (which runs `init` again) for the
+//!   next event. A panic is a trap too: return an [`Error`] instead where you can.
 //! * **Grants.** A plugin reaches nothing by itself: no files, no sockets, no clock beyond what
 //!   WASI grants. [`http::fetch`] goes through the engine and only to hosts listed in the
 //!   stage's `allow_hosts`; [`knowledge::search`] and [`llm::chat`] use the engine's configured
@@ -261,7 +268,7 @@ macro_rules! export_plugin {
                 }
             }
 
-            $crate::bindings::export!(__PrompterStage with_types_in $crate::bindings);
+    $crate::bindings::export!(__PrompterStage with_types_in $crate::bindings);
         };
     };
 }

@@ -38,7 +38,11 @@ impl ChatMessage {
 ///
 /// # Errors
 /// The engine's reason: an unknown provider, a provider failure, a timeout, ...
-pub fn chat(provider: &str, system_prompt: &str, messages: &[ChatMessage]) -> Result<String, String> {
+pub fn chat(
+    provider: &str,
+    system_prompt: &str,
+    messages: &[ChatMessage],
+) -> Result<String, String> {
     crate::sys::chat(provider, system_prompt, messages)
 }
 

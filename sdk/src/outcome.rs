@@ -83,7 +83,6 @@ pub enum Flow {
 /// assert!(Outcome::halt("not for me").is_halt());
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-#[must_use]
 pub struct Outcome {
     /// Continue (with an output) or halt.
     pub flow: Flow,
@@ -114,12 +113,14 @@ impl Outcome {
     }
 
     /// Adds a notice to deliver.
+    #[must_use]
     pub fn notify(mut self, notice: Notice) -> Self {
         self.notices.push(notice);
         self
     }
 
     /// Adds a notice when there is one.
+    #[must_use]
     pub fn notify_opt(mut self, notice: Option<Notice>) -> Self {
         self.notices.extend(notice);
         self
@@ -155,12 +156,62 @@ impl Outcome {
 impl From<Outcome> for bindings::StageResult {
     fn from(o: Outcome) -> Self {
         let flow = match o.flow {
-            Flow::Continue(v) => bindings::prompter::plugin::types::Flow::Continue(v.to_string()),
+            Flow::Continue(v) => bindings::prompter::plugin::types::Flow::Continue(to_json(&v)),
             Flow::Halt(r) => bindings::prompter::plugin::types::Flow::Halt(r),
         };
         bindings::StageResult {
             flow,
             notices: o.notices,
         }
+    }
+}
+
+/// Serializes `value` into a string allocated at its exact size: sizing first keeps a large
+/// output from doubling its buffer (and the peak memory) while it is written.
+fn to_json(value: &Value) -> String {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    if serde_json::to_writer(&mut count, value).is_err() {
+        return value.to_string();
+    }
+    let mut buf = Vec::with_capacity(count.0);
+    match serde_json::to_writer(&mut buf, value) {
+        // serde_json writes UTF-8 only.
+        Ok(()) => String::from_utf8(buf).unwrap_or_else(|_| value.to_string()),
+        Err(_) => value.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn converts_to_the_contract_result() {
+        let v = json!({"a": [1, "two", null], "b": "é\"x"});
+        let r = bindings::StageResult::from(
+            Outcome::next(v.clone()).notify(Notice::alert("T", "text").data(json!({"k": 1}))),
+        );
+        match r.flow {
+            bindings::prompter::plugin::types::Flow::Continue(s) => {
+                assert_eq!(s, v.to_string());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.notices[0].title.as_deref(), Some("T"));
+        assert_eq!(r.notices[0].data_json.as_deref(), Some(r#"{"k":1}"#));
+        let r = bindings::StageResult::from(Outcome::halt("no"));
+        assert_eq!(r.flow, bindings::prompter::plugin::types::Flow::Halt("no".into()));
+        assert!(Outcome::pass().output().unwrap().is_null());
     }
 }

@@ -156,7 +156,11 @@ mod tests {
         let e = parse_config::<Cfg>(r#"{"phrases": ["a", "b", 3]}"#).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Config);
         assert_eq!(e.field.as_deref(), Some("phrases.2"));
-        assert!(e.message.starts_with("invalid type: integer `3`"), "{}", e.message);
+        assert!(
+            e.message.starts_with("invalid type: integer `3`"),
+            "{}",
+            e.message
+        );
 
         let e = parse_config::<Cfg>(r#"{"phrases": [], "nested": {"limit": -1}}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("nested.limit"));
@@ -167,7 +171,11 @@ mod tests {
 
         let e = parse_config::<Cfg>(r#"{"phrases": [], "phrase": 1}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("phrase"));
-        assert!(e.message.starts_with("unknown field `phrase`"), "{}", e.message);
+        assert!(
+            e.message.starts_with("unknown field `phrase`"),
+            "{}",
+            e.message
+        );
 
         let e = parse_config::<Cfg>("null").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("phrases"));

@@ -37,8 +37,8 @@ use serde_json::{Value, json};
 
 use crate::double;
 use crate::http::{Request, Response};
-use crate::knowledge::Document;
 use crate::kinds;
+use crate::knowledge::Document;
 use crate::llm::ChatMessage;
 use crate::log::Level;
 use crate::plugin::parse_config;
@@ -97,7 +97,8 @@ pub fn message_event(
     if let Some(u) = user_id {
         from.insert("userId".into(), u.into());
     }
-    let mut message = json!({ "from": from, "payload": { "content": text, "contentType": "text/plain" } });
+    let mut message =
+        json!({ "from": from, "payload": { "content": text, "contentType": "text/plain" } });
     if let Some(s) = sentiment {
         message["sentiment"] = json!({ "polarity": { "score": s } });
     }
@@ -185,8 +186,7 @@ pub fn topic_event(conversation_id: &str, offset_ms: u64, phrase: &str) -> Event
         offset_ms,
         Detail::Topic(phrase.to_owned()),
     );
-    e.raw_json =
-        json!({ "type": "topic_response", "topics": [{ "phrases": phrase }] }).to_string();
+    e.raw_json = json!({ "type": "topic_response", "topics": [{ "phrases": phrase }] }).to_string();
     e
 }
 
@@ -424,11 +424,23 @@ mod tests {
         assert_eq!(e.sentiment(), Some(-0.5));
         assert_eq!(e.raw()["messages"][0]["from"]["userId"], "j@x.com");
         let t = tracker_event("c", 5, "Budget", "too expensive", &["It is too expensive"]);
-        assert_eq!(t.tracker().unwrap().values().collect::<Vec<_>>(), ["too expensive"]);
+        assert_eq!(
+            t.tracker().unwrap().values().collect::<Vec<_>>(),
+            ["too expensive"]
+        );
         assert_eq!(t.text(), None);
-        assert_eq!(insight_event("c", 1, "question", "Why?").text(), Some("Why?"));
+        assert_eq!(
+            insight_event("c", 1, "question", "Why?").text(),
+            Some("Why?")
+        );
         assert_eq!(topic_event("c", 1, "pricing").topic(), Some("pricing"));
-        assert_eq!(caption_event("c", 1, "A", "It se", false).caption().unwrap().text, "It se");
+        assert_eq!(
+            caption_event("c", 1, "A", "It se", false)
+                .caption()
+                .unwrap()
+                .text,
+            "It se"
+        );
         assert!(completed_event("c", 9).is(kinds::CONVERSATION_COMPLETED));
         let anon = message_event("c", 5, "", Some("+14155550123"), "Hi", None);
         assert_eq!(anon.speaker().unwrap().label(), "+14155550123");
@@ -436,14 +448,22 @@ mod tests {
 
     #[test]
     fn conversation_helpers() {
-        let c = conversation(vec![line("A", "one"), line("B", "two").at(10), line("C", "three")]);
+        let c = conversation(vec![
+            line("A", "one"),
+            line("B", "two").at(10),
+            line("C", "three"),
+        ]);
         assert_eq!(c.last_lines(2).len(), 2);
         assert_eq!(c.last_lines(2)[0].text, "two");
         assert_eq!(c.last_lines(10).len(), 3);
         assert_eq!(c.state()["last_offset_ms"], 0);
         assert_eq!(c.state()["id"], CONVERSATION_ID);
         assert_eq!(c.transcript_text(), "A: one\nB: two\nC: three");
-        assert!(line("Agent", "x").with_user_id("a@acme.com").is_from("@acme"));
+        assert!(
+            line("Agent", "x")
+                .with_user_id("a@acme.com")
+                .is_from("@acme")
+        );
     }
 
     #[test]
@@ -468,7 +488,10 @@ mod tests {
         assert!(llm::ask("p", "s", "q").is_err());
 
         mock_http(|r| Ok(Response::new(200, format!("{} {}", r.method, r.url))));
-        assert_eq!(http::get("https://x.example/").unwrap().text(), "GET https://x.example/");
+        assert_eq!(
+            http::get("https://x.example/").unwrap().text(),
+            "GET https://x.example/"
+        );
         mock_knowledge(|_, q, _| Ok(vec![Document::new("1", q, 0.5)]));
         assert_eq!(knowledge::search("s", "q", 1).unwrap()[0].text, "q");
         mock_chat(|_, _, m| Ok(m.len().to_string()));
@@ -481,7 +504,9 @@ mod tests {
 
     #[test]
     fn request_builder() {
-        let r = Request::post("https://x.example/").header("a", "b").json(&json!({"k": 1}));
+        let r = Request::post("https://x.example/")
+            .header("a", "b")
+            .json(&json!({"k": 1}));
         assert_eq!(r.body.as_deref(), Some(&br#"{"k":1}"#[..]));
         assert_eq!(r.headers.len(), 2);
         let resp = Response::new(201, r#"{"ok":true}"#).with_header("Content-Type", "x");

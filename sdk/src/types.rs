@@ -173,7 +173,8 @@ impl Tracker {
 impl TranscriptLine {
     /// True when the speaker label or the user id contains `pattern`.
     pub fn is_from(&self, pattern: &str) -> bool {
-        self.speaker.contains(pattern) || self.user_id.as_deref().is_some_and(|u| u.contains(pattern))
+        self.speaker.contains(pattern)
+            || self.user_id.as_deref().is_some_and(|u| u.contains(pattern))
     }
 }
 

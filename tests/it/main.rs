@@ -7,5 +7,6 @@
 
 mod cli;
 mod config_ui;
+mod plugin_tool;
 mod replay;
 mod wasm;

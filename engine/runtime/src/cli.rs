@@ -95,6 +95,49 @@ enum Command {
     },
     /// List the built-in plugins, knowledge-store kinds and LLM provider kinds.
     Plugins,
+    /// Write and test WebAssembly plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Scaffold a plugin crate that builds and passes its own tests.
+    New {
+        /// Crate name (lowercase, `-` allowed).
+        name: String,
+        /// Folder to create it in [default: the current folder].
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The prompter-sdk crate to depend on [default: this checkout's sdk/].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Run a plugin component over a recording; print its results as JSON lines.
+    Test {
+        /// The component (`.wasm`, built for wasm32-wasip2).
+        module: PathBuf,
+        /// YAML file with the plugin's config (a stage's `config:` body).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The recording (JSONL).
+        #[arg(long)]
+        events: PathBuf,
+        /// Only these event kinds reach the plugin (repeatable) [default: all].
+        #[arg(long)]
+        on: Vec<String>,
+        /// Per-call deadline.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// Hosts the plugin may reach over HTTP (repeatable).
+        #[arg(long = "allow-host")]
+        allow_hosts: Vec<String>,
+        /// Memory cap per instance.
+        #[arg(long, default_value_t = 64)]
+        max_memory_mb: u64,
+    },
 }
 
 /// Runs the command line; returns the process exit code.
@@ -156,6 +199,35 @@ pub fn main(
         } => runtime.block_on(crate::bench::run(
             &registry, config, iterations, recordings, &out, &err,
         )),
+        Command::Plugin {
+            command: PluginCommand::New { name, dir, sdk },
+        } => {
+            let sdk = sdk.unwrap_or_else(crate::plugin_cli::default_sdk);
+            crate::plugin_cli::new(&name, &dir, &sdk, &out, &err)
+        }
+        Command::Plugin {
+            command:
+                PluginCommand::Test {
+                    module,
+                    config,
+                    events,
+                    on,
+                    timeout_ms,
+                    allow_hosts,
+                    max_memory_mb,
+                },
+        } => {
+            let opts = crate::plugin_cli::TestOptions {
+                module,
+                config,
+                events,
+                on,
+                timeout_ms,
+                allow_hosts,
+                max_memory_mb,
+            };
+            runtime.block_on(crate::plugin_cli::test(opts, &out, &err))
+        }
         Command::Plugins => {
             say(&out, "stage plugins (`plugin:` in a pipeline stage):");
             for p in registry.plugins() {

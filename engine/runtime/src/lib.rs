@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod pipeline;
+pub mod plugin_cli;
 pub mod recording;
 pub mod registry;
 pub mod router;

@@ -14,10 +14,11 @@
 //!     text: "{{ stages.answer.text }}"   # default: the latest earlier output's `text`
 //!     sources: retrieve                  # default: the latest earlier output with `documents`
 //!     key: "{{ event.tracker.name }}"    # optional: same key = a new version of the same output
+//!     data: { crm_id: "{{ conversation.symbl_conversation_id }}" }  # optional extra fields
 //!     jsonl: ../out/suggestions.jsonl    # optional; relative to this pipeline file
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -53,6 +54,9 @@ pub struct NotifyConfig {
     /// grows). Default: none, every output is new.
     #[serde(default)]
     pub key: Option<String>,
+    /// Extra fields for the output's `data`, each a template (rendered to a string).
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
     /// Deliver to the engine's output stream. Default true.
     #[serde(default = "yes")]
     pub stdout: bool,
@@ -83,6 +87,11 @@ impl PluginFactory for NotifyFactory {
         let title = cfg.title.as_deref().map(|t| cx.template("title", t));
         let text = cfg.text.as_deref().map(|t| cx.template("text", t));
         let key = cfg.key.as_deref().map(|t| cx.template("key", t));
+        let data: Vec<(String, Option<Template>)> = cfg
+            .data
+            .iter()
+            .map(|(k, t)| (k.clone(), cx.template(&format!("data.{k}"), t)))
+            .collect();
         if let Some(id) = &cfg.sources {
             cx.check_stage_ref("sources", id);
         }
@@ -104,6 +113,10 @@ impl PluginFactory for NotifyFactory {
             title: title.flatten(),
             text: text.flatten(),
             key: key.flatten(),
+            data: data
+                .into_iter()
+                .filter_map(|(k, t)| t.map(|t| (k, t)))
+                .collect(),
             versions: std::sync::Mutex::default(),
             sources: cfg.sources,
             stdout: cfg.stdout,
@@ -150,6 +163,7 @@ pub struct Notify {
     title: Option<Template>,
     text: Option<Template>,
     key: Option<Template>,
+    data: Vec<(String, Template)>,
     /// conversation → key → latest version, for keyed (updating) outputs.
     versions: std::sync::Mutex<HashMap<String, HashMap<String, u32>>>,
     sources: Option<String>,
@@ -210,7 +224,15 @@ impl Plugin for Notify {
             trigger: Trigger::from_event(event),
             sources,
             timings: cx.timings(),
-            data: serde_json::Value::Null,
+            data: if self.data.is_empty() {
+                serde_json::Value::Null
+            } else {
+                let mut map = serde_json::Map::new();
+                for (k, t) in &self.data {
+                    map.insert(k.clone(), serde_json::Value::String(cx.render(t)?));
+                }
+                serde_json::Value::Object(map)
+            },
         };
         if let Some(file) = &self.jsonl {
             let line = serde_json::to_string(&output)

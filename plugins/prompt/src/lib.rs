@@ -9,6 +9,7 @@
 //!   config:
 //!     documents: retrieve          # stage whose `documents` are the context (default: the latest)
 //!     transcript_lines: 8          # how many transcript lines `transcript` holds
+//!     transcript_from: redact      # optional: a stage whose `transcript` output replaces the state's
 //!     system: "Be brief. Context: {% for d in documents %}{{ d.data }} {% endfor %}"
 //!     messages:
 //!       - { role: human, text: "{{ event.tracker.name }}" }
@@ -52,6 +53,11 @@ pub struct PromptConfig {
     /// Stage whose `documents` are the context. Default: the latest earlier stage with documents.
     #[serde(default)]
     pub documents: Option<String>,
+    /// Take the transcript from this earlier stage's `transcript` output (a list of
+    /// `{speaker, text}`) instead of the conversation state; e.g. a PII redactor's output, so no
+    /// raw transcript reaches the model. Default: the conversation state.
+    #[serde(default)]
+    pub transcript_from: Option<String>,
     /// How many recent transcript lines `transcript` holds. Default 8.
     #[serde(default = "default_transcript_lines")]
     pub transcript_lines: usize,
@@ -127,6 +133,9 @@ impl PluginFactory for PromptFactory {
         if let Some(id) = &cfg.documents {
             cx.check_stage_ref("documents", id);
         }
+        if let Some(id) = &cfg.transcript_from {
+            cx.check_stage_ref("transcript_from", id);
+        }
         if cfg.messages.is_empty() {
             cx.report(BuildError::at(
                 "messages",
@@ -145,6 +154,7 @@ impl PluginFactory for PromptFactory {
             system,
             messages,
             documents: cfg.documents,
+            transcript_from: cfg.transcript_from,
             transcript_lines: cfg.transcript_lines,
             max_new_tokens: cfg.max_new_tokens,
             temperature: cfg.temperature,
@@ -158,6 +168,7 @@ pub struct Prompt {
     system: Template,
     messages: Vec<(Role, Template)>,
     documents: Option<String>,
+    transcript_from: Option<String>,
     transcript_lines: usize,
     max_new_tokens: u32,
     temperature: f32,
@@ -167,12 +178,39 @@ pub struct Prompt {
 impl Plugin for Prompt {
     async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
         let documents = cx.documents(self.documents.as_deref())?;
-        let lines = cx.conversation().last_lines(self.transcript_lines);
-        let transcript = lines
-            .iter()
-            .map(|l| format!("{}: {}", l.speaker, l.text))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let transcript = match &self.transcript_from {
+            Some(id) => {
+                let lines = cx
+                    .output(id)
+                    .and_then(|v| v.get("transcript"))
+                    .and_then(|t| t.as_array())
+                    .ok_or_else(|| {
+                        PluginError::input(format!(
+                            "stage `{id}` did not output a `transcript` list"
+                        ))
+                    })?;
+                let start = lines.len().saturating_sub(self.transcript_lines);
+                lines[start..]
+                    .iter()
+                    .map(|l| {
+                        let speaker = l
+                            .get("speaker")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("Unknown");
+                        let text = l.get("text").and_then(|v| v.as_str()).unwrap_or_default();
+                        format!("{speaker}: {text}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+            None => cx
+                .conversation()
+                .last_lines(self.transcript_lines)
+                .iter()
+                .map(|l| format!("{}: {}", l.speaker, l.text))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        };
         let base = cx.template_context();
         let ctx = minijinja::context! {
             documents => minijinja::Value::from_serialize(&documents),
@@ -260,6 +298,42 @@ mod tests {
         assert_eq!(paths, ["system", "messages.0.text", "documents"]);
         assert_eq!(errs[2].help.as_deref(), Some("did you mean `retrieve`?"));
         assert!(errs[1].message.starts_with("bad template: syntax error"));
+    }
+
+    #[tokio::test]
+    async fn transcript_can_come_from_an_earlier_stage() {
+        let p = build(
+            &PromptFactory,
+            "transcript_from: redact",
+            &Resources::default(),
+            &["kb", "redact"],
+        )
+        .unwrap();
+        let mut state = ConversationState::new("c1");
+        state.apply(&event("c1", 4000, json!({"type": "message_response", "messages": [
+            {"from": {"name": "Dana"}, "payload": {"content": "My card is 4111 1111 1111 1111."}}]})));
+        let redacted =
+            json!({"transcript": [{"speaker": "Dana", "text": "My card is [redacted]."}]});
+        let r = run(
+            p.as_ref(),
+            &tracker_event(),
+            &state,
+            &[("redact".into(), redacted)],
+        )
+        .await;
+        let Ok(Flow::Continue(v)) = r.flow else {
+            panic!("{:?}", r.flow)
+        };
+        let system = v["system_prompt"].as_str().unwrap();
+        assert!(system.contains("Dana: My card is [redacted]."), "{system}");
+        assert!(!system.contains("4111"), "{system}");
+        let r = run(p.as_ref(), &tracker_event(), &state, &[]).await;
+        assert!(
+            r.flow
+                .unwrap_err()
+                .message
+                .contains("stage `redact` did not output a `transcript` list")
+        );
     }
 
     #[test]

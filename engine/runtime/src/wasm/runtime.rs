@@ -68,12 +68,15 @@ pub enum LoadError {
     Engine(String),
 }
 
+/// A compiled component: its content hash and whether it was compiled for fuel metering.
+type CompiledKey = ([u8; 32], bool);
+
 /// The process-wide WebAssembly runtime.
 pub struct WasmRuntime {
     engine: Engine,
     linker: Linker<HostState>,
     fuel: OnceLock<Result<(Engine, Linker<HostState>), String>>,
-    compiled: Mutex<HashMap<([u8; 32], bool), StagePre<HostState>>>,
+    compiled: Mutex<HashMap<CompiledKey, StagePre<HostState>>>,
     /// Whether the pooling allocator is in use (false when the machine refused its reservation).
     pub pooling: bool,
 }

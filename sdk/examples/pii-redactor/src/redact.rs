@@ -40,17 +40,24 @@ impl Redactor {
     /// # Panics
     /// Never: the patterns are constants covered by tests.
     pub fn new(mask: &str, kinds: &[Kind]) -> Self {
-        let re = |p: &str| Regex::new(p).expect("constant pattern");
+        // ASCII-only patterns (`\b` is an ASCII word boundary): the regex crate is built without
+        // its Unicode tables, which keeps the component small.
+        let re = |p: &str| Regex::new(&p.replace(r"\b", r"(?-u:\b)")).expect("constant pattern");
         Redactor {
             mask: mask.to_owned(),
-            kinds: Kind::ALL.into_iter().filter(|k| kinds.contains(k)).collect(),
-            email: re(r"[A-Za-z0-9][A-Za-z0-9._%+\-]*@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}"),
+            kinds: Kind::ALL
+                .into_iter()
+                .filter(|k| kinds.contains(k))
+                .collect(),
+            email: re(
+                r"[A-Za-z0-9][A-Za-z0-9._%+\-]*@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}",
+            ),
             // Digit runs with single space/dash separators; narrowed to a Luhn-valid span below.
-            card: re(r"\d(?:[ \-]?\d){12,}"),
+            card: re(r"[0-9](?:[ \-]?[0-9]){12,}"),
             // `+`, then 10–15 digits, with up to two separators (space . - ( )) between digits.
-            intl_phone: re(r"\+(?:[ .\-()]{0,2}\d){10,15}"),
+            intl_phone: re(r"\+(?:[ .\-()]{0,2}[0-9]){10,15}"),
             // (415) 555-0123, 415-555-0123, 415.555.0123, optionally with a leading 1.
-            na_phone: re(r"(?:\b1[ .\-]?)?(?:\(\d{3}\) ?|\b\d{3}[.\-])\d{3}[.\-]\d{4}\b"),
+            na_phone: re(r"(?:\b1[ .\-]?)?(?:\([0-9]{3}\) ?|\b[0-9]{3}[.\-])[0-9]{3}[.\-][0-9]{4}\b"),
         }
     }
 
@@ -83,7 +90,10 @@ impl Redactor {
             };
             // Earlier kinds win overlaps (an e-mail full of digits is an e-mail).
             for span in found {
-                if !spans.iter().any(|s| s.start < span.end && span.start < s.end) {
+                if !spans
+                    .iter()
+                    .any(|s| s.start < span.end && span.start < s.end)
+                {
                     spans.push(span);
                 }
             }
@@ -104,14 +114,19 @@ impl Redactor {
             {
                 continue;
             }
-            out.extend(luhn_spans(m.as_str()).into_iter().map(|r| m.start() + r.start..m.start() + r.end));
+            out.extend(
+                luhn_spans(m.as_str())
+                    .into_iter()
+                    .map(|r| m.start() + r.start..m.start() + r.end),
+            );
         }
         out
     }
 
     fn phones(&self, text: &str) -> Vec<Range<usize>> {
         let bytes = text.as_bytes();
-        let digit_at = |i: Option<usize>| i.and_then(|i| bytes.get(i)).is_some_and(u8::is_ascii_digit);
+        let digit_at =
+            |i: Option<usize>| i.and_then(|i| bytes.get(i)).is_some_and(u8::is_ascii_digit);
         let mut out: Vec<Range<usize>> = Vec::new();
         for m in self.intl_phone.find_iter(text) {
             // More than 15 digits, or glued to a number before the `+`: not a phone number.
@@ -122,7 +137,9 @@ impl Redactor {
         }
         for m in self.na_phone.find_iter(text) {
             let r = m.range();
-            if digit_at(r.start.checked_sub(1)) || out.iter().any(|s| s.start < r.end && r.start < s.end) {
+            if digit_at(r.start.checked_sub(1))
+                || out.iter().any(|s| s.start < r.end && r.start < s.end)
+            {
                 continue;
             }
             out.push(r);
@@ -212,7 +229,10 @@ mod tests {
 
     #[test]
     fn cards_with_spaces_dashes_or_nothing_are_masked() {
-        assert_eq!(red("My card is 4111 1111 1111 1111, thanks."), "My card is [redacted], thanks.");
+        assert_eq!(
+            red("My card is 4111 1111 1111 1111, thanks."),
+            "My card is [redacted], thanks."
+        );
         assert_eq!(red("4111-1111-1111-1111"), "[redacted]");
         assert_eq!(red("card 5500005555555559 ok"), "card [redacted] ok");
         // Amex, 15 digits in 4-6-5 groups.
@@ -237,7 +257,10 @@ mod tests {
             ("Call me at 415-555-0123.", "Call me at [redacted]."),
             ("Call me at 415.555.0123.", "Call me at [redacted]."),
             ("Call me at 1-415-555-0123.", "Call me at [redacted]."),
-            ("It's +44 20 7946 0958 in London", "It's [redacted] in London"),
+            (
+                "It's +44 20 7946 0958 in London",
+                "It's [redacted] in London",
+            ),
             ("or +1 (415) 555-0123!", "or [redacted]!"),
             ("or +4915123456789", "or [redacted]"),
             ("or +33.1.23.45.67.89 ok", "or [redacted] ok"),

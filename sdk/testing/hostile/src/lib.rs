@@ -71,7 +71,9 @@ impl Plugin for Hostile {
             "memory" => exhaust_memory(),
             "trap" => panic!("hostile plugin trapped on purpose"),
             "http" => match http::fetch(&Request::get("http://forbidden.example/")) {
-                Ok(r) => Outcome::next(json!({ "fetched": true, "status": r.status, "body": r.text() })),
+                Ok(r) => {
+                    Outcome::next(json!({ "fetched": true, "status": r.status, "body": r.text() }))
+                }
                 Err(e) => Outcome::next(json!({ "fetched": false, "error": e })),
             },
             "huge" => Outcome::next(json!({ "blob": "x".repeat(8 * 1024 * 1024) })),
@@ -99,19 +101,27 @@ mod tests {
     #[test]
     fn benign_paths() {
         let mut h = Harness::<Hostile>::new(json!({})).unwrap();
-        assert_eq!(say(&mut h, "hello").output(), Some(&json!({"ok": true, "text": "hello"})));
+        assert_eq!(
+            say(&mut h, "hello").output(),
+            Some(&json!({"ok": true, "text": "hello"}))
+        );
         assert_eq!(say(&mut h, "kv").output(), Some(&json!({"count": 1})));
         h.recycle().unwrap();
         assert_eq!(say(&mut h, "kv").output(), Some(&json!({"count": 2})));
         let out = say(&mut h, "http");
         assert_eq!(out.output().unwrap()["fetched"], false);
         let out = say(&mut h, "huge");
-        assert_eq!(out.output().unwrap()["blob"].as_str().unwrap().len(), 8 << 20);
+        assert_eq!(
+            out.output().unwrap()["blob"].as_str().unwrap().len(),
+            8 << 20
+        );
     }
 
     #[test]
     fn rejects_config() {
-        let e = testing::init::<Hostile>(json!({"reject": true})).err().unwrap();
+        let e = testing::init::<Hostile>(json!({"reject": true}))
+            .err()
+            .unwrap();
         assert_eq!(e.kind, ErrorKind::Config);
         assert_eq!(e.field.as_deref(), Some("mode"));
         assert!(testing::init::<Hostile>(json!({"reject": false})).is_ok());
