@@ -211,7 +211,10 @@ mod tests {
         assert_eq!(r.notices[0].title.as_deref(), Some("T"));
         assert_eq!(r.notices[0].data_json.as_deref(), Some(r#"{"k":1}"#));
         let r = bindings::StageResult::from(Outcome::halt("no"));
-        assert_eq!(r.flow, bindings::prompter::plugin::types::Flow::Halt("no".into()));
+        assert_eq!(
+            r.flow,
+            bindings::prompter::plugin::types::Flow::Halt("no".into())
+        );
         assert!(Outcome::pass().output().unwrap().is_null());
     }
 }

@@ -104,6 +104,8 @@ pub fn init_instance<P: Plugin>(
     slot: &'static LocalKey<Slot<P>>,
     config_json: &str,
 ) -> Result<(), bindings::PluginError> {
+    // A failed (re-)init leaves no instance behind.
+    slot.with(|cell| cell.borrow_mut().take());
     let plugin = parse_config::<P::Config>(config_json)
         .and_then(P::init)
         .map_err(bindings::PluginError::from)?;
@@ -182,6 +184,48 @@ mod tests {
 
         let e = parse_config::<Cfg>(r#"{"phrases": []} x"#).unwrap_err();
         assert_eq!(e.field, None);
+    }
+
+    struct Counter(u32);
+
+    impl Plugin for Counter {
+        type Config = Inner;
+        fn init(config: Inner) -> Result<Self, Error> {
+            Ok(Counter(config.limit))
+        }
+        fn process(&mut self, _: &Event, _: &Conversation) -> Result<Outcome, Error> {
+            self.0 += 1;
+            Ok(Outcome::next(serde_json::json!(self.0)))
+        }
+    }
+
+    thread_local! {
+        static SLOT: RefCell<Option<Counter>> = const { RefCell::new(None) };
+    }
+
+    #[test]
+    fn instance_lifecycle() {
+        let event = crate::testing::completed_event("c", 1);
+        let conv = crate::testing::conversation(Vec::new());
+        let e = process_instance(&SLOT, &event, &conv).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert!(e.message.contains("before a successful init"));
+
+        let e = init_instance(&SLOT, r#"{"limit": "x"}"#).unwrap_err();
+        assert_eq!(
+            (e.kind, e.field.as_deref()),
+            (ErrorKind::Config, Some("limit"))
+        );
+        assert!(process_instance(&SLOT, &event, &conv).is_err());
+
+        init_instance(&SLOT, r#"{"limit": 5}"#).unwrap();
+        let r = process_instance(&SLOT, &event, &conv).unwrap();
+        assert_eq!(
+            r.flow,
+            bindings::prompter::plugin::types::Flow::Continue("6".into())
+        );
+        assert!(init_instance(&SLOT, "[]").is_err());
+        assert!(process_instance(&SLOT, &event, &conv).is_err());
     }
 
     #[test]

@@ -10,3 +10,4 @@ mod config_ui;
 mod plugin_tool;
 mod replay;
 mod wasm;
+mod wasm_pipelines;

@@ -159,3 +159,149 @@ mod tests {
         assert_eq!(pct(&[], 50.0), 0);
     }
 }
+
+/// The built-in twin of the echo plugin (`sdk/testing/echo`): the same logic, natively.
+struct NativeEcho;
+
+#[prompter_core::async_trait]
+impl prompter_core::plugin::Plugin for NativeEcho {
+    async fn process(
+        &self,
+        cx: &prompter_core::plugin::StageContext<'_>,
+    ) -> Result<prompter_core::plugin::Flow, prompter_core::error::PluginError> {
+        let text = match &cx.event().detail {
+            prompter_core::event::Detail::Message(m) => m.text.clone(),
+            _ => String::new(),
+        };
+        let lines = cx.conversation().transcript.len();
+        Ok(prompter_core::plugin::Flow::Continue(
+            serde_json::json!({"echo": text, "lines": lines}),
+        ))
+    }
+}
+
+/// `prompter plugin bench`: per-call cost of a Wasm stage against the same logic built in.
+pub async fn wasm(module: PathBuf, iterations: usize, out: &Stream, err: &Stream) -> u8 {
+    use prompter_core::conversation::ConversationState;
+    use prompter_core::plugin::{Plugin, Resources, RunScope, StageContext};
+    use std::sync::atomic::AtomicU64;
+    use std::time::{Duration, Instant};
+
+    let spec = crate::wasm::WasmSpec {
+        stage: "echo".into(),
+        module: module.clone(),
+        config_json: "{}".into(),
+        allow_hosts: vec![],
+        limits: crate::wasm::Limits::default(),
+        timeout: Duration::from_millis(1000),
+        resources: Resources::default(),
+    };
+    let wasm = match crate::wasm::WasmPlugin::build(spec).await {
+        Ok(p) => p,
+        Err(e) => {
+            say(err, &format!("error: {}", e.message));
+            return 1;
+        }
+    };
+    // A mid-call conversation: 20 transcript lines, then a customer sentence.
+    let mut state = ConversationState::new("bench");
+    let mut event = None;
+    let n_lines: u64 = std::env::var("PROMPTER_BENCH_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(21);
+    for i in 0..n_lines {
+        let frame = serde_json::json!({"type": "message_response", "messages": [{
+            "from": {"name": if i % 2 == 0 { "Customer" } else { "Agent" }, "userId": "+15550100"},
+            "payload": {"content": format!("Sentence number {i} of a realistic sales call, about pricing and timing.")},
+            "sentiment": {"polarity": {"score": 0.1}}}]});
+        let mut events =
+            prompter_core::event::parse_frame("bench", i * 4000, frame).unwrap_or_default();
+        if let Some(e) = events.pop() {
+            state.apply(&e);
+            event = Some(e);
+        }
+    }
+    let Some(event) = event else { return 1 };
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let seq = AtomicU64::new(0);
+    let iterations = iterations.max(100);
+    let measure = async |plugin: &dyn Plugin| -> Result<Vec<u64>, String> {
+        let mut samples = Vec::with_capacity(iterations);
+        for i in 0..iterations + iterations / 10 {
+            let scope = RunScope::new(&event, &state);
+            let cx = StageContext {
+                pipeline: "bench",
+                stage: "echo",
+                scope: &scope,
+                outputs: &[],
+                stage_timings: &[],
+                started: Instant::now(),
+                sink: &tx,
+                output_seq: &seq,
+            };
+            let t0 = Instant::now();
+            plugin.process(&cx).await.map_err(|e| e.message)?;
+            // The first tenth warms caches and the instance pool.
+            if i >= iterations / 10 {
+                samples.push(t0.elapsed().as_nanos() as u64);
+            }
+        }
+        samples.sort_unstable();
+        Ok(samples)
+    };
+    let native = match measure(&NativeEcho).await {
+        Ok(s) => s,
+        Err(e) => {
+            say(err, &format!("error: {e}"));
+            return 1;
+        }
+    };
+    let guest = match measure(&wasm).await {
+        Ok(s) => s,
+        Err(e) => {
+            say(err, &format!("error: the plugin failed: {e}"));
+            return 1;
+        }
+    };
+    let us = |v: u64| v as f64 / 1000.0;
+    let mean = |s: &[u64]| s.iter().sum::<u64>() as f64 / s.len().max(1) as f64 / 1000.0;
+    say(
+        out,
+        &format!(
+            "plugin bench: {} calls each, event with a 21-line conversation, pooling allocator: {}",
+            iterations,
+            crate::wasm::runtime::runtime()
+                .map(|r| r.pooling)
+                .unwrap_or(false)
+        ),
+    );
+    say(
+        out,
+        &format!(
+            "built-in stage: p50 {:.2} us, p99 {:.2} us, mean {:.2} us",
+            us(pct(&native, 50.0)),
+            us(pct(&native, 99.0)),
+            mean(&native)
+        ),
+    );
+    say(
+        out,
+        &format!(
+            "wasm stage:     p50 {:.2} us, p99 {:.2} us, mean {:.2} us",
+            us(pct(&guest, 50.0)),
+            us(pct(&guest, 99.0)),
+            mean(&guest)
+        ),
+    );
+    let p50_overhead = us(pct(&guest, 50.0)) - us(pct(&native, 50.0));
+    say(
+        out,
+        &format!(
+            "wasm overhead per call: {:.2} us at p50 ({:.1}x the built-in stage's time)",
+            p50_overhead,
+            pct(&guest, 50.0) as f64 / pct(&native, 50.0).max(1) as f64
+        ),
+    );
+    0
+}

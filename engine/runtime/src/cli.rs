@@ -138,6 +138,15 @@ enum PluginCommand {
         #[arg(long, default_value_t = 64)]
         max_memory_mb: u64,
     },
+    /// Measure the per-call cost of a Wasm stage against the same logic built in.
+    Bench {
+        /// The echo component [default: target/wasm/wasm32-wasip2/release/echo_plugin.wasm].
+        #[arg(long)]
+        module: Option<PathBuf>,
+        /// Calls to measure on each side.
+        #[arg(long, default_value_t = 20_000)]
+        iterations: usize,
+    },
 }
 
 /// Runs the command line; returns the process exit code.
@@ -227,6 +236,14 @@ pub fn main(
                 max_memory_mb,
             };
             runtime.block_on(crate::plugin_cli::test(opts, &out, &err))
+        }
+        Command::Plugin {
+            command: PluginCommand::Bench { module, iterations },
+        } => {
+            let module = module.unwrap_or_else(|| {
+                PathBuf::from("target/wasm/wasm32-wasip2/release/echo_plugin.wasm")
+            });
+            runtime.block_on(crate::bench::wasm(module, iterations, &out, &err))
         }
         Command::Plugins => {
             say(&out, "stage plugins (`plugin:` in a pipeline stage):");

@@ -94,6 +94,9 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
                 limits.max_idle_instances = usize::try_from(v).unwrap_or(64).min(64);
             }
             limits.fuel = opt_u64(file, lmap, "fuel", diags);
+            if let Some(v) = opt_u64(file, lmap, "transcript_lines", diags) {
+                limits.transcript_lines = usize::try_from(v).unwrap_or(usize::MAX);
+            }
         }
     }
     let config_json = config

@@ -41,6 +41,9 @@ pub struct Limits {
     pub max_idle_instances: usize,
     /// Deterministic fuel budget per call (tests); off by default.
     pub fuel: Option<u64>,
+    /// How many of the latest transcript lines a call receives (each line crosses the boundary
+    /// on every call, so this bounds per-call cost on long calls). Default 32.
+    pub transcript_lines: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +55,7 @@ impl Default for Limits {
             recycle_memory_mb: None,
             max_idle_instances: 4,
             fuel: None,
+            transcript_lines: 32,
         }
     }
 }
@@ -391,7 +395,7 @@ impl WasmPlugin {
             None => self.instantiate().await.map_err(|(e, _)| e)?,
         };
         let event = wit_event(cx.event());
-        let conversation = wit_conversation(cx.conversation());
+        let conversation = wit_conversation(cx.conversation(), self.limits.transcript_lines);
         {
             let data = inst.store.data_mut();
             data.call = CallInfo {
@@ -612,9 +616,9 @@ pub fn wit_event(e: &Event) -> types::Event {
 }
 
 /// The conversation state as the contract types it.
-pub fn wit_conversation(s: &ConversationState) -> types::Conversation {
+pub fn wit_conversation(s: &ConversationState, last_lines: usize) -> types::Conversation {
     let transcript = s
-        .transcript
+        .last_lines(last_lines)
         .iter()
         .map(|l| types::TranscriptLine {
             speaker: l.speaker.clone(),

@@ -57,7 +57,9 @@ impl Redactor {
             // `+`, then 10–15 digits, with up to two separators (space . - ( )) between digits.
             intl_phone: re(r"\+(?:[ .\-()]{0,2}[0-9]){10,15}"),
             // (415) 555-0123, 415-555-0123, 415.555.0123, optionally with a leading 1.
-            na_phone: re(r"(?:\b1[ .\-]?)?(?:\([0-9]{3}\) ?|\b[0-9]{3}[.\-])[0-9]{3}[.\-][0-9]{4}\b"),
+            na_phone: re(
+                r"(?:\b1[ .\-]?)?(?:\([0-9]{3}\) ?|\b[0-9]{3}[.\-])[0-9]{3}[.\-][0-9]{4}\b",
+            ),
         }
     }
 
