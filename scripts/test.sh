@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, then every unit, integration and doc
-# test of the workspace. Run from anywhere: bash scripts/test.sh
+# test of the engine workspace and of the SDK workspace (the Wasm plugins). Run from anywhere:
+#   bash scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== cargo fmt --check"
+# The Wasm plugins are built for this target (tests/build.rs builds them into target/wasm).
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+  echo "== rustup target add wasm32-wasip2"
+  rustup target add wasm32-wasip2
+fi
+
+echo "== cargo fmt --check (engine and sdk)"
 cargo fmt --all -- --check
+cargo fmt --manifest-path sdk/Cargo.toml --all -- --check
 
 echo "== cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --manifest-path sdk/Cargo.toml --workspace --all-targets --locked -- -D warnings
+cargo clippy --manifest-path sdk/Cargo.toml --workspace --locked --target wasm32-wasip2 --target-dir target/wasm -- -D warnings
 
-echo "== cargo test"
+echo "== cargo test (sdk, natively)"
+cargo test --manifest-path sdk/Cargo.toml --workspace --locked
+
+echo "== cargo test (engine; builds the Wasm plugins and runs them in real pipelines)"
 cargo test --workspace --locked
