@@ -248,7 +248,12 @@ impl WasmPlugin {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         // No environment, arguments, files, clocks beyond WASI defaults, or sockets: the only
         // way out is the host interface.
-        let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).build();
+        let wasi = WasiCtxBuilder::new()
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
         let state = HostState {
             wasi,
             table: Default::default(),

@@ -18,7 +18,9 @@ impl Plugin for Echo {
 
     fn process(&mut self, event: &Event, conversation: &Conversation) -> Result<Outcome, Error> {
         let text = event.message().map(|m| m.text.clone()).unwrap_or_default();
-        Ok(Outcome::next(json!({"echo": text, "lines": conversation.transcript.len()})))
+        Ok(Outcome::next(
+            json!({"echo": text, "lines": conversation.transcript.len()}),
+        ))
     }
 }
 
