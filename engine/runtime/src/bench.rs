@@ -146,20 +146,6 @@ fn pct(v: &[u64], p: f64) -> u64 {
     v[rank.clamp(1, v.len()) - 1]
 }
 
-#[cfg(test)]
-mod tests {
-    use super::pct;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(pct(&v, 50.0), 50);
-        assert_eq!(pct(&v, 99.0), 99);
-        assert_eq!(pct(&[7], 99.0), 7);
-        assert_eq!(pct(&[], 50.0), 0);
-    }
-}
-
 /// The built-in twin of the echo plugin (`sdk/testing/echo`): the same logic, natively.
 struct NativeEcho;
 
@@ -304,4 +290,18 @@ pub async fn wasm(module: PathBuf, iterations: usize, out: &Stream, err: &Stream
         ),
     );
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pct;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(pct(&v, 50.0), 50);
+        assert_eq!(pct(&v, 99.0), 99);
+        assert_eq!(pct(&[7], 99.0), 7);
+        assert_eq!(pct(&[], 50.0), 0);
+    }
 }
