@@ -193,3 +193,26 @@ async fn non_components_are_refused_clearly() {
         assert!(err.message.contains(expected), "{}", err.message);
     }
 }
+
+#[tokio::test]
+async fn fuel_gives_a_deterministic_budget() {
+    let p = hostile(
+        json!({}),
+        Limits {
+            fuel: Some(5_000_000),
+            ..Limits::default()
+        },
+    )
+    .await
+    .unwrap();
+    let e = call(&p, "c1", "loop").await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Timeout);
+    assert_eq!(
+        e.message,
+        "plugin `hostile` ran out of fuel (5000000 units) while processing an event"
+    );
+    match call(&p, "c1", "hello").await {
+        Ok(Flow::Continue(v)) => assert_eq!(v["ok"], true),
+        other => panic!("{other:?}"),
+    }
+}

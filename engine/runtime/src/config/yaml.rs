@@ -19,7 +19,9 @@ pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 /// Parses `text` into a node tree; reports a syntax error with its position.
 pub fn parse(file: &Path, text: &str, diags: &mut Diagnostics) -> Option<Node> {
     diags.add_source(file, text);
-    let options = LoaderOptions::default().error_on_duplicate_keys(true);
+    let options = LoaderOptions::default()
+        .error_on_duplicate_keys(true)
+        .prevent_coercion(true);
     match marked_yaml::parse_yaml_with_options(0, text, options) {
         Ok(node) => Some(node),
         Err(e) => {
