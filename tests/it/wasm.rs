@@ -216,3 +216,55 @@ async fn fuel_gives_a_deterministic_budget() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A one-shot HTTP server on 127.0.0.1 that answers every request with `body`.
+fn local_http(body: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_hosts_are_reached_through_the_host_and_others_are_refused() {
+    let port = local_http("hello from the granted host");
+    let p = WasmPlugin::build(WasmSpec {
+        stage: "fetcher".into(),
+        module: module("hostile_plugin"),
+        config_json: "{}".into(),
+        allow_hosts: vec![format!("127.0.0.1:{port}")],
+        limits: Limits::default(),
+        timeout: Duration::from_millis(2000),
+        resources: Resources::default(),
+    })
+    .await
+    .unwrap();
+    match call(&p, "c1", &format!("fetch http://127.0.0.1:{port}/status")).await {
+        Ok(Flow::Continue(v)) => {
+            assert_eq!(v["fetched"], true, "{v}");
+            assert_eq!(v["status"], 200);
+            assert_eq!(v["body"], "hello from the granted host");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Same host, another port: not granted.
+    let e = call(&p, "c1", "fetch http://127.0.0.1:1/")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.message,
+        "plugin `fetcher` called 127.0.0.1, which is not in `allow_hosts`"
+    );
+}

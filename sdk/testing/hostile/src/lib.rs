@@ -8,6 +8,7 @@
 //! | `memory` | allocates 1 MiB blocks without bound until allocation fails (memory limit) |
 //! | `trap`   | panics, which is a trap on wasm |
 //! | `http`   | fetches `http://forbidden.example/` and returns what it got (the host must deny) |
+//! | `fetch URL` | fetches URL and returns `{"fetched", "status", "body"}` or the error (grants) |
 //! | `huge`   | returns an 8 MiB output (output size limit) |
 //! | `kv`     | increments kv `count` and returns `{"count": n}` |
 //! | other    | returns `{"ok": true, "text": text}` |
@@ -76,6 +77,14 @@ impl Plugin for Hostile {
                 }
                 Err(e) => Outcome::next(json!({ "fetched": false, "error": e })),
             },
+            fetch if fetch.starts_with("fetch ") => {
+                match http::fetch(&Request::get(fetch.trim_start_matches("fetch ").trim())) {
+                    Ok(r) => Outcome::next(
+                        json!({ "fetched": true, "status": r.status, "body": r.text() }),
+                    ),
+                    Err(e) => Outcome::next(json!({ "fetched": false, "error": e })),
+                }
+            }
             "huge" => Outcome::next(json!({ "blob": "x".repeat(8 * 1024 * 1024) })),
             "kv" => {
                 let n = kv::get_json::<u64>("count").unwrap_or(0) + 1;
