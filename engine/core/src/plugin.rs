@@ -422,7 +422,27 @@ pub struct StageContext<'a> {
     pub output_seq: &'a AtomicU64,
 }
 
-impl StageContext<'_> {
+impl<'a> StageContext<'a> {
+    /// A context for a stage called on its own (no earlier stages), as tools and tests do.
+    pub fn alone(
+        pipeline: &'a str,
+        stage: &'a str,
+        scope: &'a RunScope<'a>,
+        sink: &'a mpsc::Sender<Output>,
+        output_seq: &'a AtomicU64,
+    ) -> Self {
+        StageContext {
+            pipeline,
+            stage,
+            scope,
+            outputs: &[],
+            stage_timings: &[],
+            started: Instant::now(),
+            sink,
+            output_seq,
+        }
+    }
+
     /// The triggering event.
     pub fn event(&self) -> &Event {
         self.scope.event

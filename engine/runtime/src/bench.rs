@@ -216,16 +216,7 @@ pub async fn wasm(module: PathBuf, iterations: usize, out: &Stream, err: &Stream
         let mut samples = Vec::with_capacity(iterations);
         for i in 0..iterations + iterations / 10 {
             let scope = RunScope::new(&event, &state);
-            let cx = StageContext {
-                pipeline: "bench",
-                stage: "echo",
-                scope: &scope,
-                outputs: &[],
-                stage_timings: &[],
-                started: Instant::now(),
-                sink: &tx,
-                output_seq: &seq,
-            };
+            let cx = StageContext::alone("bench", "echo", &scope, &tx, &seq);
             let t0 = Instant::now();
             plugin.process(&cx).await.map_err(|e| e.message)?;
             // The first tenth warms caches and the instance pool.

@@ -116,28 +116,7 @@ enum PluginCommand {
         sdk: Option<PathBuf>,
     },
     /// Run a plugin component over a recording; print its results as JSON lines.
-    Test {
-        /// The component (`.wasm`, built for wasm32-wasip2).
-        module: PathBuf,
-        /// YAML file with the plugin's config (a stage's `config:` body).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The recording (JSONL).
-        #[arg(long)]
-        events: PathBuf,
-        /// Only these event kinds reach the plugin (repeatable) [default: all].
-        #[arg(long)]
-        on: Vec<String>,
-        /// Per-call deadline.
-        #[arg(long, default_value_t = 1000)]
-        timeout_ms: u64,
-        /// Hosts the plugin may reach over HTTP (repeatable).
-        #[arg(long = "allow-host")]
-        allow_hosts: Vec<String>,
-        /// Memory cap per instance.
-        #[arg(long, default_value_t = 64)]
-        max_memory_mb: u64,
-    },
+    Test(crate::plugin_cli::TestOptions),
     /// Measure the per-call cost of a Wasm stage against the same logic built in.
     Bench {
         /// The echo component [default: target/wasm/wasm32-wasip2/release/echo_plugin.wasm].
@@ -215,28 +194,8 @@ pub fn main(
             crate::plugin_cli::new(&name, &dir, &sdk, &out, &err)
         }
         Command::Plugin {
-            command:
-                PluginCommand::Test {
-                    module,
-                    config,
-                    events,
-                    on,
-                    timeout_ms,
-                    allow_hosts,
-                    max_memory_mb,
-                },
-        } => {
-            let opts = crate::plugin_cli::TestOptions {
-                module,
-                config,
-                events,
-                on,
-                timeout_ms,
-                allow_hosts,
-                max_memory_mb,
-            };
-            runtime.block_on(crate::plugin_cli::test(opts, &out, &err))
-        }
+            command: PluginCommand::Test(opts),
+        } => runtime.block_on(crate::plugin_cli::test(opts, &out, &err)),
         Command::Plugin {
             command: PluginCommand::Bench { module, iterations },
         } => {

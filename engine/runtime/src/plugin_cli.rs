@@ -19,20 +19,27 @@ use crate::recording;
 use crate::wasm::{Limits, WasmPlugin, WasmSpec};
 
 /// Options of `prompter plugin test`.
+#[derive(Debug, clap::Args)]
 pub struct TestOptions {
-    /// The component.
+    /// The component (`.wasm`, built for wasm32-wasip2).
     pub module: PathBuf,
-    /// YAML file with the plugin's config (the body of a stage's `config:`).
+    /// YAML file with the plugin's config (a stage's `config:` body).
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The recording to run.
+    /// The recording (JSONL).
+    #[arg(long)]
     pub events: PathBuf,
-    /// Only these event kinds reach the plugin (default: all).
+    /// Only these event kinds reach the plugin (repeatable) [default: all].
+    #[arg(long)]
     pub on: Vec<String>,
     /// Per-call deadline.
+    #[arg(long, default_value_t = 1000)]
     pub timeout_ms: u64,
-    /// Hosts the plugin may reach.
+    /// Hosts the plugin may reach over HTTP (repeatable).
+    #[arg(long = "allow-host")]
     pub allow_hosts: Vec<String>,
-    /// Memory cap.
+    /// Memory cap per instance.
+    #[arg(long, default_value_t = 64)]
     pub max_memory_mb: u64,
 }
 
@@ -131,16 +138,7 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
             }
             let seq = seqs.entry(line.conversation.clone()).or_default().clone();
             let scope = RunScope::new(&event, state);
-            let cx = StageContext {
-                pipeline: "plugin-test",
-                stage: "plugin",
-                scope: &scope,
-                outputs: &[],
-                stage_timings: &[],
-                started: Instant::now(),
-                sink: &tx,
-                output_seq: &seq,
-            };
+            let cx = StageContext::alone("plugin-test", "plugin", &scope, &tx, &seq);
             calls += 1;
             let t0 = Instant::now();
             let result = plugin.process(&cx).await;
