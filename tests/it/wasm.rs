@@ -268,3 +268,26 @@ async fn granted_hosts_are_reached_through_the_host_and_others_are_refused() {
         "plugin `fetcher` called 127.0.0.1, which is not in `allow_hosts`"
     );
 }
+
+#[tokio::test]
+async fn a_component_built_for_another_contract_version_is_refused_clearly() {
+    let err = WasmPlugin::build(WasmSpec {
+        stage: "future".into(),
+        module: module("future_contract_plugin"),
+        config_json: "{}".into(),
+        allow_hosts: vec![],
+        limits: Limits::default(),
+        timeout: Duration::from_millis(100),
+        resources: Resources::default(),
+    })
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        err.message.ends_with(
+            "was built for the plugin contract `prompter:plugin@0.2.0`, but this engine speaks `prompter:plugin@0.1.0`; rebuild it against prompter-sdk 0.1.0"
+        ),
+        "{}",
+        err.message
+    );
+}
