@@ -11,6 +11,7 @@
 //!   contexts.
 //! - [`resource`]: knowledge stores and chat providers that stages share.
 //! - [`output`]: what pipelines deliver.
+//! - [`secret`]: API keys that never reach logs or plugins.
 //! - [`template`]: the Jinja templates and filter expressions.
 //! - [`error`], [`diagnostic`]: classified stage errors; positioned config problems.
 //! - [`test_util`]: helpers to drive a plugin in tests.
@@ -22,6 +23,7 @@ pub mod event;
 pub mod output;
 pub mod plugin;
 pub mod resource;
+pub mod secret;
 pub mod template;
 pub mod test_util;
 

@@ -146,6 +146,8 @@ pub fn main(
         }
     };
     init_logging(cli.verbose);
+    // rustls needs one process-wide crypto provider for HTTPS (Nebula, plugin HTTP).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

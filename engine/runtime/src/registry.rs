@@ -84,11 +84,18 @@ pub fn builtin() -> Registry {
             description: "in-process store over a CSV, persisted to an index file, local lexical embedder",
             open: open_embedded,
         }],
-        providers: vec![ProviderKind {
-            name: "offline",
-            description: "answers with the retrieved guidance verbatim (no model, no network)",
-            open: open_offline,
-        }],
+        providers: vec![
+            ProviderKind {
+                name: "offline",
+                description: "answers with the retrieved guidance verbatim (no model, no network)",
+                open: open_offline,
+            },
+            ProviderKind {
+                name: "nebula",
+                description: "Symbl Nebula chat (`api_key: ${NEBULA_API_KEY}`), streamed when asked, with retries",
+                open: open_nebula,
+            },
+        ],
     }
 }
 
@@ -129,4 +136,26 @@ fn open_offline(
     use prompter_plugin_chat::{OfflineConfig, OfflineProvider};
     let cfg: OfflineConfig = typed_config(file, config, diags)?;
     Some(Arc::new(OfflineProvider::new(name, cfg)))
+}
+
+fn open_nebula(
+    name: &str,
+    config: &Node,
+    _base: &Path,
+    file: &Path,
+    diags: &mut Diagnostics,
+) -> Option<Arc<dyn ChatProvider>> {
+    use prompter_plugin_chat::{NebulaConfig, NebulaProvider};
+    let cfg: NebulaConfig = typed_config(file, config, diags)?;
+    match NebulaProvider::new(name, cfg) {
+        Ok(p) => Some(Arc::new(p)),
+        Err(e) => {
+            let at = config
+                .as_mapping()
+                .and_then(|m| m.get_node("api_key"))
+                .unwrap_or(config);
+            diags.error_node(file, at, e.message);
+            None
+        }
+    }
 }

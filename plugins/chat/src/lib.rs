@@ -4,7 +4,8 @@
 //! provider (a resource declared in the engine config's `llm:`), and outputs the answer. The
 //! provider interface ([`ChatProvider`]) fits Nebula chat (with streamed tokens) and
 //! OpenAI-compatible servers; this crate ships the `offline` provider, which answers with the
-//! retrieved guidance verbatim so the engine is useful with no keys and no network.
+//! retrieved guidance verbatim so the engine is useful with no keys and no network, and the
+//! `nebula` provider ([`nebula`]) for Symbl's Nebula chat, streamed or not.
 //!
 //! ```yaml
 //! - id: answer
@@ -17,6 +18,9 @@
 //! Output: `{"text": "...", "provider": "offline", "model": null}`.
 
 use std::sync::Arc;
+
+pub mod nebula;
+pub use nebula::{NebulaConfig, NebulaProvider};
 
 use prompter_core::async_trait;
 use prompter_core::error::PluginError;
