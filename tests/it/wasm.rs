@@ -15,18 +15,29 @@ pub(crate) fn module(name: &str) -> PathBuf {
     PathBuf::from(env!("PROMPTER_WASM_DIR")).join(format!("{name}.wasm"))
 }
 
+/// A spec for `module_name` with the defaults the tests start from.
+fn spec(stage: &str, module_name: &str) -> WasmSpec {
+    WasmSpec {
+        stage: stage.into(),
+        module: module(module_name),
+        config_json: "{}".into(),
+        allow_hosts: vec![],
+        limits: Limits::default(),
+        timeout: Duration::from_millis(100),
+        resources: Resources::default(),
+    }
+}
+
 async fn hostile(
     config: serde_json::Value,
     limits: Limits,
 ) -> Result<WasmPlugin, prompter_engine::wasm::InitError> {
     WasmPlugin::build(WasmSpec {
-        stage: "hostile".into(),
-        module: module("hostile_plugin"),
         config_json: config.to_string(),
         allow_hosts: vec!["allowed.example".into()],
         limits,
         timeout: Duration::from_millis(200),
-        resources: Resources::default(),
+        ..spec("hostile", "hostile_plugin")
     })
     .await
 }
@@ -179,13 +190,8 @@ async fn non_components_are_refused_clearly() {
         (junk, "cannot compile"),
     ] {
         let err = WasmPlugin::build(WasmSpec {
-            stage: "x".into(),
             module: path,
-            config_json: "{}".into(),
-            allow_hosts: vec![],
-            limits: Limits::default(),
-            timeout: Duration::from_millis(100),
-            resources: Resources::default(),
+            ..spec("x", "hostile_plugin")
         })
         .await
         .err()
@@ -241,13 +247,9 @@ fn local_http(body: &'static str) -> u16 {
 async fn granted_hosts_are_reached_through_the_host_and_others_are_refused() {
     let port = local_http("hello from the granted host");
     let p = WasmPlugin::build(WasmSpec {
-        stage: "fetcher".into(),
-        module: module("hostile_plugin"),
-        config_json: "{}".into(),
         allow_hosts: vec![format!("127.0.0.1:{port}")],
-        limits: Limits::default(),
         timeout: Duration::from_millis(2000),
-        resources: Resources::default(),
+        ..spec("fetcher", "hostile_plugin")
     })
     .await
     .unwrap();
@@ -271,18 +273,10 @@ async fn granted_hosts_are_reached_through_the_host_and_others_are_refused() {
 
 #[tokio::test]
 async fn a_component_built_for_another_contract_version_is_refused_clearly() {
-    let err = WasmPlugin::build(WasmSpec {
-        stage: "future".into(),
-        module: module("future_contract_plugin"),
-        config_json: "{}".into(),
-        allow_hosts: vec![],
-        limits: Limits::default(),
-        timeout: Duration::from_millis(100),
-        resources: Resources::default(),
-    })
-    .await
-    .err()
-    .unwrap();
+    let err = WasmPlugin::build(spec("future", "future_contract_plugin"))
+        .await
+        .err()
+        .unwrap();
     assert!(
         err.message.ends_with(
             "was built for the plugin contract `prompter:plugin@0.2.0`, but this engine speaks `prompter:plugin@0.1.0`; rebuild it against prompter-sdk 0.1.0"
