@@ -104,19 +104,8 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
     let Some((lines, _)) = read_recordings(&paths, err) else {
         return 1;
     };
+    // Notices are printed right after the call that raised them, so the output reads in order.
     let (tx, mut rx) = mpsc::channel(256);
-    let printer = {
-        let out = out.clone();
-        tokio::spawn(async move {
-            while let Some(o) = rx.recv().await {
-                if let Ok(line) =
-                    serde_json::to_string(&serde_json::json!({"type": "output", "output": o}))
-                {
-                    say(&out, &line);
-                }
-            }
-        })
-    };
     let mut states: HashMap<String, ConversationState> = HashMap::new();
     let mut seqs: HashMap<String, Arc<AtomicU64>> = HashMap::new();
     let (mut calls, mut failures) = (0u64, 0u64);
@@ -164,10 +153,15 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
             if let Ok(text) = serde_json::to_string(&obj) {
                 say(out, &text);
             }
+            while let Ok(o) = rx.try_recv() {
+                if let Ok(line) =
+                    serde_json::to_string(&serde_json::json!({"type": "output", "output": o}))
+                {
+                    say(out, &line);
+                }
+            }
         }
     }
-    drop(tx);
-    let _ = printer.await;
     for conv in states.keys() {
         plugin.conversation_ended(conv);
     }
