@@ -224,7 +224,10 @@ impl ChatProvider for NebulaProvider {
         let body = self.body(request);
         let Some(tokens) = tokens else {
             let resp = self.post("/v1/model/chat", &body).await?;
-            let v: serde_json::Value = resp.json_value().await.map_err(|e| {
+            let bytes = resp.bytes().await.map_err(|e| {
+                PluginError::external(format!("reading the Nebula chat answer failed: {e}"))
+            })?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
                 PluginError::external(format!("Nebula chat answer is not JSON: {e}"))
             })?;
             let text = v
@@ -279,17 +282,6 @@ fn sse_delta(line: &str) -> Option<String> {
     let data = line.trim().strip_prefix("data:")?.trim();
     let v: serde_json::Value = serde_json::from_str(data).ok()?;
     v.get("delta").and_then(|d| d.as_str()).map(str::to_owned)
-}
-
-trait JsonValue {
-    async fn json_value(self) -> Result<serde_json::Value, String>;
-}
-
-impl JsonValue for reqwest::Response {
-    async fn json_value(self) -> Result<serde_json::Value, String> {
-        let bytes = self.bytes().await.map_err(|e| e.to_string())?;
-        serde_json::from_slice(&bytes).map_err(|e| e.to_string())
-    }
 }
 
 #[cfg(test)]

@@ -413,11 +413,7 @@ pub fn typed_config<T: serde::de::DeserializeOwned>(
     config: &Node,
     diags: &mut Diagnostics,
 ) -> Option<T> {
-    // An absent `config:` is an empty mapping, so all-default configs need none.
-    if config.span().start().is_none() {
-        let empty = marked_yaml::parse_yaml(0, "{}").ok()?;
-        return deserialize_at(file, &empty, diags);
-    }
+    // An absent `config:` arrives as `EMPTY_MAP`, so all-default configs need none.
     deserialize_at(file, config, diags)
 }
 
@@ -620,14 +616,8 @@ fn pipeline(
             } else if let Some((pnode, pname)) = plugin_node {
                 match registry.plugin(pname.as_str()) {
                     Some(factory) => {
-                        let cfg = if config_node.span().start().is_none() {
-                            marked_yaml::parse_yaml(0, "{}").ok()
-                        } else {
-                            None
-                        };
-                        let cfg_ref = cfg.as_ref().unwrap_or(config_node);
                         let mut cx = BuildContext::new(&pipeline_name, &id, &base, &ids, resources);
-                        let built = factory.build_from_node(cfg_ref, &mut cx);
+                        let built = factory.build_from_node(config_node, &mut cx);
                         for problem in cx.into_problems() {
                             // Problems inside `config:` get the config's positions; a stage
                             // without `config:` points at its plugin.
