@@ -9,13 +9,15 @@
 //! - [`conversation`]: per-conversation state folded from events.
 //! - [`plugin`]: the [`plugin::Plugin`] and [`plugin::PluginFactory`] traits, build and stage
 //!   contexts.
-//! - [`resource`]: knowledge stores and chat providers that stages share.
+//! - [`resource`]: knowledge stores, chat providers and embedders that stages share.
+//! - [`backoff`]: retry pacing for clients of remote services.
 //! - [`output`]: what pipelines deliver.
 //! - [`secret`]: API keys that never reach logs or plugins.
 //! - [`template`]: the Jinja templates and filter expressions.
 //! - [`error`], [`diagnostic`]: classified stage errors; positioned config problems.
 //! - [`test_util`]: helpers to drive a plugin in tests.
 
+pub mod backoff;
 pub mod conversation;
 pub mod diagnostic;
 pub mod error;

@@ -26,7 +26,7 @@ use crate::diagnostic::{Position, did_you_mean};
 use crate::error::PluginError;
 use crate::event::Event;
 use crate::output::{Output, Timings};
-use crate::resource::{ChatProvider, KnowledgeStore, ScoredDocument};
+use crate::resource::{ChatProvider, Embedder, KnowledgeStore, ScoredDocument};
 use crate::template::{Template, conversation_value, event_value};
 
 /// What a stage tells the pipeline after it ran.
@@ -95,6 +95,10 @@ pub struct Resources {
     pub knowledge: BTreeMap<String, Arc<dyn KnowledgeStore>>,
     /// Chat providers from the engine config's `llm:`.
     pub chat: BTreeMap<String, Arc<dyn ChatProvider>>,
+    /// Embedders from the engine config's `embedders:`, each behind a [`CachedEmbedder`].
+    ///
+    /// [`CachedEmbedder`]: crate::resource::CachedEmbedder
+    pub embedders: BTreeMap<String, Arc<dyn Embedder>>,
 }
 
 /// What a factory gets while building a stage: resources, template compilation, and a place to
@@ -162,6 +166,16 @@ impl<'a> BuildContext<'a> {
         if found.is_none() {
             let names = self.resources.chat.keys().map(String::as_str);
             self.unknown(path, "llm provider", name, names, "llm");
+        }
+        found
+    }
+
+    /// Looks up an embedder; reports an unknown name (with a hint) at `path`.
+    pub fn embedder(&mut self, path: &str, name: &str) -> Option<Arc<dyn Embedder>> {
+        let found = self.resources.embedders.get(name).cloned();
+        if found.is_none() {
+            let names = self.resources.embedders.keys().map(String::as_str);
+            self.unknown(path, "embedder", name, names, "embedders");
         }
         found
     }
