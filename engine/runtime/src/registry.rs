@@ -1,18 +1,16 @@
-//! The one explicit list of everything built in: stage plugins, knowledge-store kinds and LLM
-//! provider kinds. No linker magic, no global registries: adding a plugin is one line here.
+//! The one explicit list of everything built in: stage plugins, knowledge-store kinds, LLM
+//! provider kinds and embedder kinds. No linker magic, no global registries: adding a plugin is one line here.
 
-use std::path::Path;
 use std::sync::Arc;
 
-use marked_yaml::Node;
 use prompter_core::plugin::ErasedFactory;
-use prompter_core::resource::{ChatProvider, KnowledgeStore};
+use prompter_core::resource::{ChatProvider, Embedder, KnowledgeStore};
 
-use crate::config::diagnostics::Diagnostics;
-use crate::config::typed_config;
+use crate::config::OpenCx;
+use crate::config::diagnostics::WithHelp;
 
-/// Opens a named resource from its `config:` node (name, config, base dir, file, diagnostics).
-pub type OpenFn<T> = fn(&str, &Node, &Path, &Path, &mut Diagnostics) -> Option<Arc<T>>;
+/// Opens a named resource from its `config:` node, reporting problems in the context.
+pub type OpenFn<T> = fn(&mut OpenCx<'_>) -> Option<Arc<T>>;
 
 /// The `plugin:` name of WebAssembly stages (built by `config::wasm`, not by a factory).
 pub const WASM: &str = "wasm";
@@ -37,6 +35,16 @@ pub struct ProviderKind {
     pub open: OpenFn<dyn ChatProvider>,
 }
 
+/// A kind of embedder (`provider:` under the engine config's `embedders:`).
+pub struct EmbedderKind {
+    /// The name used as `provider:`.
+    pub name: &'static str,
+    /// What it is.
+    pub description: &'static str,
+    /// Opens one.
+    pub open: OpenFn<dyn Embedder>,
+}
+
 /// Everything the engine can build by name.
 pub struct Registry {
     plugins: Vec<Box<dyn ErasedFactory>>,
@@ -44,6 +52,8 @@ pub struct Registry {
     pub stores: Vec<StoreKind>,
     /// LLM provider kinds.
     pub providers: Vec<ProviderKind>,
+    /// Embedder kinds.
+    pub embedders: Vec<EmbedderKind>,
 }
 
 impl Registry {
@@ -96,29 +106,48 @@ pub fn builtin() -> Registry {
                 open: open_nebula,
             },
         ],
+        embedders: vec![
+            EmbedderKind {
+                name: "hashing",
+                description: "local lexical feature hashing (no model, no network; matches words, not meaning)",
+                open: open_hashing,
+            },
+            EmbedderKind {
+                name: "nebula",
+                description: "Symbl Nebula embeddings (`/v1/model/embed`, 1024-d), with retries",
+                open: open_nebula_embedder,
+            },
+        ],
     }
 }
 
-fn open_embedded(
-    name: &str,
-    config: &Node,
-    base: &Path,
-    file: &Path,
-    diags: &mut Diagnostics,
-) -> Option<Arc<dyn KnowledgeStore>> {
+fn open_embedded(cx: &mut OpenCx<'_>) -> Option<Arc<dyn KnowledgeStore>> {
     use prompter_plugin_retrieve::{EmbeddedStore, EmbeddedStoreConfig};
-    let cfg: EmbeddedStoreConfig = typed_config(file, config, diags)?;
-    match EmbeddedStore::open(name, cfg, base) {
+    let cfg: EmbeddedStoreConfig = cx.typed()?;
+    let embedder = match &cfg.embedder {
+        Some(name) => match cx.resources.embedders.get(name) {
+            Some(e) => e.clone(),
+            None => {
+                let names: Vec<&str> = cx.resources.embedders.keys().map(String::as_str).collect();
+                let help = prompter_core::diagnostic::did_you_mean(name, names.iter().copied())
+                    .map(|s| format!("did you mean `{s}`?"))
+                    .unwrap_or_else(|| {
+                        "declare it under the engine config's `embedders:` (or omit `embedder` for the local lexical one)".into()
+                    });
+                cx.error_at("embedder", format!("unknown embedder `{name}`"))
+                    .help(Some(help));
+                return None;
+            }
+        },
+        None => EmbeddedStore::local_embedder(cfg.dims),
+    };
+    match EmbeddedStore::open(cx.name, cfg, cx.base, embedder) {
         Ok(store) => Some(Arc::new(store)),
         Err(e) => {
             // Most failures are about the CSV: point at `source` when it is there.
-            let at = config
-                .as_mapping()
-                .and_then(|m| m.get_node("source"))
-                .unwrap_or(config);
-            diags.error_node(
-                file,
-                at,
+            let name = cx.name.to_owned();
+            cx.error_at(
+                "source",
                 format!("cannot open knowledge store `{name}`: {e}"),
             );
             None
@@ -126,35 +155,43 @@ fn open_embedded(
     }
 }
 
-fn open_offline(
-    name: &str,
-    config: &Node,
-    _base: &Path,
-    file: &Path,
-    diags: &mut Diagnostics,
-) -> Option<Arc<dyn ChatProvider>> {
+fn open_offline(cx: &mut OpenCx<'_>) -> Option<Arc<dyn ChatProvider>> {
     use prompter_plugin_chat::{OfflineConfig, OfflineProvider};
-    let cfg: OfflineConfig = typed_config(file, config, diags)?;
-    Some(Arc::new(OfflineProvider::new(name, cfg)))
+    let cfg: OfflineConfig = cx.typed()?;
+    Some(Arc::new(OfflineProvider::new(cx.name, cfg)))
 }
 
-fn open_nebula(
-    name: &str,
-    config: &Node,
-    _base: &Path,
-    file: &Path,
-    diags: &mut Diagnostics,
-) -> Option<Arc<dyn ChatProvider>> {
+fn open_nebula(cx: &mut OpenCx<'_>) -> Option<Arc<dyn ChatProvider>> {
     use prompter_plugin_chat::{NebulaConfig, NebulaProvider};
-    let cfg: NebulaConfig = typed_config(file, config, diags)?;
-    match NebulaProvider::new(name, cfg) {
+    let cfg: NebulaConfig = cx.typed()?;
+    match NebulaProvider::new(cx.name, cfg) {
         Ok(p) => Some(Arc::new(p)),
         Err(e) => {
-            let at = config
-                .as_mapping()
-                .and_then(|m| m.get_node("api_key"))
-                .unwrap_or(config);
-            diags.error_node(file, at, e.message);
+            cx.error_at("api_key", e.message);
+            None
+        }
+    }
+}
+
+fn open_hashing(cx: &mut OpenCx<'_>) -> Option<Arc<dyn Embedder>> {
+    use prompter_plugin_retrieve::embedder::{HashingConfig, LocalEmbedder};
+    let cfg: HashingConfig = cx.typed()?;
+    match LocalEmbedder::from_config(cx.name, &cfg) {
+        Ok(e) => Some(Arc::new(e)),
+        Err(message) => {
+            cx.error_at("dims", message);
+            None
+        }
+    }
+}
+
+fn open_nebula_embedder(cx: &mut OpenCx<'_>) -> Option<Arc<dyn Embedder>> {
+    use prompter_plugin_chat::{NebulaEmbedConfig, NebulaEmbedder};
+    let cfg: NebulaEmbedConfig = cx.typed()?;
+    match NebulaEmbedder::new(cx.name, cfg) {
+        Ok(p) => Some(Arc::new(p)),
+        Err(e) => {
+            cx.error_at("api_key", e.message);
             None
         }
     }

@@ -6,6 +6,9 @@
 //! exponential backoff that honours `Retry-After`, a bounded number of times. Errors say which
 //! call failed and why. The API key travels only in the `ApiKey` header; it is never logged.
 //!
+//! It also owns the `nebula` embedder ([`NebulaEmbedder`], `/v1/model/embed`), which shares the
+//! same client, timeouts and retries.
+//!
 //! ```yaml
 //! llm:
 //!   nebula:
@@ -13,13 +16,18 @@
 //!     config:
 //!       api_key: ${NEBULA_API_KEY}
 //!       max_new_tokens: 256
+//! embedders:
+//!   nebula:
+//!     provider: nebula
+//!     config: { api_key: "${NEBULA_API_KEY}" }
 //! ```
 
 use std::time::Duration;
 
 use prompter_core::async_trait;
+use prompter_core::backoff::{Backoff, parse_retry_after};
 use prompter_core::error::PluginError;
-use prompter_core::resource::{ChatProvider, ChatReply, ChatRequest, Role};
+use prompter_core::resource::{ChatProvider, ChatReply, ChatRequest, Embedder, Role};
 use prompter_core::secret::Secret;
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -75,12 +83,127 @@ fn default_max_backoff_ms() -> u64 {
     5_000
 }
 
+/// The HTTP side shared by Nebula chat and embeddings: base URL, key, timeout and retries.
+#[derive(Debug, Clone)]
+struct NebulaClient {
+    /// The resource name, for errors and logs.
+    name: String,
+    /// `llm` or `embedder`, for errors.
+    section: &'static str,
+    base_url: String,
+    api_key: Secret,
+    timeout_ms: u64,
+    retry: Backoff,
+    client: reqwest::Client,
+}
+
+impl NebulaClient {
+    fn new(
+        name: &str,
+        section: &'static str,
+        api_key: Secret,
+        base_url: &str,
+        timeout_ms: u64,
+        retry: Backoff,
+    ) -> Result<Self, PluginError> {
+        if api_key.is_empty() {
+            return Err(PluginError::config(format!(
+                "{section} `{name}`: `api_key` is empty (set NEBULA_API_KEY)"
+            )));
+        }
+        // reqwest panics without a process-wide rustls crypto provider; installing twice is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(timeout_ms.max(1)))
+            .build()
+            .map_err(|e| PluginError::internal("cannot build the HTTP client").with_source(e))?;
+        Ok(NebulaClient {
+            name: name.to_owned(),
+            section,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            timeout_ms,
+            retry,
+            client,
+        })
+    }
+
+    /// POSTs `body` to `path`, retrying 429/5xx/connection failures; returns the 2xx response.
+    async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<reqwest::Response, PluginError> {
+        let url = format!("{}{path}", self.base_url);
+        let payload = serde_json::to_vec(body)
+            .map_err(|e| PluginError::internal("request did not serialize").with_source(e))?;
+        let mut attempt = 0u32;
+        loop {
+            let sent = self
+                .client
+                .post(&url)
+                .header("ApiKey", self.api_key.expose())
+                .header("Content-Type", "application/json")
+                .header("Accept", "application/json")
+                .body(payload.clone())
+                .send()
+                .await;
+            let (retry_after, why) = match sent {
+                Ok(resp) if resp.status().is_success() => return Ok(resp),
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let retry_after = resp
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_retry_after);
+                    let text = resp.text().await.unwrap_or_default();
+                    let detail: String = text.chars().take(200).collect();
+                    if status == 401 || status == 403 {
+                        return Err(PluginError::config(format!(
+                            "Nebula rejected the API key of {} `{}` ({status}); check the key in its `api_key`",
+                            self.section, self.name
+                        )));
+                    }
+                    if status != 429 && status < 500 {
+                        return Err(PluginError::input(format!(
+                            "Nebula `{path}` answered {status}: {detail}"
+                        )));
+                    }
+                    (retry_after, format!("{status}: {detail}"))
+                }
+                Err(e) if e.is_timeout() => {
+                    (None, format!("no answer within {} ms", self.timeout_ms))
+                }
+                Err(e) => (None, format!("request failed: {e}")),
+            };
+            if !self.retry.allows_retry(attempt) {
+                return Err(PluginError::external(format!(
+                    "Nebula `{path}` failed after {} attempt(s): {why}",
+                    attempt + 1
+                )));
+            }
+            let wait = self.retry.wait(attempt, retry_after);
+            tracing::warn!(resource = %self.name, call = path, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, error = %why, "Nebula call failed; retrying.");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+}
+
+fn retry_policy(max_retries: u32, max_backoff_ms: u64) -> Backoff {
+    Backoff {
+        base_ms: 200,
+        max_ms: max_backoff_ms,
+        max_retries,
+    }
+}
+
 /// A Nebula chat provider.
 #[derive(Debug, Clone)]
 pub struct NebulaProvider {
-    name: String,
     config: NebulaConfig,
-    client: reqwest::Client,
+    http: NebulaClient,
 }
 
 impl NebulaProvider {
@@ -89,22 +212,15 @@ impl NebulaProvider {
     /// # Errors
     /// An empty API key (an unset `${NEBULA_API_KEY:-}`).
     pub fn new(name: &str, config: NebulaConfig) -> Result<Self, PluginError> {
-        if config.api_key.is_empty() {
-            return Err(PluginError::config(format!(
-                "llm `{name}`: `api_key` is empty (set NEBULA_API_KEY)"
-            )));
-        }
-        // reqwest panics without a process-wide rustls crypto provider; installing twice is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(config.timeout_ms.max(1)))
-            .build()
-            .map_err(|e| PluginError::internal("cannot build the HTTP client").with_source(e))?;
-        Ok(NebulaProvider {
-            name: name.to_owned(),
-            config,
-            client,
-        })
+        let http = NebulaClient::new(
+            name,
+            "llm",
+            config.api_key.clone(),
+            &config.base_url,
+            config.timeout_ms,
+            retry_policy(config.max_retries, config.max_backoff_ms),
+        )?;
+        Ok(NebulaProvider { config, http })
     }
 
     fn body(&self, request: &ChatRequest) -> serde_json::Value {
@@ -132,88 +248,116 @@ impl NebulaProvider {
         }
         body
     }
+}
 
-    /// POSTs `body` to `path`, retrying 429/5xx/connection failures; returns the 2xx response.
-    async fn post(
-        &self,
-        path: &str,
-        body: &serde_json::Value,
-    ) -> Result<reqwest::Response, PluginError> {
-        let url = format!("{}{path}", self.config.base_url.trim_end_matches('/'));
-        let payload = serde_json::to_vec(body)
-            .map_err(|e| PluginError::internal("request did not serialize").with_source(e))?;
-        let mut attempt = 0u32;
-        loop {
-            let sent = self
-                .client
-                .post(&url)
-                .header("ApiKey", self.config.api_key.expose())
-                .header("Content-Type", "application/json")
-                .header("Accept", "application/json")
-                .body(payload.clone())
-                .send()
-                .await;
-            let (retry_after, why) = match sent {
-                Ok(resp) if resp.status().is_success() => return Ok(resp),
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let retry_after = resp
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    let text = resp.text().await.unwrap_or_default();
-                    let detail: String = text.chars().take(200).collect();
-                    if status == 401 || status == 403 {
-                        return Err(PluginError::config(format!(
-                            "Nebula rejected the API key of llm `{}` ({status}); check the key in its `api_key`",
-                            self.name
-                        )));
-                    }
-                    if status != 429 && status < 500 {
-                        return Err(PluginError::input(format!(
-                            "Nebula `{path}` answered {status}: {detail}"
-                        )));
-                    }
-                    (retry_after, format!("{status}: {detail}"))
-                }
-                Err(e) if e.is_timeout() => (
-                    None,
-                    format!("no answer within {} ms", self.config.timeout_ms),
-                ),
-                Err(e) => (None, format!("request failed: {e}")),
-            };
-            if attempt >= self.config.max_retries {
-                return Err(PluginError::external(format!(
-                    "Nebula `{path}` failed after {} attempt(s): {why}",
-                    attempt + 1
-                )));
-            }
-            let wait = retry_after
-                .unwrap_or_else(|| backoff(attempt))
-                .min(Duration::from_millis(self.config.max_backoff_ms));
-            tracing::warn!(llm = %self.name, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, error = %why, "Nebula call failed; retrying.");
-            tokio::time::sleep(wait).await;
-            attempt += 1;
+/// Configuration of a `nebula` embedder (`embedders.<name>.config`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NebulaEmbedConfig {
+    /// The Nebula API key (use `${NEBULA_API_KEY}`).
+    pub api_key: Secret,
+    /// API base URL. Default `https://api-nebula.symbl.ai`.
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// The embedding model. Default `nebula-text-embedding-large` (1024 dimensions).
+    #[serde(default = "default_embed_model")]
+    pub model: String,
+    /// Per-attempt timeout. Default 5,000 ms.
+    #[serde(default = "default_embed_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Retries after a 429, a 5xx or a connection failure. Default 3.
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    /// Longest wait between attempts, including `Retry-After`. Default 5,000 ms.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn default_embed_model() -> String {
+    "nebula-text-embedding-large".into()
+}
+fn default_embed_timeout_ms() -> u64 {
+    5_000
+}
+
+/// Nebula embeddings (`POST /v1/model/embed`, one text per call).
+#[derive(Debug, Clone)]
+pub struct NebulaEmbedder {
+    model: String,
+    http: NebulaClient,
+}
+
+impl NebulaEmbedder {
+    /// An embedder named `name`.
+    ///
+    /// # Errors
+    /// An empty API key.
+    pub fn new(name: &str, config: NebulaEmbedConfig) -> Result<Self, PluginError> {
+        let http = NebulaClient::new(
+            name,
+            "embedder",
+            config.api_key,
+            &config.base_url,
+            config.timeout_ms,
+            retry_policy(config.max_retries, config.max_backoff_ms),
+        )?;
+        Ok(NebulaEmbedder {
+            model: config.model,
+            http,
+        })
+    }
+
+    async fn embed_one(&self, text: &str) -> Result<Vec<f32>, PluginError> {
+        #[derive(Deserialize)]
+        struct Answer {
+            embedding: Vec<f32>,
         }
+        let body = serde_json::json!({"model": self.model, "text": text});
+        let resp = self.http.post("/v1/model/embed", &body).await?;
+        let bytes = resp.bytes().await.map_err(|e| {
+            PluginError::external(format!("reading the Nebula embedding failed: {e}"))
+        })?;
+        let a: Answer = serde_json::from_slice(&bytes).map_err(|e| {
+            PluginError::external(format!(
+                "Nebula `/v1/model/embed` answer has no float list `embedding`: {e}"
+            ))
+        })?;
+        if a.embedding.is_empty() {
+            return Err(PluginError::external(
+                "Nebula `/v1/model/embed` answered an empty embedding",
+            ));
+        }
+        Ok(a.embedding)
     }
 }
 
-/// 200 ms, 400 ms, 800 ms, ... with up to 50% jitter.
-fn backoff(attempt: u32) -> Duration {
-    let base = 200u64.saturating_mul(1 << attempt.min(10));
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    Duration::from_millis(base + base * u64::from(nanos % 500) / 1000)
+#[async_trait]
+impl Embedder for NebulaEmbedder {
+    fn name(&self) -> &str {
+        &self.http.name
+    }
+
+    fn id(&self) -> String {
+        format!("nebula:{}", self.model)
+    }
+
+    fn dims(&self) -> Option<usize> {
+        (self.model == "nebula-text-embedding-large").then_some(1024)
+    }
+
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PluginError> {
+        let mut out = Vec::with_capacity(texts.len());
+        for t in texts {
+            out.push(self.embed_one(t).await?);
+        }
+        Ok(out)
+    }
 }
 
 #[async_trait]
 impl ChatProvider for NebulaProvider {
     fn name(&self) -> &str {
-        &self.name
+        &self.http.name
     }
 
     async fn chat(
@@ -223,7 +367,7 @@ impl ChatProvider for NebulaProvider {
     ) -> Result<ChatReply, PluginError> {
         let body = self.body(request);
         let Some(tokens) = tokens else {
-            let resp = self.post("/v1/model/chat", &body).await?;
+            let resp = self.http.post("/v1/model/chat", &body).await?;
             let bytes = resp.bytes().await.map_err(|e| {
                 PluginError::external(format!("reading the Nebula chat answer failed: {e}"))
             })?;
@@ -241,11 +385,11 @@ impl ChatProvider for NebulaProvider {
                 })?;
             return Ok(ChatReply {
                 text: text.to_owned(),
-                provider: self.name.clone(),
+                provider: self.http.name.clone(),
                 model: v.get("model").and_then(|m| m.as_str()).map(str::to_owned),
             });
         };
-        let mut resp = self.post("/v1/model/chat/streaming", &body).await?;
+        let mut resp = self.http.post("/v1/model/chat/streaming", &body).await?;
         let mut text = String::new();
         let mut pending = String::new();
         loop {
@@ -270,7 +414,7 @@ impl ChatProvider for NebulaProvider {
         }
         Ok(ChatReply {
             text,
-            provider: self.name.clone(),
+            provider: self.http.name.clone(),
             model: None,
         })
     }
@@ -287,74 +431,15 @@ fn sse_delta(line: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::extract::State;
-    use axum::http::{HeaderMap, StatusCode};
-    use axum::response::IntoResponse;
-    use axum::routing::post;
     use prompter_core::resource::ChatMessage;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use prompter_fakes::nebula::{Endpoint, NebulaFake};
 
-    /// A fake Nebula: `script` lists the status of each successive chat call (200 = answer).
-    #[derive(Clone)]
-    struct Fake {
-        calls: Arc<AtomicU32>,
-        script: Arc<Vec<u16>>,
-    }
+    const ANSWER: &str = "Offer the starter tier and a pilot.";
 
-    async fn chat(
-        State(f): State<Fake>,
-        headers: HeaderMap,
-        body: String,
-    ) -> axum::response::Response {
-        let n = f.calls.fetch_add(1, Ordering::SeqCst) as usize;
-        if headers.get("ApiKey").and_then(|v| v.to_str().ok()) != Some("test-key") {
-            return (
-                StatusCode::UNAUTHORIZED,
-                r#"{"message": "Token validation failed for provided token."}"#,
-            )
-                .into_response();
-        }
-        let req: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(req["messages"][0]["role"], "human");
-        assert!(req["system_prompt"].is_string());
-        match f.script.get(n).copied().unwrap_or(200) {
-            200 => {
-                let answer = serde_json::json!({"messages": [
-                    {"role": "human", "text": req["messages"][0]["text"]},
-                    {"role": "assistant", "text": "Offer the starter tier."}]});
-                (StatusCode::OK, answer.to_string()).into_response()
-            }
-            429 => (
-                StatusCode::TOO_MANY_REQUESTS,
-                [("Retry-After", "1")],
-                "slow down",
-            )
-                .into_response(),
-            code => (StatusCode::from_u16(code).unwrap(), "upstream trouble").into_response(),
-        }
-    }
-
-    async fn stream(State(f): State<Fake>) -> impl IntoResponse {
-        f.calls.fetch_add(1, Ordering::SeqCst);
-        let body = "data: {\"delta\": \"Offer the\"}\n\n: a comment\ndata: {\"delta\": \" starter tier.\"}\n\ndata: [DONE]\n\n";
-        ([("content-type", "text/event-stream")], body)
-    }
-
-    async fn fake(script: Vec<u16>) -> (String, Arc<AtomicU32>) {
-        let calls = Arc::new(AtomicU32::new(0));
-        let state = Fake {
-            calls: calls.clone(),
-            script: Arc::new(script),
-        };
-        let app = axum::Router::new()
-            .route("/v1/model/chat", post(chat))
-            .route("/v1/model/chat/streaming", post(stream))
-            .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (format!("http://{addr}"), calls)
+    async fn fake() -> NebulaFake {
+        let f = NebulaFake::start("test-key").await;
+        f.set_answer(ANSWER);
+        f
     }
 
     fn provider(base_url: &str, key: &str) -> NebulaProvider {
@@ -362,6 +447,13 @@ mod tests {
             "api_key": key, "base_url": base_url, "max_backoff_ms": 50, "timeout_ms": 2000}))
         .unwrap();
         NebulaProvider::new("nebula", cfg).unwrap()
+    }
+
+    fn embedder(base_url: &str) -> NebulaEmbedder {
+        let cfg: NebulaEmbedConfig = serde_json::from_value(serde_json::json!({
+            "api_key": "test-key", "base_url": base_url, "max_backoff_ms": 50}))
+        .unwrap();
+        NebulaEmbedder::new("nebula", cfg).unwrap()
     }
 
     fn request() -> ChatRequest {
@@ -378,58 +470,54 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn answers_with_the_last_message() {
-        let (url, calls) = fake(vec![200]).await;
-        let reply = provider(&url, "test-key")
+    async fn answers_with_the_last_message_and_sends_the_seed_parameters() {
+        let f = fake().await;
+        let reply = provider(&f.url, "test-key")
             .chat(&request(), None)
             .await
             .unwrap();
-        assert_eq!(reply.text, "Offer the starter tier.");
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(reply.text, ANSWER);
+        assert_eq!(f.chat_attempts(), 1);
+        let sent = &f.chat_requests()[0];
+        assert_eq!(sent["messages"][0]["role"], "human");
+        assert_eq!(sent["system_prompt"], "Be brief.");
+        assert_eq!(
+            (sent["top_k"].as_u64(), sent["max_new_tokens"].as_u64()),
+            (Some(1), Some(64))
+        );
     }
 
     #[tokio::test]
     async fn retries_503_twice_then_succeeds_and_honours_retry_after() {
-        let (url, calls) = fake(vec![503, 503, 200]).await;
-        assert_eq!(
-            provider(&url, "test-key")
-                .chat(&request(), None)
-                .await
-                .unwrap()
-                .text,
-            "Offer the starter tier."
-        );
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
-        let (url, calls) = fake(vec![429, 200]).await;
-        assert_eq!(
-            provider(&url, "test-key")
-                .chat(&request(), None)
-                .await
-                .unwrap()
-                .text,
-            "Offer the starter tier."
-        );
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let f = fake().await;
+        f.fail_next(Endpoint::Chat, &[503, 503]);
+        let p = provider(&f.url, "test-key");
+        assert_eq!(p.chat(&request(), None).await.unwrap().text, ANSWER);
+        assert_eq!(f.chat_attempts(), 3);
+        f.fail_next(Endpoint::Chat, &[429]);
+        assert_eq!(p.chat(&request(), None).await.unwrap().text, ANSWER);
+        assert_eq!(f.chat_attempts(), 5);
     }
 
     #[tokio::test]
     async fn gives_up_after_the_retry_budget_and_says_why() {
-        let (url, calls) = fake(vec![503; 10]).await;
-        let err = provider(&url, "test-key")
+        let f = fake().await;
+        f.set_down(true);
+        let err = provider(&f.url, "test-key")
             .chat(&request(), None)
             .await
             .unwrap_err();
         assert_eq!(
             err.message,
-            "Nebula `/v1/model/chat` failed after 4 attempt(s): 503: upstream trouble"
+            r#"Nebula `/v1/model/chat` failed after 4 attempt(s): 503: {"message":"Service temporarily unavailable"}"#
         );
-        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(f.chat_attempts(), 4);
     }
 
     #[tokio::test]
     async fn a_bad_key_is_a_config_error_that_never_shows_the_key() {
-        let (url, _) = fake(vec![200]).await;
-        let p = provider(&url, "wrong-secret-value");
+        let f = fake().await;
+        let p = provider(&f.url, "wrong-secret-value");
         let err = p.chat(&request(), None).await.unwrap_err();
         assert_eq!(err.kind, prompter_core::error::ErrorKind::Config);
         assert!(err.message.contains("(401)"), "{}", err.message);
@@ -438,15 +526,35 @@ mod tests {
 
     #[tokio::test]
     async fn streams_deltas_as_they_arrive() {
-        let (url, _) = fake(vec![]).await;
+        let f = fake().await;
         let (tx, mut rx) = mpsc::channel(8);
-        let reply = provider(&url, "test-key")
+        let reply = provider(&f.url, "test-key")
             .chat(&request(), Some(tx))
             .await
             .unwrap();
-        assert_eq!(reply.text, "Offer the starter tier.");
-        assert_eq!(rx.recv().await.unwrap(), "Offer the");
-        assert_eq!(rx.recv().await.unwrap(), " starter tier.");
+        assert_eq!(reply.text, ANSWER);
+        assert_eq!(rx.recv().await.unwrap(), "Offer the starter ");
+        assert_eq!(rx.recv().await.unwrap(), "tier and a pilot.");
+    }
+
+    #[tokio::test]
+    async fn embeds_one_text_per_call_with_retries() {
+        let f = fake().await;
+        f.fail_next(Endpoint::Embed, &[503]);
+        let e = embedder(&f.url);
+        assert_eq!(e.id(), "nebula:nebula-text-embedding-large");
+        assert_eq!(e.dims(), Some(1024));
+        let v = e
+            .embed(&["Budget Constraints".into(), "Timing".into()])
+            .await
+            .unwrap();
+        assert_eq!((v.len(), v[0].len()), (2, 1024));
+        assert_eq!(
+            v[0],
+            prompter_fakes::nebula::embedding("Budget Constraints")
+        );
+        assert_eq!(f.embed_attempts(), 3);
+        assert_eq!(f.embedded_texts(), ["Budget Constraints", "Timing"]);
     }
 
     #[test]

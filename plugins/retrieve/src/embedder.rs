@@ -16,6 +16,11 @@
 
 use std::collections::BTreeMap;
 
+use prompter_core::async_trait;
+use prompter_core::error::PluginError;
+use prompter_core::resource::Embedder;
+use serde::Deserialize;
+
 /// Words skipped for every feature. Their character trigrams are skipped too: they would make
 /// every pair of English sentences look alike.
 const STOPWORDS: &[&str] = &[
@@ -112,6 +117,75 @@ impl HashingEmbedder {
             }
         }
         v
+    }
+}
+
+/// Largest accepted `dims`: beyond it the index grows with no gain for short texts.
+pub const MAX_DIMS: usize = 65_536;
+
+/// Configuration of a `hashing` embedder (`embedders.<name>.config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashingConfig {
+    /// Dimensions of the vectors, 1 to 65536. Default 1024.
+    #[serde(default = "default_dims")]
+    pub dims: usize,
+}
+
+fn default_dims() -> usize {
+    HashingEmbedder::DEFAULT_DIMS
+}
+
+/// The [`HashingEmbedder`] as a named [`Embedder`] resource.
+#[derive(Debug, Clone)]
+pub struct LocalEmbedder {
+    name: String,
+    inner: HashingEmbedder,
+}
+
+impl LocalEmbedder {
+    /// A local embedder named `name`.
+    ///
+    /// # Errors
+    /// `dims` out of range, as a message for the config's `dims`.
+    pub fn from_config(name: &str, config: &HashingConfig) -> Result<Self, String> {
+        if !(1..=MAX_DIMS).contains(&config.dims) {
+            return Err(format!(
+                "`dims` must be between 1 and {MAX_DIMS}, got {}",
+                config.dims
+            ));
+        }
+        Ok(Self::new(name, HashingEmbedder::new(config.dims)))
+    }
+
+    /// Wraps `inner` under `name`.
+    pub fn new(name: &str, inner: HashingEmbedder) -> Self {
+        LocalEmbedder {
+            name: name.to_owned(),
+            inner,
+        }
+    }
+}
+
+#[async_trait]
+impl Embedder for LocalEmbedder {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn id(&self) -> String {
+        self.inner.id()
+    }
+    fn dims(&self) -> Option<usize> {
+        Some(self.inner.dims())
+    }
+    fn max_batch(&self) -> usize {
+        1024
+    }
+    fn embed_local(&self, text: &str) -> Option<Vec<f32>> {
+        Some(self.inner.embed(text))
+    }
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PluginError> {
+        Ok(texts.iter().map(|t| self.inner.embed(t)).collect())
     }
 }
 

@@ -44,8 +44,10 @@ use prompter_core::resource::KnowledgeStore;
 use prompter_core::template::Template;
 use serde::Deserialize;
 
-pub use embedder::HashingEmbedder;
-pub use store::{EmbeddedStore, EmbeddedStoreConfig, StoreError};
+pub use embedder::{HashingEmbedder, LocalEmbedder};
+pub use store::{
+    EmbeddedStore, EmbeddedStoreConfig, IngestOptions, IngestReport, StoreError, ingest,
+};
 
 /// The default search text: a tracker's name and matched phrases, or the text of a message,
 /// insight, caption or topic. Only one of the parts is defined for any event (the others render
@@ -190,12 +192,9 @@ mod tests {
 
     fn resources(dir: &std::path::Path) -> Resources {
         std::fs::write(dir.join("kb.csv"), KB).unwrap();
-        let cfg = EmbeddedStoreConfig {
-            source: "kb.csv".into(),
-            index: None,
-            dims: 1024,
-        };
-        let store = EmbeddedStore::open("sales", cfg, dir).unwrap();
+        let cfg = EmbeddedStoreConfig::with_source("kb.csv");
+        let store =
+            EmbeddedStore::open("sales", cfg, dir, EmbeddedStore::local_embedder(1024)).unwrap();
         let mut r = Resources::default();
         r.knowledge.insert("sales".into(), Arc::new(store));
         r

@@ -1,50 +1,65 @@
-//! The embedded knowledge store: a CSV embedded in process, its index persisted to a file.
+//! The embedded knowledge store: documents and their embeddings in process, persisted to an
+//! index file.
 //!
-//! It owns reading the knowledge-base CSV, embedding its rows with [`HashingEmbedder`],
-//! persisting the embeddings (so a restart does not re-embed an unchanged CSV) and answering
-//! similarity searches. It does not own deciding what to search for (that is the `retrieve`
-//! stage) nor semantic embeddings (a model provider, later).
+//! It owns reading knowledge-base CSVs, embedding their rows with the store's [`Embedder`],
+//! persisting the embeddings (so a restart re-embeds nothing) and answering similarity
+//! searches. It does not own deciding what to search for (the `retrieve` stage).
 //!
-//! The index is a JSON file keyed by a content hash (sha256 of the CSV bytes and the embedder
-//! id): editing the CSV or changing `dims` rebuilds it; a missing, corrupt or foreign index is
-//! rebuilt too, never an error.
+//! Two ways to fill a store:
+//! - `source: kb.csv` in its config: the store serves exactly that CSV's rows. With a local
+//!   embedder (the default lexical one) rows missing from the index are embedded when the store
+//!   opens; with a remote one (Nebula, OpenAI) opening never calls the network, and rows not yet
+//!   embedded are an error that says to run `prompter kb ingest`.
+//! - no `source`: the store serves what `prompter kb ingest FILE.csv --store NAME` put in its
+//!   index ([`ingest`]).
+//!
+//! The index is a JSON file of documents keyed by a hash of their content (text and data) and
+//! tagged with the embedder's id: a re-ingest embeds only new or changed rows, and an index
+//! built by another embedder is never mixed in. Writes go to a temporary file that is renamed
+//! over the index, so a reader never sees half an index.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use prompter_core::async_trait;
 use prompter_core::error::PluginError;
-use prompter_core::resource::{KnowledgeStore, ScoredDocument};
+use prompter_core::resource::{CachedEmbedder, Embedder, KnowledgeStore, ScoredDocument};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::embedder::{HashingEmbedder, cosine};
+use crate::embedder::{HashingEmbedder, LocalEmbedder, MAX_DIMS, cosine};
 
-/// Query embeddings kept before the cache is cleared; tracker names repeat, so a small cache
-/// catches nearly every query.
-const QUERY_CACHE_CAPACITY: usize = 1024;
-/// Largest accepted `dims`: beyond it the index grows with no gain for short texts.
-pub const MAX_DIMS: usize = 65_536;
 /// Version of the index file layout; part of the validity check.
-const INDEX_FORMAT: u32 = 1;
+const INDEX_FORMAT: u32 = 2;
+/// During an ingest, the index is saved at least this often, so an interrupted run loses at
+/// most this much work (a re-run resumes from the saved rows).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 /// Configuration of an `embedded` knowledge store (`knowledge.<name>.config`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedStoreConfig {
-    /// The knowledge-base CSV: a header row, then one document per row; the first column is the
-    /// text that is embedded and searched (the objection), the second the data returned with it
-    /// (the guidance). Relative paths resolve against the engine config's folder.
-    pub source: PathBuf,
-    /// Where the built index is persisted. Default: `.prompter/index/<store name>.json` in the
-    /// engine config's folder.
+    /// The knowledge-base CSV the store serves: a header row, then one document per row; the
+    /// first column is the text that is embedded and searched (the objection), the second the
+    /// data returned with it (the guidance). Relative paths resolve against the engine config's
+    /// folder. Without it, the store serves what `prompter kb ingest` put in its index.
+    #[serde(default)]
+    pub source: Option<PathBuf>,
+    /// Where the index is persisted. Default: `.prompter/index/<store name>.json` in the engine
+    /// config's folder.
     #[serde(default)]
     pub index: Option<PathBuf>,
-    /// Dimensions of the embeddings, 1 to 65536. Default 1024.
+    /// The embedder, by its name in the engine config's `embedders:`. Default: the local
+    /// lexical embedder with `dims` dimensions.
+    #[serde(default)]
+    pub embedder: Option<String>,
+    /// Dimensions of the default local embedder, 1 to 65536. Default 1024.
     #[serde(default = "default_dims")]
     pub dims: usize,
 }
@@ -53,7 +68,30 @@ fn default_dims() -> usize {
     HashingEmbedder::DEFAULT_DIMS
 }
 
-/// Why an embedded store could not be opened.
+impl EmbeddedStoreConfig {
+    /// A config serving `source` with the default embedder.
+    pub fn with_source(source: impl Into<PathBuf>) -> Self {
+        EmbeddedStoreConfig {
+            source: Some(source.into()),
+            index: None,
+            embedder: None,
+            dims: default_dims(),
+        }
+    }
+
+    /// The index file of store `name`, with relative paths resolved against `base_dir`.
+    pub fn index_path(&self, name: &str, base_dir: &Path) -> PathBuf {
+        match &self.index {
+            Some(p) => base_dir.join(p),
+            None => base_dir
+                .join(".prompter")
+                .join("index")
+                .join(format!("{}.json", file_stem(name))),
+        }
+    }
+}
+
+/// Why an embedded store could not be opened or filled.
 #[derive(Debug, thiserror::Error)]
 #[must_use]
 pub enum StoreError {
@@ -90,6 +128,57 @@ pub enum StoreError {
     /// `dims` is out of range.
     #[error("`dims` must be between 1 and {MAX_DIMS}, got {0}")]
     InvalidDims(usize),
+    /// Rows of the source are not embedded yet, and the embedder is remote.
+    #[error(
+        "{missing} of {total} rows of `{}` are not embedded by `{embedder}` yet: run `prompter kb ingest {} --store {store}`",
+        source_file.display(), source_file.display()
+    )]
+    NotIngested {
+        /// The store.
+        store: String,
+        /// Its CSV.
+        source_file: PathBuf,
+        /// Rows without an embedding.
+        missing: usize,
+        /// All rows.
+        total: usize,
+        /// The embedder's id.
+        embedder: String,
+    },
+    /// The store has no source and nothing was ingested.
+    #[error(
+        "knowledge store `{store}` is empty: no index at `{}` built by `{embedder}`; run `prompter kb ingest FILE.csv --store {store}`",
+        index.display()
+    )]
+    NotIngestedYet {
+        /// The store.
+        store: String,
+        /// Its index file.
+        index: PathBuf,
+        /// The embedder's id.
+        embedder: String,
+    },
+    /// The embedder failed during an ingest; what was embedded before is saved.
+    #[error("embedding failed after {saved} new rows were saved (a re-run resumes): {source}")]
+    Embedding {
+        /// Rows embedded and saved before the failure.
+        saved: usize,
+        /// The embedder's error.
+        #[source]
+        source: PluginError,
+    },
+    /// The embedder answered vectors of different lengths.
+    #[error(
+        "the embedder `{embedder}` answered {got}-dimensional vectors where {want} were expected"
+    )]
+    DimsMismatch {
+        /// The embedder's id.
+        embedder: String,
+        /// Expected length.
+        want: usize,
+        /// Received length.
+        got: usize,
+    },
 }
 
 /// One document of the store, with its embedding.
@@ -105,91 +194,123 @@ struct Document {
 #[derive(Debug, Serialize, Deserialize)]
 struct IndexFile {
     format: u32,
-    content_hash: String,
     embedder: String,
     documents: Vec<Document>,
 }
 
-/// An in-process knowledge store over a CSV; see the module docs.
-#[derive(Debug)]
+/// A knowledge store held in process; see the module docs.
 pub struct EmbeddedStore {
     name: String,
-    embedder: HashingEmbedder,
+    embedder: Arc<dyn Embedder>,
     documents: Vec<Document>,
     index_path: PathBuf,
-    rebuilt: bool,
-    query_cache: Mutex<HashMap<String, Arc<[f32]>>>,
+    embedded_on_open: usize,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("name", &self.name)
+            .field("embedder", &self.embedder.id())
+            .field("documents", &self.documents.len())
+            .field("index_path", &self.index_path)
+            .finish()
+    }
 }
 
 impl EmbeddedStore {
-    /// Opens store `name`: reads and validates the CSV, then loads the persisted index when it
-    /// matches the CSV, or embeds every row and persists a new index. Relative paths resolve
-    /// against `base_dir`. Synchronous: it runs once, at engine start.
+    /// The default embedder of a store that names none: the local lexical one, cached.
+    pub fn local_embedder(dims: usize) -> Arc<dyn Embedder> {
+        let local = LocalEmbedder::new("hashing", HashingEmbedder::new(dims.clamp(1, MAX_DIMS)));
+        Arc::new(CachedEmbedder::new(Arc::new(local)))
+    }
+
+    /// Opens store `name`: loads its index, and with a `source`, checks that every row of the
+    /// CSV is embedded (embedding missing rows right away when the embedder is local). Relative
+    /// paths resolve against `base_dir`. Synchronous and offline: it runs once, at engine start.
     ///
     /// # Errors
     /// The CSV cannot be read or is malformed (naming the file and line), has no rows, `dims`
-    /// is out of range, or the index cannot be written.
+    /// is out of range, rows are not embedded and the embedder is remote, the store has no
+    /// source and no index, or the index cannot be written.
     pub fn open(
         name: &str,
         config: EmbeddedStoreConfig,
         base_dir: &Path,
+        embedder: Arc<dyn Embedder>,
     ) -> Result<EmbeddedStore, StoreError> {
-        if !(1..=MAX_DIMS).contains(&config.dims) {
+        if config.embedder.is_none() && !(1..=MAX_DIMS).contains(&config.dims) {
             return Err(StoreError::InvalidDims(config.dims));
         }
-        let embedder = HashingEmbedder::new(config.dims);
-        let source = base_dir.join(&config.source);
-        let index_path = match &config.index {
-            Some(p) => base_dir.join(p),
-            None => base_dir
-                .join(".prompter")
-                .join("index")
-                .join(format!("{}.json", file_stem(name))),
-        };
-
-        let bytes = fs::read(&source).map_err(|e| StoreError::Io {
-            action: "read",
-            path: source.clone(),
-            source: e,
-        })?;
-        let rows = read_rows(&source, &bytes)?;
-        let content_hash = {
-            let mut h = Sha256::new();
-            h.update(&bytes);
-            h.update([0]);
-            h.update(embedder.id().as_bytes());
-            hex(&h.finalize())
-        };
-
-        let (documents, rebuilt) = match load_index(&index_path, &content_hash, &embedder, &rows) {
-            Some(documents) => (documents, false),
-            None => {
-                let documents: Vec<Document> = rows
-                    .into_iter()
-                    .map(|(text, data)| Document {
-                        id: document_id(&text, &data),
-                        embedding: embedder.embed(&text),
-                        text,
-                        data,
-                    })
-                    .collect();
-                let index = IndexFile {
-                    format: INDEX_FORMAT,
-                    content_hash,
-                    embedder: embedder.id(),
-                    documents,
-                };
-                write_atomically(&index_path, &index)?;
-                (index.documents, true)
+        let index_path = config.index_path(name, base_dir);
+        let embedder_id = embedder.id();
+        let indexed = load_index(&index_path, &embedder_id);
+        let Some(source) = &config.source else {
+            if indexed.is_empty() {
+                return Err(StoreError::NotIngestedYet {
+                    store: name.to_owned(),
+                    index: index_path,
+                    embedder: embedder_id,
+                });
             }
+            return Ok(EmbeddedStore {
+                name: name.to_owned(),
+                embedder,
+                documents: indexed,
+                index_path,
+                embedded_on_open: 0,
+            });
         };
+        let source = base_dir.join(source);
+        let rows = read_csv(&source)?;
+        let mut known: HashMap<String, Document> =
+            indexed.into_iter().map(|d| (d.id.clone(), d)).collect();
+        let mut documents = Vec::with_capacity(rows.len());
+        let mut missing = 0;
+        let mut embedded = 0;
+        for (text, data) in rows {
+            let id = document_id(&text, &data);
+            if let Some(d) = known.remove(&id) {
+                documents.push(d);
+            } else if let Some(embedding) = embedder.embed_local(&text) {
+                embedded += 1;
+                documents.push(Document {
+                    id,
+                    text,
+                    data,
+                    embedding,
+                });
+            } else {
+                missing += 1;
+            }
+        }
+        if missing > 0 {
+            return Err(StoreError::NotIngested {
+                store: name.to_owned(),
+                source_file: source,
+                missing,
+                total: documents.len() + missing,
+                embedder: embedder_id,
+            });
+        }
+        check_dims(&documents, &embedder_id)?;
+        // Rewrite the index when rows were added or dropped, so the next start is a pure load.
+        if embedded > 0 || !known.is_empty() {
+            write_atomically(
+                &index_path,
+                &IndexFile {
+                    format: INDEX_FORMAT,
+                    embedder: embedder_id,
+                    documents: documents.clone(),
+                },
+            )?;
+        }
         Ok(EmbeddedStore {
             name: name.to_owned(),
             embedder,
             documents,
             index_path,
-            rebuilt,
-            query_cache: Mutex::new(HashMap::new()),
+            embedded_on_open: embedded,
         })
     }
 
@@ -203,9 +324,14 @@ impl EmbeddedStore {
         self.documents.is_empty()
     }
 
-    /// Whether [`EmbeddedStore::open`] had to embed the rows (no valid index matched the CSV).
+    /// How many rows [`EmbeddedStore::open`] had to embed (0 when the index had them all).
+    pub fn embedded_on_open(&self) -> usize {
+        self.embedded_on_open
+    }
+
+    /// Whether [`EmbeddedStore::open`] had to embed rows.
     pub fn rebuilt(&self) -> bool {
-        self.rebuilt
+        self.embedded_on_open > 0
     }
 
     /// Where the index is persisted.
@@ -213,26 +339,16 @@ impl EmbeddedStore {
         &self.index_path
     }
 
-    /// The embedder of this store.
-    pub fn embedder(&self) -> &HashingEmbedder {
-        &self.embedder
-    }
-
-    /// The `k` documents most similar to `query`, best first, ties in CSV order; nothing when
-    /// the query has no searchable words. The synchronous core of [`KnowledgeStore::search`].
-    pub fn top_k(&self, query: &str, k: usize) -> Vec<ScoredDocument> {
-        if k == 0 {
-            return Vec::new();
-        }
-        let q = self.query_embedding(query);
-        if q.iter().all(|x| *x == 0.0) {
+    /// The `k` documents most similar to the query vector, best first, ties in index order.
+    fn rank(&self, q: &[f32], k: usize) -> Vec<ScoredDocument> {
+        if k == 0 || q.iter().all(|x| *x == 0.0) {
             return Vec::new();
         }
         let mut scored: Vec<(usize, f32)> = self
             .documents
             .iter()
             .enumerate()
-            .map(|(i, d)| (i, cosine(&q, &d.embedding)))
+            .map(|(i, d)| (i, cosine(q, &d.embedding)))
             .collect();
         // A stable sort keeps CSV order among equal scores.
         scored.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -251,21 +367,14 @@ impl EmbeddedStore {
             .collect()
     }
 
-    fn query_embedding(&self, query: &str) -> Arc<[f32]> {
-        // A poisoned cache is still a valid cache: every entry was inserted whole.
-        let mut cache = self
-            .query_cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(v) = cache.get(query) {
-            return Arc::clone(v);
+    /// The `k` documents most similar to `query`, for local embedders (nothing otherwise, and
+    /// nothing when the query has no searchable words). The synchronous core of
+    /// [`KnowledgeStore::search`].
+    pub fn top_k(&self, query: &str, k: usize) -> Vec<ScoredDocument> {
+        match self.embedder.embed_local(query) {
+            Some(q) => self.rank(&q, k),
+            None => Vec::new(),
         }
-        if cache.len() >= QUERY_CACHE_CAPACITY {
-            cache.clear();
-        }
-        let v: Arc<[f32]> = self.embedder.embed(query).into();
-        cache.insert(query.to_owned(), Arc::clone(&v));
-        v
     }
 }
 
@@ -276,7 +385,243 @@ impl KnowledgeStore for EmbeddedStore {
     }
 
     async fn search(&self, query: &str, k: usize) -> Result<Vec<ScoredDocument>, PluginError> {
-        Ok(self.top_k(query, k))
+        if let Some(q) = self.embedder.embed_local(query) {
+            return Ok(self.rank(&q, k));
+        }
+        let q = self
+            .embedder
+            .embed(&[query.to_owned()])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        Ok(self.rank(&q, k))
+    }
+}
+
+/// How [`ingest`] goes about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestOptions {
+    /// Texts per embedding call (capped by the embedder's own maximum). Default 32.
+    pub batch_size: usize,
+    /// Embedding calls in flight at once. Default 4.
+    pub concurrency: usize,
+    /// Keep documents already in the index that are not in the CSV. Default false: the store
+    /// ends up holding exactly the CSV's rows.
+    pub append: bool,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions {
+            batch_size: 32,
+            concurrency: 4,
+            append: false,
+        }
+    }
+}
+
+/// What an ingest did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IngestReport {
+    /// Distinct rows in the CSV.
+    pub rows: usize,
+    /// Rows embedded by this run.
+    pub embedded: usize,
+    /// Rows whose embedding was already in the index.
+    pub reused: usize,
+    /// Documents dropped from the index because the CSV no longer has them.
+    pub removed: usize,
+    /// The documents in the index now.
+    pub documents: usize,
+    /// The index file.
+    pub index: PathBuf,
+}
+
+/// Embeds the rows of `csv` into store `name`'s index: only rows not already embedded by this
+/// embedder (by content), in batches with bounded concurrency, saving progress as it goes so an
+/// interrupted run resumes. `progress(done, to_embed)` is called after each batch.
+///
+/// # Errors
+/// The CSV is unreadable or malformed, the embedder fails (what was embedded is saved), or the
+/// index cannot be written.
+pub async fn ingest(
+    name: &str,
+    config: &EmbeddedStoreConfig,
+    base_dir: &Path,
+    embedder: Arc<dyn Embedder>,
+    csv: &Path,
+    options: IngestOptions,
+    progress: &(dyn Fn(usize, usize) + Send + Sync),
+) -> Result<IngestReport, StoreError> {
+    let index_path = config.index_path(name, base_dir);
+    let embedder_id = embedder.id();
+    let rows = read_csv(csv)?;
+    let previous = load_index(&index_path, &embedder_id);
+    let mut done: HashMap<String, Document> =
+        previous.iter().map(|d| (d.id.clone(), d.clone())).collect();
+
+    // The CSV's distinct rows, in order, and those still to embed.
+    let mut seen = HashSet::new();
+    let rows: Vec<(String, String, String)> = rows
+        .into_iter()
+        .filter_map(|(text, data)| {
+            let id = document_id(&text, &data);
+            seen.insert(id.clone()).then_some((id, text, data))
+        })
+        .collect();
+    let todo: Vec<&(String, String, String)> = rows
+        .iter()
+        .filter(|(id, _, _)| !done.contains_key(id))
+        .collect();
+    let reused = rows.len() - todo.len();
+    let batch = options.batch_size.clamp(1, embedder.max_batch().max(1));
+    let total = todo.len();
+    progress(0, total);
+
+    let order = |done: &HashMap<String, Document>| -> Vec<Document> {
+        // CSV rows first (in CSV order), then, when appending, older documents.
+        let mut out: Vec<Document> = rows
+            .iter()
+            .filter_map(|(id, _, _)| done.get(id).cloned())
+            .collect();
+        if options.append {
+            out.extend(previous.iter().filter(|d| !seen.contains(&d.id)).cloned());
+        }
+        out
+    };
+    let save = |docs: Vec<Document>| {
+        write_atomically(
+            &index_path,
+            &IndexFile {
+                format: INDEX_FORMAT,
+                embedder: embedder_id.clone(),
+                documents: docs,
+            },
+        )
+    };
+
+    let mut calls = futures_util::stream::iter(todo.chunks(batch).map(|chunk| {
+        let embedder = embedder.clone();
+        let texts: Vec<String> = chunk.iter().map(|(_, t, _)| t.clone()).collect();
+        let chunk: Vec<(String, String, String)> = chunk.iter().map(|r| (*r).clone()).collect();
+        async move { (chunk, embedder.embed(&texts).await) }
+    }))
+    .buffer_unordered(options.concurrency.max(1));
+    let mut embedded = 0;
+    let mut last_save = Instant::now();
+    let mut dims = done.values().next().map(|d| d.embedding.len());
+    while let Some((chunk, result)) = calls.next().await {
+        let result = result.and_then(|v| {
+            if v.len() == chunk.len() {
+                Ok(v)
+            } else {
+                Err(PluginError::external(format!(
+                    "the embedder answered {} vectors for {} texts",
+                    v.len(),
+                    chunk.len()
+                )))
+            }
+        });
+        let vectors = match result {
+            Ok(v) => v,
+            Err(source) => {
+                drop(calls);
+                // Keep what was embedded so far; the embedding error is the one to report.
+                let _ = save(order(&done));
+                return Err(StoreError::Embedding {
+                    saved: embedded,
+                    source,
+                });
+            }
+        };
+        for ((id, text, data), embedding) in chunk.into_iter().zip(vectors) {
+            let want = *dims.get_or_insert(embedding.len());
+            if embedding.len() != want || want == 0 {
+                drop(calls);
+                let _ = save(order(&done));
+                return Err(StoreError::DimsMismatch {
+                    embedder: embedder_id.clone(),
+                    want,
+                    got: embedding.len(),
+                });
+            }
+            done.insert(
+                id.clone(),
+                Document {
+                    id,
+                    text,
+                    data,
+                    embedding,
+                },
+            );
+            embedded += 1;
+        }
+        progress(embedded, total);
+        if last_save.elapsed() >= CHECKPOINT_EVERY {
+            save(order(&done))?;
+            last_save = Instant::now();
+        }
+    }
+    drop(calls);
+    let documents = order(&done);
+    let kept: HashSet<&str> = documents.iter().map(|d| d.id.as_str()).collect();
+    let removed = previous
+        .iter()
+        .filter(|d| !kept.contains(d.id.as_str()))
+        .count();
+    let count = documents.len();
+    if embedded > 0 || removed > 0 || previous.len() != count {
+        save(documents)?;
+    }
+    Ok(IngestReport {
+        rows: rows.len(),
+        embedded,
+        reused,
+        removed,
+        documents: count,
+        index: index_path,
+    })
+}
+
+/// Reads and validates a knowledge-base CSV.
+fn read_csv(path: &Path) -> Result<Vec<(String, String)>, StoreError> {
+    let bytes = fs::read(path).map_err(|e| StoreError::Io {
+        action: "read",
+        path: path.to_owned(),
+        source: e,
+    })?;
+    read_rows(path, &bytes)
+}
+
+/// Every document must have the length of the first.
+fn check_dims(documents: &[Document], embedder: &str) -> Result<(), StoreError> {
+    let Some(first) = documents.first() else {
+        return Ok(());
+    };
+    let want = first.embedding.len();
+    match documents.iter().find(|d| d.embedding.len() != want) {
+        Some(d) => Err(StoreError::DimsMismatch {
+            embedder: embedder.to_owned(),
+            want,
+            got: d.embedding.len(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The documents of the index at `path` when it was built by `embedder`; empty when it is
+/// missing, unreadable, corrupt, of another format or another embedder (then it is rebuilt).
+fn load_index(path: &Path, embedder: &str) -> Vec<Document> {
+    let Ok(bytes) = fs::read(path) else {
+        return Vec::new();
+    };
+    match serde_json::from_slice::<IndexFile>(&bytes) {
+        Ok(index) if index.format == INDEX_FORMAT && index.embedder == embedder => index.documents,
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(index = %path.display(), error = %e, "Ignoring an unreadable index; it will be rebuilt.");
+            Vec::new()
+        }
     }
 }
 
@@ -341,26 +686,6 @@ fn read_rows(path: &Path, bytes: &[u8]) -> Result<Vec<(String, String)>, StoreEr
         });
     }
     Ok(rows)
-}
-
-/// The persisted documents when the index at `path` was built from these exact rows by this
-/// embedder; `None` (rebuild) when it is missing, unreadable, corrupt or stale.
-fn load_index(
-    path: &Path,
-    content_hash: &str,
-    embedder: &HashingEmbedder,
-    rows: &[(String, String)],
-) -> Option<Vec<Document>> {
-    let bytes = fs::read(path).ok()?;
-    let index: IndexFile = serde_json::from_slice(&bytes).ok()?;
-    let valid = index.format == INDEX_FORMAT
-        && index.content_hash == content_hash
-        && index.embedder == embedder.id()
-        && index.documents.len() == rows.len()
-        && index.documents.iter().zip(rows).all(|(d, (text, data))| {
-            d.text == *text && d.data == *data && d.embedding.len() == embedder.dims()
-        });
-    valid.then_some(index.documents)
 }
 
 /// Writes `index` to a temporary file in the target's folder, then renames it over the target,
@@ -445,16 +770,21 @@ mod tests {
 \"Timing: call me back next quarter, now is not a good time\",\"Ask what changes next quarter and agree on a concrete follow-up date.\"\n";
 
     fn config(source: &str) -> EmbeddedStoreConfig {
-        EmbeddedStoreConfig {
-            source: source.into(),
-            index: None,
-            dims: 1024,
-        }
+        EmbeddedStoreConfig::with_source(source)
+    }
+
+    fn open_with(
+        name: &str,
+        cfg: EmbeddedStoreConfig,
+        dir: &Path,
+    ) -> Result<EmbeddedStore, StoreError> {
+        let e = EmbeddedStore::local_embedder(cfg.dims);
+        EmbeddedStore::open(name, cfg, dir, e)
     }
 
     fn open_kb(dir: &Path, csv: &str) -> Result<EmbeddedStore, StoreError> {
         fs::write(dir.join("kb.csv"), csv).unwrap();
-        EmbeddedStore::open("sales", config("kb.csv"), dir)
+        open_with("sales", config("kb.csv"), dir)
     }
 
     #[test]
@@ -512,7 +842,8 @@ mod tests {
 
         let edited = KB.replace("phased rollout", "starter package");
         let third = open_kb(dir.path(), &edited).unwrap();
-        assert!(third.rebuilt());
+        // Only the edited row is embedded again.
+        assert_eq!(third.embedded_on_open(), 1);
         assert!(
             third.top_k("Budget Constraints", 1)[0]
                 .data
@@ -522,7 +853,7 @@ mod tests {
         // Other dims: another embedder id, so the index is rebuilt.
         let mut cfg = config("kb.csv");
         cfg.dims = 256;
-        let fourth = EmbeddedStore::open("sales", cfg, dir.path()).unwrap();
+        let fourth = open_with("sales", cfg, dir.path()).unwrap();
         assert!(fourth.rebuilt());
         assert_eq!(fourth.documents[0].embedding.len(), 256);
 
@@ -543,9 +874,9 @@ mod tests {
         let index = dir.path().join("custom/idx.json");
         fs::create_dir_all(index.parent().unwrap()).unwrap();
         fs::write(&index, "{ not json").unwrap();
-        let store = EmbeddedStore::open("sales", cfg.clone(), dir.path()).unwrap();
+        let store = open_with("sales", cfg.clone(), dir.path()).unwrap();
         assert!(store.rebuilt());
-        let again = EmbeddedStore::open("sales", cfg, dir.path()).unwrap();
+        let again = open_with("sales", cfg, dir.path()).unwrap();
         assert!(!again.rebuilt());
     }
 
@@ -580,13 +911,13 @@ mod tests {
             "{err}"
         );
 
-        let err = EmbeddedStore::open("sales", config("missing.csv"), dir.path()).unwrap_err();
+        let err = open_with("sales", config("missing.csv"), dir.path()).unwrap_err();
         assert!(err.to_string().starts_with("cannot read `"), "{err}");
         assert!(err.to_string().contains("missing.csv"), "{err}");
 
         let mut cfg = config("kb.csv");
         cfg.dims = 0;
-        let err = EmbeddedStore::open("sales", cfg, dir.path()).unwrap_err();
+        let err = open_with("sales", cfg, dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::InvalidDims(0)));
     }
 
@@ -607,9 +938,257 @@ mod tests {
     #[test]
     fn config_rejects_unknown_fields_and_defaults_dims() {
         let cfg: EmbeddedStoreConfig = serde_json::from_str(r#"{"source": "kb.csv"}"#).unwrap();
+        assert_eq!(cfg.embedder, None);
         assert_eq!(cfg, config("kb.csv"));
         assert!(
             serde_json::from_str::<EmbeddedStoreConfig>(r#"{"source": "a", "dim": 3}"#).is_err()
         );
+    }
+
+    /// A remote-like embedder (no local embedding) that counts what it embeds and can fail
+    /// after a number of texts.
+    struct Remote {
+        inner: HashingEmbedder,
+        calls: AtomicU64,
+        texts: AtomicU64,
+        fail_after: Option<u64>,
+    }
+
+    impl Remote {
+        fn new(fail_after: Option<u64>) -> Arc<Remote> {
+            Arc::new(Remote {
+                inner: HashingEmbedder::default(),
+                calls: AtomicU64::new(0),
+                texts: AtomicU64::new(0),
+                fail_after,
+            })
+        }
+    }
+
+    #[async_trait]
+    impl Embedder for Remote {
+        fn name(&self) -> &str {
+            "remote"
+        }
+        fn id(&self) -> String {
+            "remote-v1".into()
+        }
+        fn dims(&self) -> Option<usize> {
+            Some(1024)
+        }
+        fn max_batch(&self) -> usize {
+            2
+        }
+        async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PluginError> {
+            let before = self.texts.fetch_add(texts.len() as u64, Ordering::SeqCst);
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self
+                .fail_after
+                .is_some_and(|n| before + texts.len() as u64 > n)
+            {
+                return Err(PluginError::external(
+                    "Nebula `/v1/model/embed` failed: 503",
+                ));
+            }
+            Ok(texts.iter().map(|t| self.inner.embed(t)).collect())
+        }
+    }
+
+    fn sequential() -> IngestOptions {
+        IngestOptions {
+            batch_size: 32,
+            concurrency: 1,
+            append: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_store_needs_an_ingest_then_serves_it_and_reingests_only_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("kb.csv"), KB).unwrap();
+        let cfg = config("kb.csv");
+        let remote = Remote::new(None);
+        let err =
+            EmbeddedStore::open("sales", cfg.clone(), dir.path(), remote.clone()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "4 of 4 rows of `{0}` are not embedded by `remote-v1` yet: run `prompter kb ingest {0} --store sales`",
+                dir.path().join("kb.csv").display()
+            )
+        );
+        assert_eq!(
+            remote.calls.load(Ordering::SeqCst),
+            0,
+            "opening never calls the embedder"
+        );
+
+        let seen = std::sync::Mutex::new(Vec::new());
+        let csv = dir.path().join("kb.csv");
+        let report = ingest(
+            "sales",
+            &cfg,
+            dir.path(),
+            remote.clone(),
+            &csv,
+            IngestOptions::default(),
+            &|d, t| {
+                seen.lock().unwrap().push((d, t));
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (report.rows, report.embedded, report.reused, report.removed),
+            (4, 4, 0, 0)
+        );
+        // max_batch 2: two calls, progress after each.
+        assert_eq!(remote.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(*seen.lock().unwrap(), [(0, 4), (2, 4), (4, 4)]);
+
+        let store = EmbeddedStore::open("sales", cfg.clone(), dir.path(), remote.clone()).unwrap();
+        assert_eq!(store.len(), 4);
+        let docs = store.search("Timing", 1).await.unwrap();
+        assert!(docs[0].text.starts_with("Timing:"), "{docs:?}");
+
+        // Unchanged: nothing embedded. One row edited: one embedded, the old one removed.
+        let again = ingest(
+            "sales",
+            &cfg,
+            dir.path(),
+            remote.clone(),
+            &csv,
+            sequential(),
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!((again.embedded, again.reused, again.removed), (0, 4, 0));
+        fs::write(&csv, KB.replace("phased rollout", "starter package")).unwrap();
+        let edited = ingest(
+            "sales",
+            &cfg,
+            dir.path(),
+            remote.clone(),
+            &csv,
+            sequential(),
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (
+                edited.embedded,
+                edited.reused,
+                edited.removed,
+                edited.documents
+            ),
+            (1, 3, 1, 4)
+        );
+        // 4 rows, the "Timing" query, the edited row.
+        assert_eq!(remote.texts.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test]
+    async fn a_failed_ingest_keeps_what_was_embedded_and_a_rerun_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("kb.csv");
+        fs::write(&csv, KB).unwrap();
+        let mut cfg = config("kb.csv");
+        cfg.source = None;
+        let failing = Remote::new(Some(2));
+        let err = ingest(
+            "sales",
+            &cfg,
+            dir.path(),
+            failing,
+            &csv,
+            sequential(),
+            &|_, _| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Embedding { saved: 2, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("a re-run resumes"), "{err}");
+        let partial =
+            EmbeddedStore::open("sales", cfg.clone(), dir.path(), Remote::new(None)).unwrap();
+        assert_eq!(partial.len(), 2);
+
+        let remote = Remote::new(None);
+        let report = ingest(
+            "sales",
+            &cfg,
+            dir.path(),
+            remote.clone(),
+            &csv,
+            sequential(),
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!((report.embedded, report.reused), (2, 2));
+        assert_eq!(remote.texts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_store_without_source_or_index_says_to_ingest_and_append_keeps_old_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config("kb.csv");
+        cfg.source = None;
+        let err =
+            EmbeddedStore::open("sales", cfg.clone(), dir.path(), Remote::new(None)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("run `prompter kb ingest FILE.csv --store sales`"),
+            "{err}"
+        );
+
+        let a = dir.path().join("a.csv");
+        let b = dir.path().join("b.csv");
+        fs::write(&a, "q,a\nBudget: too expensive,Offer a pilot.\n").unwrap();
+        fs::write(&b, "q,a\nTiming: next quarter,Agree on a date.\n").unwrap();
+        let remote = Remote::new(None);
+        ingest(
+            "sales",
+            &cfg,
+            dir.path(),
+            remote.clone(),
+            &a,
+            sequential(),
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+        let append = IngestOptions {
+            append: true,
+            ..sequential()
+        };
+        let r = ingest(
+            "sales",
+            &cfg,
+            dir.path(),
+            remote.clone(),
+            &b,
+            append,
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.documents, r.removed), (2, 0));
+        let r = ingest(
+            "sales",
+            &cfg,
+            dir.path(),
+            remote,
+            &b,
+            sequential(),
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.documents, r.removed), (1, 1));
     }
 }

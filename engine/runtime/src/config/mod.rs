@@ -58,6 +58,8 @@ pub struct Settings {
     pub queue_capacity: usize,
     /// Stage timeout when a stage sets no `timeout_ms`. Default 10 s.
     pub default_stage_timeout: Duration,
+    /// The `symbl:` section (credentials by variable name, live sources, trackers), when given.
+    pub symbl: Option<prompter_symbl::SymblConfig>,
 }
 
 impl Default for Settings {
@@ -66,6 +68,7 @@ impl Default for Settings {
             conversation_idle: Duration::from_secs(1800),
             queue_capacity: 64,
             default_stage_timeout: Duration::from_secs(10),
+            symbl: None,
         }
     }
 }
@@ -225,7 +228,14 @@ fn base_dir(file: &Path) -> PathBuf {
     }
 }
 
-const ENGINE_KEYS: &[&str] = &["pipelines", "knowledge", "llm", "engine"];
+const ENGINE_KEYS: &[&str] = &[
+    "pipelines",
+    "embedders",
+    "knowledge",
+    "llm",
+    "symbl",
+    "engine",
+];
 
 /// Reads an engine config; returns the pipeline files it lists.
 fn engine_config(
@@ -299,6 +309,48 @@ fn engine_config(
             settings.default_stage_timeout = Duration::from_millis(v.max(1));
         }
     }
+    if let Some(symbl) = map.get_node("symbl")
+        && let Some(cfg) = typed_config::<prompter_symbl::SymblConfig>(file, symbl, diags)
+    {
+        settings.symbl = Some(cfg);
+    }
+    if let Some(e) = map
+        .get_node("embedders")
+        .and_then(|n| expect_map(file, n, "`embedders`", diags))
+    {
+        for (name, decl) in e.iter() {
+            let Some((kind, kind_node, config)) =
+                resource_decl(file, decl, "provider", "embedder", diags)
+            else {
+                continue;
+            };
+            match registry.embedders.iter().find(|p| p.name == kind) {
+                Some(factory) => {
+                    let mut cx = OpenCx {
+                        name: name.as_str(),
+                        config,
+                        base: &base,
+                        file,
+                        diags,
+                        resources,
+                    };
+                    if let Some(p) = (factory.open)(&mut cx) {
+                        let cached: Arc<dyn prompter_core::resource::Embedder> =
+                            Arc::new(prompter_core::resource::CachedEmbedder::new(p));
+                        resources.embedders.insert(name.as_str().to_owned(), cached);
+                    }
+                }
+                None => unknown_kind(
+                    file,
+                    kind_node,
+                    "embedder kind",
+                    &kind,
+                    registry.embedders.iter().map(|p| p.name),
+                    diags,
+                ),
+            }
+        }
+    }
     if let Some(k) = map
         .get_node("knowledge")
         .and_then(|n| expect_map(file, n, "`knowledge`", diags))
@@ -310,12 +362,19 @@ fn engine_config(
                 continue;
             };
             match registry.stores.iter().find(|s| s.name == kind) {
-                Some(factory) => match (factory.open)(name.as_str(), config, &base, file, diags) {
-                    Some(store) => {
+                Some(factory) => {
+                    let mut cx = OpenCx {
+                        name: name.as_str(),
+                        config,
+                        base: &base,
+                        file,
+                        diags,
+                        resources,
+                    };
+                    if let Some(store) = (factory.open)(&mut cx) {
                         resources.knowledge.insert(name.as_str().to_owned(), store);
                     }
-                    None => continue,
-                },
+                }
                 None => unknown_kind(
                     file,
                     kind_node,
@@ -339,7 +398,15 @@ fn engine_config(
             };
             match registry.providers.iter().find(|p| p.name == kind) {
                 Some(factory) => {
-                    if let Some(p) = (factory.open)(name.as_str(), config, &base, file, diags) {
+                    let mut cx = OpenCx {
+                        name: name.as_str(),
+                        config,
+                        base: &base,
+                        file,
+                        diags,
+                        resources,
+                    };
+                    if let Some(p) = (factory.open)(&mut cx) {
                         resources.chat.insert(name.as_str().to_owned(), p);
                     }
                 }
@@ -355,6 +422,43 @@ fn engine_config(
         }
     }
     files
+}
+
+/// What opening a named resource (store, provider, embedder) gets.
+pub struct OpenCx<'a> {
+    /// The resource's name (its key in the engine config).
+    pub name: &'a str,
+    /// Its `config:` node (an empty map when absent).
+    pub config: &'a Node,
+    /// The engine config's folder; relative paths resolve against it.
+    pub base: &'a Path,
+    /// The engine config file, for diagnostics.
+    pub file: &'a Path,
+    /// Where problems go.
+    pub diags: &'a mut Diagnostics,
+    /// The resources opened so far (stores find their embedder here).
+    pub resources: &'a Resources,
+}
+
+impl OpenCx<'_> {
+    /// The typed config, or `None` after reporting why not.
+    pub fn typed<T: serde::de::DeserializeOwned>(&mut self) -> Option<T> {
+        typed_config(self.file, self.config, self.diags)
+    }
+
+    /// Reports `message` at the config's key `key` (or the whole config when absent).
+    pub fn error_at(
+        &mut self,
+        key: &str,
+        message: impl Into<String>,
+    ) -> &mut prompter_core::diagnostic::Diagnostic {
+        let at = self
+            .config
+            .as_mapping()
+            .and_then(|m| m.get_node(key))
+            .unwrap_or(self.config);
+        self.diags.error_node(self.file, at, message)
+    }
 }
 
 /// `{ <kind_key>: NAME, config: {...} }` → (kind, its node, config node).
