@@ -7,6 +7,7 @@
 
 mod cli;
 mod config_ui;
+mod kb;
 mod plugin_tool;
 mod replay;
 mod wasm;

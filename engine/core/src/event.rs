@@ -278,6 +278,9 @@ pub struct Event {
     pub detail: Detail,
     /// The whole frame as received; split events share it.
     pub raw: Arc<Value>,
+    /// When the engine received the frame (pipeline deadlines count from it).
+    #[serde(skip)]
+    pub received: std::time::Instant,
 }
 
 impl Event {
@@ -330,6 +333,7 @@ pub fn parse_frame(
     offset_ms: u64,
     frame: Value,
 ) -> Result<Vec<Event>, ParseError> {
+    let received = std::time::Instant::now();
     let raw = Arc::new(frame);
     let conversation_id: Arc<str> = Arc::from(conversation);
     let obj = raw.as_object().ok_or(ParseError::NotAnObject)?;
@@ -399,6 +403,7 @@ pub fn parse_frame(
             kind,
             detail,
             raw: raw.clone(),
+            received,
         })
         .collect())
 }

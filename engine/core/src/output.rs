@@ -2,7 +2,8 @@
 //!
 //! Every [`Output`] says what it is (`kind`), for which conversation and pipeline, what triggered
 //! it, which documents it came from and how long each stage took, and has an `id` and `version`
-//! so a later version of the same suggestion can update it at the sinks.
+//! so a later version of the same suggestion can update it at the sinks: a streamed answer is
+//! delivered as `partial` drafts, then completed under the same id.
 
 use std::collections::BTreeMap;
 
@@ -38,6 +39,18 @@ pub struct Output {
     /// Extra structured data the pipeline chose to attach.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub data: serde_json::Value,
+    /// True for a draft that a later version of the same `id` completes (an answer still being
+    /// generated); absent when the output is complete.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub partial: bool,
+    /// Why the output is not what the pipeline normally delivers (the model failed or would
+    /// have missed the deadline, so a fallback answered); absent when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// What triggered an output.

@@ -434,6 +434,9 @@ pub struct StageContext<'a> {
     pub sink: &'a mpsc::Sender<Output>,
     /// Per-conversation output counter (ids are `<conversation>/<pipeline>/<n>`).
     pub output_seq: &'a AtomicU64,
+    /// When the pipeline's answer is due (its `deadline_ms` after the event was received), if
+    /// it declares one. Stages that can degrade (the chat stage's fallback) plan around it.
+    pub deadline: Option<Instant>,
 }
 
 impl<'a> StageContext<'a> {
@@ -454,6 +457,7 @@ impl<'a> StageContext<'a> {
             started: Instant::now(),
             sink,
             output_seq,
+            deadline: None,
         }
     }
 

@@ -41,6 +41,32 @@ pub trait KnowledgeStore: Send + Sync + 'static {
     /// # Errors
     /// When the embedder or the store's backend fails.
     async fn search(&self, query: &str, k: usize) -> Result<Vec<ScoredDocument>, PluginError>;
+
+    /// Like [`KnowledgeStore::search`] within `budget`; a store that can still rank when its
+    /// embedder fails or is too slow (by words, say) does so and returns why the result is
+    /// degraded. The default waits for [`KnowledgeStore::search`] and never degrades.
+    ///
+    /// # Errors
+    /// When no result can be had at all.
+    async fn search_within(
+        &self,
+        query: &str,
+        k: usize,
+        budget: Option<std::time::Duration>,
+    ) -> Result<(Vec<ScoredDocument>, Option<String>), PluginError> {
+        let search = self.search(query, k);
+        match budget {
+            None => search.await.map(|d| (d, None)),
+            Some(b) => match tokio::time::timeout(b, search).await {
+                Ok(r) => r.map(|d| (d, None)),
+                Err(_) => Err(PluginError::timeout(format!(
+                    "knowledge store `{}` did not answer within {} ms",
+                    self.name(),
+                    b.as_millis()
+                ))),
+            },
+        }
+    }
 }
 
 /// Who says a chat message.

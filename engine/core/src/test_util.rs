@@ -67,6 +67,17 @@ pub async fn run(
     state: &ConversationState,
     outputs: &[(String, serde_json::Value)],
 ) -> RunResult {
+    run_with_deadline(plugin, event, state, outputs, None).await
+}
+
+/// Runs `plugin` like [`run`], in a pipeline whose answer is due at `deadline`.
+pub async fn run_with_deadline(
+    plugin: &dyn Plugin,
+    event: &Event,
+    state: &ConversationState,
+    outputs: &[(String, serde_json::Value)],
+    deadline: Option<Instant>,
+) -> RunResult {
     let (tx, mut rx) = mpsc::channel(64);
     let seq = AtomicU64::new(0);
     let scope = RunScope::new(event, state);
@@ -79,6 +90,7 @@ pub async fn run(
         started: Instant::now(),
         sink: &tx,
         output_seq: &seq,
+        deadline,
     };
     let flow = plugin.process(&cx).await;
     drop(tx);

@@ -1,4 +1,5 @@
-//! The `prompter` command line: `validate`, `replay`, `demo`, `bench`, `plugins`.
+//! The `prompter` command line: `validate`, `run`, `replay`, `demo`, `bench`, `kb`, `plugins`,
+//! `plugin`.
 //!
 //! [`main`] takes its arguments and output streams as parameters so tests run the real command
 //! in process and read exactly what a user would see.
@@ -67,6 +68,8 @@ enum Command {
         #[arg(required = true)]
         recordings: Vec<PathBuf>,
     },
+    /// Run the engine on live calls (Symbl Subscribe API) until stopped with Ctrl-C.
+    Run(crate::live::RunArgs),
     /// Play a bundled sales call through Real-Time Assist, in real time, as the agent would see it.
     Demo {
         /// Engine config [default: ./prompter.yaml, else the embedded defaults].
@@ -93,13 +96,43 @@ enum Command {
         /// Recordings [default: pipelines/recordings/*.jsonl next to the config].
         recordings: Vec<PathBuf>,
     },
-    /// List the built-in plugins, knowledge-store kinds and LLM provider kinds.
+    /// List the built-in plugins, knowledge-store kinds, LLM provider and embedder kinds.
     Plugins,
+    /// Manage the Symbl trackers declared under `symbl.trackers`.
+    Trackers {
+        #[command(subcommand)]
+        command: TrackersCommand,
+    },
+    /// Fill knowledge stores.
+    Kb {
+        #[command(subcommand)]
+        command: KbCommand,
+    },
     /// Write and test WebAssembly plugins.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TrackersCommand {
+    /// Create missing trackers and update changed ones through Symbl's Management API; warn
+    /// about trackers that no knowledge-base row covers.
+    Sync {
+        /// Engine config [default: ./prompter.yaml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Only say what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KbCommand {
+    /// Embed a CSV's rows into a store (only new or changed rows are embedded).
+    Ingest(crate::kb::IngestArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +239,13 @@ pub fn main(
             });
             runtime.block_on(crate::bench::wasm(module, iterations, &out, &err))
         }
+        Command::Run(args) => runtime.block_on(crate::live::run(&registry, args, &out, &err)),
+        Command::Trackers {
+            command: TrackersCommand::Sync { config, dry_run },
+        } => runtime.block_on(trackers_sync(&registry, config, dry_run, &out, &err)),
+        Command::Kb {
+            command: KbCommand::Ingest(args),
+        } => runtime.block_on(crate::kb::ingest(&registry, args, &out, &err)),
         Command::Plugins => {
             say(&out, "stage plugins (`plugin:` in a pipeline stage):");
             for p in registry.plugins() {
@@ -226,7 +266,50 @@ pub fn main(
             for p in &registry.providers {
                 say(&out, &format!("  {:<10} {}", p.name, p.description));
             }
+            say(&out, "embedders (`provider:` under `embedders:`):");
+            for e in &registry.embedders {
+                say(&out, &format!("  {:<10} {}", e.name, e.description));
+            }
             0
+        }
+    }
+}
+
+async fn trackers_sync(
+    registry: &Registry,
+    config: Option<PathBuf>,
+    dry_run: bool,
+    out: &Stream,
+    err: &Stream,
+) -> u8 {
+    let config = config.unwrap_or_else(|| PathBuf::from("prompter.yaml"));
+    let Some(loaded) = load_for_run(registry, &config, err) else {
+        return 1;
+    };
+    let Some(symbl) = loaded.settings.symbl.as_ref() else {
+        say(
+            err,
+            &format!(
+                "error: `{}` has no `symbl:` section with `trackers:`",
+                config.display()
+            ),
+        );
+        return 1;
+    };
+    // Written to a buffer first, so no lock on the output is held across an await.
+    let mut buf = Vec::new();
+    let result =
+        crate::trackers_cli::sync(symbl, &loaded.resources.knowledge, dry_run, &mut buf).await;
+    let text = String::from_utf8_lossy(&buf);
+    if !text.trim().is_empty() {
+        say(out, text.trim_end());
+    }
+    match result {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            say(err, &format!("error: {e}"));
+            1
         }
     }
 }

@@ -11,13 +11,16 @@
 //! - [`pipeline`]: one pipeline run: filter, stages, timeouts, error policy.
 //! - [`router`]: one ordered task per conversation, parallel across conversations.
 //! - [`recording`], [`session`]: recordings and the replay driver.
-//! - [`cli`], [`demo`], [`bench`]: the commands.
+//! - [`live`]: `prompter run`, the engine on live Symbl connections.
+//! - [`cli`], [`demo`], [`bench`], [`kb`]: the commands.
 
 pub mod bench;
 pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod kb;
+pub mod live;
 pub mod pipeline;
 pub mod plugin_cli;
 pub mod recording;
@@ -25,4 +28,5 @@ pub mod registry;
 pub mod router;
 pub mod session;
 pub mod stats;
+mod trackers_cli;
 pub mod wasm;

@@ -53,6 +53,8 @@ pub struct Pipeline {
     pub when: Option<Expr>,
     /// The stages, in order.
     pub stages: Vec<Arc<Stage>>,
+    /// When the run's answer is due, counted from the event's receipt (`deadline_ms`).
+    pub deadline: Option<Duration>,
 }
 
 /// Where a run's outputs and counters go.
@@ -101,6 +103,7 @@ impl Pipeline {
                     started,
                     sink: env.sink,
                     output_seq: env.output_seq,
+                    deadline: self.deadline.map(|d| event.received + d),
                 };
                 let span = debug_span!("stage", pipeline = %self.name, stage = %stage.id, plugin = %stage.plugin_name, conversation = %event.conversation_id);
                 tokio::time::timeout(stage.timeout, stage.plugin.process(&cx))
@@ -182,6 +185,8 @@ mod tests {
                         sources: vec![],
                         timings: cx.timings(),
                         data: serde_json::Value::Null,
+                        partial: false,
+                        degraded: None,
                     };
                     cx.emit(output).await?;
                     Ok(Flow::Continue(json!({})))
@@ -237,6 +242,7 @@ mod tests {
             on: vec![EventKind::MessageResponse],
             when: when.map(|w| Expr::compile(w).unwrap()),
             stages,
+            deadline: None,
         }
     }
 

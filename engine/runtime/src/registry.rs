@@ -88,6 +88,7 @@ pub fn builtin() -> Registry {
             Box::new(prompter_plugin_prompt::PromptFactory),
             Box::new(prompter_plugin_chat::ChatFactory),
             Box::new(prompter_plugin_notify::NotifyFactory),
+            Box::new(prompter_plugin_symbl::SymblConversationFactory::default()),
         ],
         stores: vec![StoreKind {
             name: "embedded",
@@ -105,6 +106,11 @@ pub fn builtin() -> Registry {
                 description: "Symbl Nebula chat (`api_key: ${NEBULA_API_KEY}`), streamed when asked, with retries",
                 open: open_nebula,
             },
+            ProviderKind {
+                name: "openai",
+                description: "OpenAI-compatible chat (OpenAI, Ollama, vLLM, llama.cpp; `base_url`, optional `api_key: ${OPENAI_API_KEY}`), streamed when asked, with retries",
+                open: open_openai,
+            },
         ],
         embedders: vec![
             EmbedderKind {
@@ -116,6 +122,11 @@ pub fn builtin() -> Registry {
                 name: "nebula",
                 description: "Symbl Nebula embeddings (`/v1/model/embed`, 1024-d), with retries",
                 open: open_nebula_embedder,
+            },
+            EmbedderKind {
+                name: "openai",
+                description: "OpenAI-compatible embeddings (`/embeddings`, batched up to `max_batch`), with retries",
+                open: open_openai_embedder,
             },
         ],
     }
@@ -192,6 +203,46 @@ fn open_nebula_embedder(cx: &mut OpenCx<'_>) -> Option<Arc<dyn Embedder>> {
         Ok(p) => Some(Arc::new(p)),
         Err(e) => {
             cx.error_at("api_key", e.message);
+            None
+        }
+    }
+}
+
+fn open_openai(cx: &mut OpenCx<'_>) -> Option<Arc<dyn ChatProvider>> {
+    use prompter_plugin_chat::{OpenAiConfig, OpenAiProvider};
+    let cfg: OpenAiConfig = cx.typed()?;
+    let name = cx.name;
+    let problems = cfg.problems();
+    if !problems.is_empty() {
+        for p in problems {
+            cx.error_at(p.key, format!("llm `{name}`: {}", p.message));
+        }
+        return None;
+    }
+    match OpenAiProvider::new(name, cfg) {
+        Ok(p) => Some(Arc::new(p)),
+        Err(e) => {
+            cx.error_at("base_url", e.message);
+            None
+        }
+    }
+}
+
+fn open_openai_embedder(cx: &mut OpenCx<'_>) -> Option<Arc<dyn Embedder>> {
+    use prompter_plugin_chat::{OpenAiEmbedConfig, OpenAiEmbedder};
+    let cfg: OpenAiEmbedConfig = cx.typed()?;
+    let name = cx.name;
+    let problems = cfg.problems();
+    if !problems.is_empty() {
+        for p in problems {
+            cx.error_at(p.key, format!("embedder `{name}`: {}", p.message));
+        }
+        return None;
+    }
+    match OpenAiEmbedder::new(name, cfg) {
+        Ok(e) => Some(Arc::new(e)),
+        Err(e) => {
+            cx.error_at("base_url", e.message);
             None
         }
     }

@@ -238,6 +238,7 @@ mod tests {
                 timeout: Duration::from_secs(30),
                 on_error: OnError::Stop,
             })],
+            deadline: None,
         };
         let settings = Settings {
             conversation_idle: idle,

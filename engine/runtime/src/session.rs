@@ -14,7 +14,7 @@ use crate::router::Router;
 use crate::stats::Stats;
 
 /// Outputs queued between the pipelines and the printer.
-const OUTPUT_QUEUE: usize = 16_384;
+pub(crate) const OUTPUT_QUEUE: usize = 16_384;
 
 /// How to pace a replay.
 #[derive(Debug, Clone, Copy)]

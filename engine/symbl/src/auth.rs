@@ -5,6 +5,7 @@
 //! as [`Secret`]s and never reach a log or an error message. A 401 is an error that names the
 //! variables, so the operator knows what to fix.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prompter_core::backoff::{Backoff, parse_retry_after};
@@ -155,6 +156,34 @@ impl SymblAuth {
         })
     }
 
+    /// The process-wide token source for `config`'s API base and credential variables, created
+    /// on first use, so every client of one Symbl app (sources, stages, commands) shares one
+    /// cached token.
+    ///
+    /// # Errors
+    /// A credential variable is unset ([`AuthError::MissingCredential`]).
+    pub fn shared(config: &SymblConfig) -> Result<Arc<SymblAuth>, AuthError> {
+        /// (API base, app id variable, app secret variable).
+        type Key = (String, String, String);
+        static SHARED: std::sync::LazyLock<
+            std::sync::Mutex<std::collections::HashMap<Key, Arc<SymblAuth>>>,
+        > = std::sync::LazyLock::new(Default::default);
+        let key = (
+            config.api_base().to_owned(),
+            config.app_id_env.clone(),
+            config.app_secret_env.clone(),
+        );
+        let mut map = SHARED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(a) = map.get(&key) {
+            return Ok(a.clone());
+        }
+        let auth = Arc::new(SymblAuth::new(config, Credentials::from_env(config)?)?);
+        map.insert(key, auth.clone());
+        Ok(auth)
+    }
+
     /// A valid access token: the cached one, or a new one when none is cached or the cached one
     /// is close to expiry. Concurrent callers share one request.
     ///
@@ -265,7 +294,6 @@ impl SymblAuth {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use axum::Json;

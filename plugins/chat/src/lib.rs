@@ -11,21 +11,40 @@
 //! - id: answer
 //!   plugin: chat
 //!   config:
-//!     llm: offline        # a provider from the engine config's `llm:`
+//!     llm: nebula         # a provider from the engine config's `llm:`
 //!     prompt: render      # the stage that built the request (default: the latest)
+//!     stream:             # optional: drafts while the answer is generated
+//!       kind: suggestion
+//!       title: "{{ event.tracker.name }}"
+//!     fallback: offline   # optional: answers when `llm` fails or would miss `deadline_ms`
 //! ```
 //!
-//! Output: `{"text": "...", "provider": "offline", "model": null}`.
+//! Output: `{"text": "...", "provider": "nebula", "model": null}`, plus `degraded: "why"` when
+//! the fallback answered and `output: {id, version}` when drafts were delivered (the `notify`
+//! stage then completes that output instead of starting a new one).
+//!
+//! With `stream`, the first words go out as a `partial` output as soon as they arrive, then at
+//! most every `every_ms` as more arrive. When the pipeline declares `deadline_ms`, the provider
+//! gets the time left minus `reserve_ms`; if it fails or runs out of time, the fallback answers
+//! and the output says why it is degraded.
 
 use std::sync::Arc;
 
 pub mod nebula;
-pub use nebula::{NebulaConfig, NebulaProvider};
+pub mod openai;
+pub use nebula::{NebulaConfig, NebulaEmbedConfig, NebulaEmbedder, NebulaProvider};
+pub use openai::{OpenAiConfig, OpenAiEmbedConfig, OpenAiEmbedder, OpenAiProvider};
+
+use std::time::{Duration, Instant};
 
 use prompter_core::async_trait;
 use prompter_core::error::PluginError;
-use prompter_core::plugin::{BuildContext, Flow, Plugin, PluginFactory, Reported, StageContext};
+use prompter_core::output::{Output, Trigger};
+use prompter_core::plugin::{
+    BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext,
+};
 use prompter_core::resource::{ChatProvider, ChatReply, ChatRequest};
+use prompter_core::template::Template;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
@@ -39,6 +58,43 @@ pub struct ChatConfig {
     /// produced one (it has a `system_prompt`).
     #[serde(default)]
     pub prompt: Option<String>,
+    /// Deliver the answer while it is generated: `partial` drafts of one output, completed by
+    /// the `notify` stage under the same id. Default: off.
+    #[serde(default)]
+    pub stream: Option<StreamConfig>,
+    /// A provider that answers when `llm` fails or would miss the pipeline's `deadline_ms`
+    /// (e.g. `offline`, the retrieved guidance verbatim); its answer is marked degraded.
+    #[serde(default)]
+    pub fallback: Option<String>,
+    /// Time kept for the fallback before the deadline, in milliseconds. Default 100.
+    #[serde(default = "default_reserve_ms")]
+    pub reserve_ms: u64,
+}
+
+/// How streamed drafts look and how often they are sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// The drafts' kind; use the `notify` stage's. Default `suggestion`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Title template of the drafts; use the `notify` stage's.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Least time between two drafts, in milliseconds (the first words go out at once).
+    /// Default 150.
+    #[serde(default = "default_every_ms")]
+    pub every_ms: u64,
+}
+
+fn default_reserve_ms() -> u64 {
+    100
+}
+fn default_kind() -> String {
+    "suggestion".into()
+}
+fn default_every_ms() -> u64 {
+    150
 }
 
 /// Builds `chat` stages.
@@ -47,8 +103,7 @@ pub struct ChatFactory;
 
 impl PluginFactory for ChatFactory {
     const NAME: &'static str = "chat";
-    const DESCRIPTION: &'static str =
-        "ask an LLM provider (offline, Nebula, OpenAI-compatible) for an answer";
+    const DESCRIPTION: &'static str = "ask an LLM provider (offline, Nebula, OpenAI-compatible) for an answer, streamed, with a fallback";
     type Config = ChatConfig;
 
     fn build(
@@ -57,28 +112,65 @@ impl PluginFactory for ChatFactory {
         cx: &mut BuildContext<'_>,
     ) -> Result<Arc<dyn Plugin>, Reported> {
         let provider = cx.chat_provider("llm", &cfg.llm);
+        let fallback = cfg
+            .fallback
+            .as_deref()
+            .map(|f| cx.chat_provider("fallback", f));
         if let Some(id) = &cfg.prompt {
             cx.check_stage_ref("prompt", id);
+        }
+        let stream = cfg.stream.map(|s| {
+            let title = s.title.as_deref().map(|t| cx.template("stream.title", t));
+            if s.kind.trim().is_empty() {
+                cx.report(BuildError::at("stream.kind", "`kind` must not be empty"));
+            }
+            (s, title)
+        });
+        if cfg.fallback.as_deref() == Some(cfg.llm.as_str()) {
+            cx.report(
+                BuildError::at("fallback", "the fallback is the provider itself")
+                    .help("name another provider, e.g. `offline`"),
+            );
         }
         match provider {
             Some(provider) if !cx.has_problems() => Ok(Arc::new(Chat {
                 provider,
                 prompt: cfg.prompt,
+                fallback: fallback.flatten(),
+                reserve: Duration::from_millis(cfg.reserve_ms),
+                stream: stream.map(|(s, title)| Drafts {
+                    kind: s.kind,
+                    title: title.flatten(),
+                    every: Duration::from_millis(s.every_ms),
+                }),
             })),
             _ => Err(Reported),
         }
     }
 }
 
+struct Drafts {
+    kind: String,
+    title: Option<Template>,
+    every: Duration,
+}
+
 /// A built `chat` stage.
 pub struct Chat {
     provider: Arc<dyn ChatProvider>,
     prompt: Option<String>,
+    fallback: Option<Arc<dyn ChatProvider>>,
+    reserve: Duration,
+    stream: Option<Drafts>,
 }
 
-#[async_trait]
-impl Plugin for Chat {
-    async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
+/// The draft output of a streamed answer, as delivered so far.
+struct Draft {
+    output: Output,
+}
+
+impl Chat {
+    fn request(&self, cx: &StageContext<'_>) -> Result<ChatRequest, PluginError> {
         let value = match &self.prompt {
             Some(id) => cx.output(id),
             None => cx.latest_with("system_prompt").map(|(_, v)| v),
@@ -86,13 +178,173 @@ impl Plugin for Chat {
         .ok_or_else(|| {
             PluginError::input("no earlier stage produced a chat request (add a `prompt` stage)")
         })?;
-        let request: ChatRequest = serde_json::from_value(value.clone()).map_err(|e| {
+        serde_json::from_value(value.clone()).map_err(|e| {
             PluginError::input("the prompt stage output is not a chat request").with_source(e)
-        })?;
-        let reply = self.provider.chat(&request, None).await?;
-        let value = serde_json::to_value(&reply)
+        })
+    }
+
+    /// Asks the primary provider, delivering drafts as tokens arrive when streaming.
+    async fn ask(
+        &self,
+        cx: &StageContext<'_>,
+        request: &ChatRequest,
+        draft: &mut Option<Draft>,
+    ) -> Result<ChatReply, PluginError> {
+        let Some(stream) = &self.stream else {
+            return self.provider.chat(request, None).await;
+        };
+        let (tx, mut rx) = mpsc::channel::<String>(64);
+        let call = self.provider.chat(request, Some(tx));
+        tokio::pin!(call);
+        let mut text = String::new();
+        let mut last_sent: Option<Instant> = None;
+        let mut unsent = false;
+        loop {
+            tokio::select! {
+                reply = &mut call => {
+                    // Tokens sent just before the reply are part of it; the reply has them all.
+                    return reply;
+                }
+                token = rx.recv() => {
+                    let Some(token) = token else {
+                        // The provider dropped its sender: only the reply is left to wait for.
+                        return call.await;
+                    };
+                    text.push_str(&token);
+                    unsent = true;
+                    let due = last_sent.is_none_or(|t| t.elapsed() >= stream.every);
+                    if due && !text.trim().is_empty() {
+                        self.send_draft(cx, stream, draft, &text).await?;
+                        last_sent = Some(Instant::now());
+                        unsent = false;
+                    }
+                }
+                // Coalesced tokens go out when the interval passes even if no new token comes.
+                () = sleep_until_due(last_sent, stream.every), if unsent => {
+                    self.send_draft(cx, stream, draft, &text).await?;
+                    last_sent = Some(Instant::now());
+                    unsent = false;
+                }
+            }
+        }
+    }
+
+    async fn send_draft(
+        &self,
+        cx: &StageContext<'_>,
+        stream: &Drafts,
+        draft: &mut Option<Draft>,
+        text: &str,
+    ) -> Result<(), PluginError> {
+        let d = match draft {
+            Some(d) => {
+                d.output.version += 1;
+                d.output.text = text.trim().to_owned();
+                d.output.timings = cx.timings();
+                d
+            }
+            None => {
+                let title = match &stream.title {
+                    Some(t) => Some(cx.render(t)?.trim().to_owned()).filter(|t| !t.is_empty()),
+                    None => None,
+                };
+                let event = cx.event();
+                draft.insert(Draft {
+                    output: Output {
+                        id: cx.next_output_id(),
+                        version: 1,
+                        kind: stream.kind.clone(),
+                        conversation_id: event.conversation_id.to_string(),
+                        pipeline: cx.pipeline.to_owned(),
+                        title,
+                        text: text.trim().to_owned(),
+                        trigger: Trigger::from_event(event),
+                        sources: cx.documents(None)?,
+                        timings: cx.timings(),
+                        data: serde_json::Value::Null,
+                        partial: true,
+                        degraded: None,
+                    },
+                })
+            }
+        };
+        cx.emit(d.output.clone()).await
+    }
+}
+
+async fn sleep_until_due(last: Option<Instant>, every: Duration) {
+    match last {
+        Some(t) => tokio::time::sleep_until((t + every).into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[async_trait]
+impl Plugin for Chat {
+    async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
+        let request = self.request(cx)?;
+        let mut draft = None;
+        // With a deadline, the primary gets the time left minus the fallback's reserve.
+        let budget = cx.deadline.map(|d| {
+            d.saturating_duration_since(Instant::now())
+                .saturating_sub(if self.fallback.is_some() {
+                    self.reserve
+                } else {
+                    Duration::ZERO
+                })
+        });
+        let name = self.provider.name();
+        let primary = match budget {
+            Some(b) if b.is_zero() => Err(PluginError::timeout(format!(
+                "no time left for `{name}` before the deadline"
+            ))),
+            Some(b) => match tokio::time::timeout(b, self.ask(cx, &request, &mut draft)).await {
+                Ok(r) => r,
+                Err(_) => Err(PluginError::timeout(format!(
+                    "`{name}` would have missed the deadline (no answer within {} ms)",
+                    b.as_millis()
+                ))),
+            },
+            None => self.ask(cx, &request, &mut draft).await,
+        };
+        let (reply, degraded) = match primary {
+            Ok(reply) => (reply, None),
+            Err(e) => {
+                let Some(fallback) = &self.fallback else {
+                    return Err(e);
+                };
+                let why = describe(name, &e);
+                tracing::warn!(pipeline = %cx.pipeline, stage = %cx.stage, conversation = %cx.event().conversation_id, reason = %why, fallback = %fallback.name(), "Chat falls back.");
+                match fallback.chat(&request, None).await {
+                    Ok(reply) => (reply, Some(why)),
+                    Err(f) => {
+                        return Err(PluginError::external(format!(
+                            "{why}; the fallback failed too: {}",
+                            describe(fallback.name(), &f)
+                        )));
+                    }
+                }
+            }
+        };
+        let mut value = serde_json::to_value(&reply)
             .map_err(|e| PluginError::internal("chat reply did not serialize").with_source(e))?;
+        if let Some(why) = degraded {
+            value["degraded"] = serde_json::Value::String(why);
+        }
+        if let Some(d) = draft {
+            // The notify stage completes the drafted output under the same id.
+            value["output"] = serde_json::json!({"id": d.output.id, "version": d.output.version});
+        }
         Ok(Flow::Continue(value))
+    }
+}
+
+/// Why a provider did not answer, for the `degraded` field.
+fn describe(provider: &str, e: &PluginError) -> String {
+    if e.kind == prompter_core::error::ErrorKind::Timeout {
+        e.message.clone()
+    } else {
+        format!("`{provider}` failed: {}", e.message)
     }
 }
 
@@ -285,5 +537,191 @@ mod tests {
         let reply = p.chat(&req, Some(tx)).await.unwrap();
         assert_eq!(reply.text, "One.\nTwo.");
         assert_eq!(rx.recv().await.unwrap(), "One.\nTwo.");
+    }
+
+    mod live {
+        use super::*;
+        use crate::nebula::{NebulaConfig, NebulaProvider};
+        use prompter_core::test_util::run_with_deadline;
+        use prompter_fakes::nebula::{DEFAULT_ANSWER, Endpoint, NebulaFake};
+        use std::time::{Duration, Instant};
+
+        async fn setup() -> (NebulaFake, Resources) {
+            let fake = NebulaFake::start("k").await;
+            let mut r = resources();
+            let cfg: NebulaConfig = serde_json::from_value(json!({
+                "api_key": "k", "base_url": fake.url, "max_backoff_ms": 50, "max_retries": 2}))
+            .unwrap();
+            r.chat.insert(
+                "nebula".into(),
+                Arc::new(NebulaProvider::new("nebula", cfg).unwrap()),
+            );
+            (fake, r)
+        }
+
+        fn tracker() -> prompter_core::event::Event {
+            event(
+                "c",
+                1000,
+                json!({"type": "tracker_response", "isFinal": true, "trackers": [{"name": "Budget Constraints", "matches": []}]}),
+            )
+        }
+
+        fn earlier() -> Vec<(String, serde_json::Value)> {
+            let docs = vec![ScoredDocument {
+                id: "d".into(),
+                text: "Budget Constraints".into(),
+                data: "Offer a phased rollout.".into(),
+                score: 0.8,
+            }];
+            vec![
+                ("kb".into(), json!({"documents": docs})),
+                ("render".into(), request(docs)),
+            ]
+        }
+
+        #[tokio::test]
+        async fn streamed_answers_arrive_as_drafts_of_one_output() {
+            let (fake, r) = setup().await;
+            fake.set_chat_delay(Duration::from_millis(300));
+            let yaml = "llm: nebula\nstream: { title: \"{{ event.tracker.name }}\" }";
+            let stage = build(&ChatFactory, yaml, &r, &["kb", "render"]).unwrap();
+            let out = run(
+                stage.as_ref(),
+                &tracker(),
+                &ConversationState::new("c"),
+                &earlier(),
+            )
+            .await;
+            let Ok(Flow::Continue(v)) = out.flow else {
+                panic!("{:?}", out.flow)
+            };
+            assert_eq!(v["text"], DEFAULT_ANSWER);
+            let first = &out.emitted[0];
+            // The first three words went out while the rest was still being generated.
+            assert_eq!(first.text, "Acknowledge the concern,");
+            assert!(first.partial && first.version == 1);
+            assert_eq!(first.title.as_deref(), Some("Budget Constraints"));
+            assert_eq!(first.sources[0].data, "Offer a phased rollout.");
+            assert!(out.emitted.iter().all(|d| d.id == first.id && d.partial));
+            let last = out.emitted.last().unwrap();
+            assert_eq!(
+                v["output"],
+                json!({"id": first.id, "version": last.version})
+            );
+            assert!(v.get("degraded").is_none());
+        }
+
+        #[tokio::test]
+        async fn a_down_provider_falls_back_and_says_why() {
+            let (fake, r) = setup().await;
+            fake.set_down(true);
+            let stage = build(
+                &ChatFactory,
+                "llm: nebula\nfallback: offline",
+                &r,
+                &["kb", "render"],
+            )
+            .unwrap();
+            let out = run(
+                stage.as_ref(),
+                &tracker(),
+                &ConversationState::new("c"),
+                &earlier(),
+            )
+            .await;
+            let Ok(Flow::Continue(v)) = out.flow else {
+                panic!("{:?}", out.flow)
+            };
+            assert_eq!(v["text"], "Offer a phased rollout.");
+            assert_eq!(v["provider"], "offline");
+            assert_eq!(
+                v["degraded"],
+                "`nebula` failed: Nebula `/v1/model/chat` failed after 3 attempt(s): 503: {\"message\":\"Service temporarily unavailable\"}"
+            );
+            assert_eq!(fake.chat_attempts(), 3);
+        }
+
+        #[tokio::test]
+        async fn a_slow_provider_is_cut_at_the_deadline_minus_the_reserve() {
+            let (fake, r) = setup().await;
+            fake.set_chat_delay(Duration::from_secs(30));
+            let yaml = "llm: nebula\nfallback: offline\nreserve_ms: 100\nstream: {}";
+            let stage = build(&ChatFactory, yaml, &r, &["kb", "render"]).unwrap();
+            let deadline = Instant::now() + Duration::from_millis(600);
+            let out = run_with_deadline(
+                stage.as_ref(),
+                &tracker(),
+                &ConversationState::new("c"),
+                &earlier(),
+                Some(deadline),
+            )
+            .await;
+            let Ok(Flow::Continue(v)) = out.flow else {
+                panic!("{:?}", out.flow)
+            };
+            let why = v["degraded"].as_str().unwrap();
+            assert!(
+                why.starts_with("`nebula` would have missed the deadline (no answer within "),
+                "{why}"
+            );
+            assert_eq!(v["provider"], "offline");
+            // The first words were drafted before the cut; the fallback completes that output.
+            assert_eq!(out.emitted[0].text, "Acknowledge the concern,");
+            assert_eq!(v["output"]["id"], json!(out.emitted[0].id));
+        }
+
+        #[tokio::test]
+        async fn a_503_twice_then_200_is_not_degraded_and_no_fallback_means_an_error() {
+            let (fake, r) = setup().await;
+            fake.fail_next(Endpoint::Chat, &[503, 503]);
+            let stage = build(
+                &ChatFactory,
+                "llm: nebula\nfallback: offline",
+                &r,
+                &["kb", "render"],
+            )
+            .unwrap();
+            let out = run(
+                stage.as_ref(),
+                &tracker(),
+                &ConversationState::new("c"),
+                &earlier(),
+            )
+            .await;
+            let Ok(Flow::Continue(v)) = out.flow else {
+                panic!("{:?}", out.flow)
+            };
+            assert_eq!(
+                (v["text"].as_str(), v.get("degraded")),
+                (Some(DEFAULT_ANSWER), None)
+            );
+
+            fake.set_down(true);
+            let plain = build(&ChatFactory, "llm: nebula", &r, &["kb", "render"]).unwrap();
+            let out = run(
+                plain.as_ref(),
+                &tracker(),
+                &ConversationState::new("c"),
+                &earlier(),
+            )
+            .await;
+            let err = out.flow.unwrap_err();
+            assert_eq!(err.kind, prompter_core::error::ErrorKind::External);
+            assert!(
+                err.message
+                    .starts_with("Nebula `/v1/model/chat` failed after 3 attempt(s)"),
+                "{err}"
+            );
+        }
+
+        #[test]
+        fn a_fallback_to_itself_or_unknown_is_a_config_error() {
+            let r = resources();
+            let errs = build_errors(&ChatFactory, "llm: offline\nfallback: offline", &r, &[]);
+            assert_eq!(errs[0].path, "fallback");
+            let errs = build_errors(&ChatFactory, "llm: offline\nfallback: ofline", &r, &[]);
+            assert_eq!(errs[0].help.as_deref(), Some("did you mean `offline`?"));
+        }
     }
 }

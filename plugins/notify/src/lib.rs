@@ -17,6 +17,10 @@
 //!     data: { crm_id: "{{ conversation.symbl_conversation_id }}" }  # optional extra fields
 //!     jsonl: ../out/suggestions.jsonl    # optional; relative to this pipeline file
 //! ```
+//!
+//! When an earlier `chat` stage streamed drafts (its output has `output: {id, version}`), this
+//! stage delivers the complete answer as the next version of that output. When the answer is
+//! degraded (an earlier output has `degraded`), the output says so in its `degraded` field.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -193,9 +197,11 @@ impl Plugin for Notify {
         };
         let sources = cx.documents(self.sources.as_deref())?;
         let event = cx.event();
-        let (id, version) = match &self.key {
-            None => (cx.next_output_id(), 1),
-            Some(k) => {
+        let (id, version) = match (drafted(cx), &self.key) {
+            // A streamed answer was delivered as drafts: this is its complete version.
+            (Some((id, version)), _) => (id, version + 1),
+            (None, None) => (cx.next_output_id(), 1),
+            (None, Some(k)) => {
                 let key = cx.render(k)?.trim().to_owned();
                 let mut versions = self
                     .versions
@@ -233,6 +239,8 @@ impl Plugin for Notify {
                 }
                 serde_json::Value::Object(map)
             },
+            partial: false,
+            degraded: degraded(cx),
         };
         if let Some(file) = &self.jsonl {
             let line = serde_json::to_string(&output)
@@ -254,6 +262,25 @@ impl Plugin for Notify {
             v.remove(conversation_id);
         }
     }
+}
+
+/// Every earlier stage's `degraded` reason, in stage order, joined; `None` when none degraded.
+fn degraded(cx: &StageContext<'_>) -> Option<String> {
+    let reasons: Vec<&str> = cx
+        .outputs
+        .iter()
+        .filter_map(|(_, v)| v.get("degraded").and_then(|d| d.as_str()))
+        .collect();
+    (!reasons.is_empty()).then(|| reasons.join("; "))
+}
+
+/// The output an earlier stage (a streaming `chat`) delivered drafts of: `output: {id, version}`.
+fn drafted(cx: &StageContext<'_>) -> Option<(String, u32)> {
+    let (_, v) = cx.latest_with("output")?;
+    let o = v.get("output")?;
+    let id = o.get("id")?.as_str()?.to_owned();
+    let version = u32::try_from(o.get("version")?.as_u64()?).ok()?;
+    Some((id, version))
 }
 
 #[cfg(test)]

@@ -18,7 +18,11 @@
 //!     query: "{{ event.tracker.name }}"   # search text template (default: see below)
 //!     top_k: 3                            # 1 to 50, default 3
 //!     min_score: 0.1                      # optional: drop documents scoring below
+//!     budget_ms: 400                      # optional: longest wait for a remote embedder
 //! ```
+//!
+//! When the store's embedder fails or exceeds `budget_ms`, the embedded store ranks by shared
+//! words instead and the output carries `degraded: "why"` (the `notify` stage reports it).
 //!
 //! The default query is the tracker's name and matched phrases for tracker events, and the
 //! text for message, insight, caption and topic events. The stage's output is
@@ -76,6 +80,11 @@ pub struct RetrieveConfig {
     /// Documents scoring below this (cosine, -1 to 1) are dropped. Default: none dropped.
     #[serde(default)]
     pub min_score: Option<f32>,
+    /// Longest wait for the store's embedder, in milliseconds; past it (or when the embedder
+    /// fails) a store that can rank by words does so, and the output says it is degraded.
+    /// Default: no limit but the stage's `timeout_ms`.
+    #[serde(default)]
+    pub budget_ms: Option<u64>,
 }
 
 fn default_query() -> String {
@@ -133,6 +142,7 @@ impl PluginFactory for RetrieveFactory {
             query,
             top_k: cfg.top_k,
             min_score: cfg.min_score,
+            budget: cfg.budget_ms.map(std::time::Duration::from_millis),
         }))
     }
 }
@@ -143,6 +153,7 @@ pub struct Retrieve {
     query: Template,
     top_k: usize,
     min_score: Option<f32>,
+    budget: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Retrieve {
@@ -164,14 +175,21 @@ impl Plugin for Retrieve {
         if query.is_empty() {
             return Ok(Flow::Halt("empty retrieval query".into()));
         }
-        let mut documents = self.store.search(query, self.top_k).await?;
+        let (mut documents, degraded) = self
+            .store
+            .search_within(query, self.top_k, self.budget)
+            .await?;
         if let Some(min) = self.min_score {
             documents.retain(|d| d.score >= min);
         }
-        Ok(Flow::Continue(serde_json::json!({
+        let mut out = serde_json::json!({
             "query": query,
             "documents": documents,
-        })))
+        });
+        if let Some(why) = degraded {
+            out["degraded"] = serde_json::Value::String(why);
+        }
+        Ok(Flow::Continue(out))
     }
 }
 

@@ -205,6 +205,9 @@ pub struct EmbeddedStore {
     documents: Vec<Document>,
     index_path: PathBuf,
     embedded_on_open: usize,
+    /// Lexical vectors of the documents, for remote embedders only: when the embedder fails or
+    /// is too slow, the store still ranks by words (and says so).
+    lexical: Option<(HashingEmbedder, Vec<Vec<f32>>)>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -253,12 +256,14 @@ impl EmbeddedStore {
                     embedder: embedder_id,
                 });
             }
+            let lexical = lexical_index(embedder.as_ref(), &indexed);
             return Ok(EmbeddedStore {
                 name: name.to_owned(),
                 embedder,
                 documents: indexed,
                 index_path,
                 embedded_on_open: 0,
+                lexical,
             });
         };
         let source = base_dir.join(source);
@@ -305,12 +310,14 @@ impl EmbeddedStore {
                 },
             )?;
         }
+        let lexical = lexical_index(embedder.as_ref(), &documents);
         Ok(EmbeddedStore {
             name: name.to_owned(),
             embedder,
             documents,
             index_path,
             embedded_on_open: embedded,
+            lexical,
         })
     }
 
@@ -341,14 +348,22 @@ impl EmbeddedStore {
 
     /// The `k` documents most similar to the query vector, best first, ties in index order.
     fn rank(&self, q: &[f32], k: usize) -> Vec<ScoredDocument> {
+        let vectors = self.documents.iter().map(|d| d.embedding.as_slice());
+        self.rank_by(q, vectors, k)
+    }
+
+    fn rank_by<'a>(
+        &self,
+        q: &[f32],
+        vectors: impl Iterator<Item = &'a [f32]>,
+        k: usize,
+    ) -> Vec<ScoredDocument> {
         if k == 0 || q.iter().all(|x| *x == 0.0) {
             return Vec::new();
         }
-        let mut scored: Vec<(usize, f32)> = self
-            .documents
-            .iter()
+        let mut scored: Vec<(usize, f32)> = vectors
             .enumerate()
-            .map(|(i, d)| (i, cosine(q, &d.embedding)))
+            .map(|(i, v)| (i, cosine(q, v)))
             .collect();
         // A stable sort keeps CSV order among equal scores.
         scored.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -396,6 +411,53 @@ impl KnowledgeStore for EmbeddedStore {
             .unwrap_or_default();
         Ok(self.rank(&q, k))
     }
+
+    async fn search_within(
+        &self,
+        query: &str,
+        k: usize,
+        budget: Option<Duration>,
+    ) -> Result<(Vec<ScoredDocument>, Option<String>), PluginError> {
+        let search = self.search(query, k);
+        let why = match budget {
+            None => match search.await {
+                Ok(d) => return Ok((d, None)),
+                Err(e) => format!("`{}` failed: {}", self.embedder.name(), e.message),
+            },
+            Some(b) => match tokio::time::timeout(b, search).await {
+                Ok(Ok(d)) => return Ok((d, None)),
+                Ok(Err(e)) => format!("`{}` failed: {}", self.embedder.name(), e.message),
+                Err(_) => format!(
+                    "`{}` did not embed the query within {} ms",
+                    self.embedder.name(),
+                    b.as_millis()
+                ),
+            },
+        };
+        let Some((lexical, vectors)) = &self.lexical else {
+            return Err(PluginError::external(why));
+        };
+        tracing::warn!(store = %self.name, reason = %why, "Ranking by words: the embedder is unavailable.");
+        let q = lexical.embed(query);
+        let docs = self.rank_by(&q, vectors.iter().map(Vec::as_slice), k);
+        Ok((
+            docs,
+            Some(format!("{why}; documents ranked by shared words")),
+        ))
+    }
+}
+
+/// Lexical vectors of `documents` when `embedder` is remote (local ones never fail).
+fn lexical_index(
+    embedder: &dyn Embedder,
+    documents: &[Document],
+) -> Option<(HashingEmbedder, Vec<Vec<f32>>)> {
+    if embedder.embed_local("probe").is_some() {
+        return None;
+    }
+    let lexical = HashingEmbedder::default();
+    let vectors = documents.iter().map(|d| lexical.embed(&d.text)).collect();
+    Some((lexical, vectors))
 }
 
 /// How [`ingest`] goes about it.

@@ -47,6 +47,7 @@ pub struct NebulaState {
     embed_attempts: AtomicU32,
     chat_requests: Mutex<Vec<Value>>,
     embedded: Mutex<Vec<String>>,
+    completions: Mutex<Vec<std::time::Instant>>,
 }
 
 /// A running fake Nebula.
@@ -116,6 +117,12 @@ impl NebulaFake {
         lock(&self.state.chat_requests).clone()
     }
 
+    /// When each chat answer was complete (the last streamed chunk sent, or the plain answer
+    /// ready), in order: the engine's outputs can be ordered against them.
+    pub fn completions(&self) -> Vec<std::time::Instant> {
+        lock(&self.state.completions).clone()
+    }
+
     /// The texts embedded (answered 200), in order.
     pub fn embedded_texts(&self) -> Vec<String> {
         lock(&self.state.embedded).clone()
@@ -123,7 +130,8 @@ impl NebulaFake {
 }
 
 /// The default answer.
-pub const DEFAULT_ANSWER: &str = "Acknowledge the concern, then offer a phased rollout that starts with a small pilot.";
+pub const DEFAULT_ANSWER: &str =
+    "Acknowledge the concern, then offer a phased rollout that starts with a small pilot.";
 
 /// The status the next call to an endpoint gets: 401 for a bad key, 503 when down, else the
 /// script's next entry, else 200.
@@ -200,11 +208,9 @@ pub fn embedding(text: &str) -> Vec<f32> {
         .filter(|w| w.len() > 2)
     {
         let w = word.to_lowercase();
-        let h = w
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
+        let h = w.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
         v[(h % DIMS as u64) as usize] += 1.0;
     }
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -214,20 +220,26 @@ pub fn embedding(text: &str) -> Vec<f32> {
     v
 }
 
-fn check_chat(req: &Value) -> Result<(), Response> {
-    let ok = req.get("messages").and_then(Value::as_array).is_some_and(|m| {
-        !m.is_empty()
-            && m.iter().all(|m| {
-                matches!(m.get("role").and_then(Value::as_str), Some("human" | "assistant"))
-                    && m.get("text").is_some_and(Value::is_string)
-            })
-    });
+/// Whether a chat request has the documented shape; the 400 to answer when not.
+fn check_chat(req: &Value) -> Result<(), Box<Response>> {
+    let ok = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .is_some_and(|m| {
+            !m.is_empty()
+                && m.iter().all(|m| {
+                    matches!(
+                        m.get("role").and_then(Value::as_str),
+                        Some("human" | "assistant")
+                    ) && m.get("text").is_some_and(Value::is_string)
+                })
+        });
     if ok {
         Ok(())
     } else {
-        Err(bad_request(
+        Err(Box::new(bad_request(
             "`messages` must be a non-empty list of {role: human|assistant, text}",
-        ))
+        )))
     }
 }
 
@@ -239,12 +251,15 @@ async fn chat(State(s): State<Arc<NebulaState>>, headers: HeaderMap, body: Strin
         return bad_request("body is not JSON");
     };
     if let Err(r) = check_chat(&req) {
-        return r;
+        return *r;
     }
     lock(&s.chat_requests).push(req.clone());
     let delay = Duration::from_millis(u64::from(s.chat_delay_ms.load(Ordering::SeqCst)));
     tokio::time::sleep(delay).await;
-    let answer = lock(&s.answer).clone().unwrap_or_else(|| DEFAULT_ANSWER.into());
+    let answer = lock(&s.answer)
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ANSWER.into());
+    lock(&s.completions).push(std::time::Instant::now());
     let mut messages = req["messages"].as_array().cloned().unwrap_or_default();
     messages.push(json!({"role": "assistant", "text": answer}));
     Json(json!({"messages": messages})).into_response()
@@ -262,11 +277,13 @@ async fn chat_streaming(
         return bad_request("body is not JSON");
     };
     if let Err(r) = check_chat(&req) {
-        return r;
+        return *r;
     }
     lock(&s.chat_requests).push(req);
     let delay = Duration::from_millis(u64::from(s.chat_delay_ms.load(Ordering::SeqCst)));
-    let answer = lock(&s.answer).clone().unwrap_or_else(|| DEFAULT_ANSWER.into());
+    let answer = lock(&s.answer)
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ANSWER.into());
     // The first three words at once, the rest after the delay in a few chunks.
     let words: Vec<&str> = answer.split_inclusive(' ').collect();
     let (first, rest) = words.split_at(words.len().min(3));
@@ -284,12 +301,16 @@ async fn chat_streaming(
                 return;
             }
         }
+        lock(&s.completions).push(std::time::Instant::now());
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
     (
-        [("content-type", "text/event-stream"), ("cache-control", "no-cache")],
+        [
+            ("content-type", "text/event-stream"),
+            ("cache-control", "no-cache"),
+        ],
         axum::body::Body::from_stream(stream),
     )
         .into_response()

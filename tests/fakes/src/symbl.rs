@@ -177,7 +177,9 @@ impl SymblFake {
     pub fn subscribers(&self, connection_id: &str) -> usize {
         lock(&self.state.connections)
             .get(connection_id)
-            .map_or(0, |c| c.subscribers.iter().filter(|t| !t.is_closed()).count())
+            .map_or(0, |c| {
+                c.subscribers.iter().filter(|t| !t.is_closed()).count()
+            })
     }
 
     /// Subscribe handshakes accepted for `connection_id` so far.
@@ -332,7 +334,11 @@ async fn updates_subscriber(s: Arc<SymblState>, mut socket: WebSocket) {
     lock(&s.updates).push(tx);
     for mut e in existing {
         e["type"] = json!("connection_exists");
-        if socket.send(Message::Text(e.to_string().into())).await.is_err() {
+        if socket
+            .send(Message::Text(e.to_string().into()))
+            .await
+            .is_err()
+        {
             return;
         }
     }

@@ -20,6 +20,7 @@
 //! description: Real-Time Assist
 //! on: [tracker_response]
 //! when: "event.tracker.name != ''"
+//! deadline_ms: 1500                  # optional: answer due 1.5 s after the event (chat falls back)
 //! stages:
 //!   - { id: kb, plugin: retrieve, config: { knowledge: sales }, timeout_ms: 500, on_error: stop }
 //! ```
@@ -314,43 +315,7 @@ fn engine_config(
     {
         settings.symbl = Some(cfg);
     }
-    if let Some(e) = map
-        .get_node("embedders")
-        .and_then(|n| expect_map(file, n, "`embedders`", diags))
-    {
-        for (name, decl) in e.iter() {
-            let Some((kind, kind_node, config)) =
-                resource_decl(file, decl, "provider", "embedder", diags)
-            else {
-                continue;
-            };
-            match registry.embedders.iter().find(|p| p.name == kind) {
-                Some(factory) => {
-                    let mut cx = OpenCx {
-                        name: name.as_str(),
-                        config,
-                        base: &base,
-                        file,
-                        diags,
-                        resources,
-                    };
-                    if let Some(p) = (factory.open)(&mut cx) {
-                        let cached: Arc<dyn prompter_core::resource::Embedder> =
-                            Arc::new(prompter_core::resource::CachedEmbedder::new(p));
-                        resources.embedders.insert(name.as_str().to_owned(), cached);
-                    }
-                }
-                None => unknown_kind(
-                    file,
-                    kind_node,
-                    "embedder kind",
-                    &kind,
-                    registry.embedders.iter().map(|p| p.name),
-                    diags,
-                ),
-            }
-        }
-    }
+    open_embedders(file, map, &base, registry, resources, diags);
     if let Some(k) = map
         .get_node("knowledge")
         .and_then(|n| expect_map(file, n, "`knowledge`", diags))
@@ -422,6 +387,127 @@ fn engine_config(
         }
     }
     files
+}
+
+/// Opens the engine config's `embedders:`, each behind a cache.
+fn open_embedders(
+    file: &Path,
+    map: &MarkedMappingNode,
+    base: &Path,
+    registry: &Registry,
+    resources: &mut Resources,
+    diags: &mut Diagnostics,
+) {
+    if let Some(e) = map
+        .get_node("embedders")
+        .and_then(|n| expect_map(file, n, "`embedders`", diags))
+    {
+        for (name, decl) in e.iter() {
+            let Some((kind, kind_node, config)) =
+                resource_decl(file, decl, "provider", "embedder", diags)
+            else {
+                continue;
+            };
+            match registry.embedders.iter().find(|p| p.name == kind) {
+                Some(factory) => {
+                    let mut cx = OpenCx {
+                        name: name.as_str(),
+                        config,
+                        base,
+                        file,
+                        diags,
+                        resources,
+                    };
+                    if let Some(p) = (factory.open)(&mut cx) {
+                        let cached: Arc<dyn prompter_core::resource::Embedder> =
+                            Arc::new(prompter_core::resource::CachedEmbedder::new(p));
+                        resources.embedders.insert(name.as_str().to_owned(), cached);
+                    }
+                }
+                None => unknown_kind(
+                    file,
+                    kind_node,
+                    "embedder kind",
+                    &kind,
+                    registry.embedders.iter().map(|p| p.name),
+                    diags,
+                ),
+            }
+        }
+    }
+}
+
+/// One knowledge store's declaration, for commands that fill a store rather than open it
+/// (`prompter kb ingest`): opening would refuse a store that is not ingested yet.
+pub struct StoreDecl {
+    /// The store kind (`embedded`, ...).
+    pub kind: String,
+    /// Its `config:` node.
+    pub config: Node,
+    /// The engine config's folder.
+    pub base: PathBuf,
+    /// The engine config file.
+    pub file: PathBuf,
+    /// The embedders the config declares (nothing else is opened).
+    pub resources: Resources,
+}
+
+/// Reads store `name`'s declaration from engine config `file`, opening only the embedders.
+///
+/// # Errors
+/// Problems in the file, an unknown store name (with a hint) or a failing embedder.
+pub fn store_decl(
+    file: &Path,
+    name: &str,
+    env: EnvLookup<'_>,
+    registry: &Registry,
+) -> Result<StoreDecl, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let Some(node) = read(file, env, &mut diags) else {
+        return Err(diags);
+    };
+    let base = base_dir(file);
+    let mut resources = Resources::default();
+    let Some(map) = expect_map(file, &node, "the engine config", &mut diags) else {
+        return Err(diags);
+    };
+    open_embedders(file, map, &base, registry, &mut resources, &mut diags);
+    let stores = map.get_node("knowledge").and_then(|n| n.as_mapping());
+    let decl = stores.and_then(|m| m.get_node(name));
+    let Some(decl) = decl else {
+        let names: Vec<&str> = stores
+            .map(|m| m.keys().map(|k| k.as_str()).collect())
+            .unwrap_or_default();
+        let help = did_you_mean(name, names.iter().copied())
+            .map(|s| format!("did you mean `{s}`?"))
+            .unwrap_or_else(|| {
+                if names.is_empty() {
+                    "the config declares no `knowledge:` stores".to_owned()
+                } else {
+                    format!("declared stores: {}", names.join(", "))
+                }
+            });
+        diags
+            .error(
+                file,
+                None,
+                format!("no knowledge store `{name}` in this config"),
+            )
+            .help(Some(help));
+        return Err(diags);
+    };
+    let found = resource_decl(file, decl, "store", "knowledge store", &mut diags)
+        .map(|(kind, _, config)| (kind, config.clone()));
+    match found {
+        Some((kind, config)) if diags.is_empty() => Ok(StoreDecl {
+            kind,
+            config,
+            base,
+            file: file.to_path_buf(),
+            resources,
+        }),
+        _ => Err(diags),
+    }
 }
 
 /// What opening a named resource (store, provider, embedder) gets.
@@ -521,7 +607,14 @@ pub fn typed_config<T: serde::de::DeserializeOwned>(
     deserialize_at(file, config, diags)
 }
 
-const PIPELINE_KEYS: &[&str] = &["pipeline", "description", "on", "when", "stages"];
+const PIPELINE_KEYS: &[&str] = &[
+    "pipeline",
+    "description",
+    "on",
+    "when",
+    "deadline_ms",
+    "stages",
+];
 const STAGE_KEYS: &[&str] = &[
     "id",
     "plugin",
@@ -594,6 +687,9 @@ fn pipeline(
             }
         }
     }
+
+    let deadline =
+        opt_u64(file, map, "deadline_ms", diags).map(|ms| Duration::from_millis(ms.max(1)));
 
     let when = map
         .get_node("when")
@@ -774,6 +870,7 @@ fn pipeline(
         on,
         when,
         stages: stages.into_iter().map(Arc::new).collect(),
+        deadline,
     })
 }
 

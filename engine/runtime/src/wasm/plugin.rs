@@ -485,6 +485,8 @@ impl WasmPlugin {
                 sources: Vec::new(),
                 timings: cx.timings(),
                 data,
+                partial: false,
+                degraded: None,
             };
             cx.emit(output).await?;
         }

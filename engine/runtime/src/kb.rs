@@ -1,0 +1,182 @@
+//! `prompter kb ingest`: embeds a knowledge-base CSV into a named store of the engine config,
+//! in batches with bounded concurrency, with a progress bar, re-embedding only what changed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use prompter_core::resource::Embedder;
+use prompter_plugin_retrieve::{EmbeddedStore, EmbeddedStoreConfig, IngestOptions};
+
+use crate::cli::{Stream, say};
+use crate::config::{self, diagnostics::Diagnostics};
+use crate::registry::Registry;
+
+/// What to ingest where.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestArgs {
+    /// The knowledge-base CSV: a header, then `text,data` rows (objection, guidance).
+    pub file: PathBuf,
+    /// The store, by its name under the engine config's `knowledge:`.
+    #[arg(long)]
+    pub store: String,
+    /// Engine config [default: ./prompter.yaml].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Texts per embedding call (capped by the embedder's maximum).
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Embedding calls in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Keep documents already in the store that this file does not have.
+    #[arg(long)]
+    pub append: bool,
+    /// No progress bar (it is also hidden when stderr is not a terminal).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Runs `prompter kb ingest`; returns the exit code.
+pub async fn ingest(registry: &Registry, args: IngestArgs, out: &Stream, err: &Stream) -> u8 {
+    let config = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("prompter.yaml"));
+    if !config.exists() {
+        say(
+            err,
+            &format!(
+                "error: engine config `{}` not found (pass --config FILE)",
+                config.display()
+            ),
+        );
+        return 1;
+    }
+    let decl = match config::store_decl(&config, &args.store, &|n| std::env::var(n).ok(), registry)
+    {
+        Ok(d) => d,
+        Err(diags) => return report(&diags, err),
+    };
+    if decl.kind != "embedded" {
+        say(
+            err,
+            &format!(
+                "error: knowledge store `{}` is a `{}` store; `kb ingest` fills `embedded` stores",
+                args.store, decl.kind
+            ),
+        );
+        return 1;
+    }
+    let mut diags = Diagnostics::default();
+    let Some(cfg) =
+        config::typed_config::<EmbeddedStoreConfig>(&decl.file, &decl.config, &mut diags)
+    else {
+        return report(&diags, err);
+    };
+    let embedder: Arc<dyn Embedder> = match &cfg.embedder {
+        Some(name) => match decl.resources.embedders.get(name) {
+            Some(e) => e.clone(),
+            None => {
+                say(
+                    err,
+                    &format!(
+                        "error: store `{}` names embedder `{name}`, which `{}` does not declare under `embedders:`",
+                        args.store,
+                        config.display()
+                    ),
+                );
+                return 1;
+            }
+        },
+        None => EmbeddedStore::local_embedder(cfg.dims),
+    };
+    let file = absolute(&args.file);
+    let bar = progress_bar(args.quiet);
+    let bar2 = bar.clone();
+    let options = IngestOptions {
+        batch_size: args.batch_size.max(1),
+        concurrency: args.concurrency.max(1),
+        append: args.append,
+    };
+    let result = prompter_plugin_retrieve::ingest(
+        &args.store,
+        &cfg,
+        &decl.base,
+        embedder.clone(),
+        &file,
+        options,
+        &move |done, total| {
+            bar2.set_length(total as u64);
+            bar2.set_position(done as u64);
+        },
+    )
+    .await;
+    bar.finish_and_clear();
+    match result {
+        Ok(r) => {
+            say(
+                out,
+                &format!(
+                    "ingested `{}` into `{}` with `{}`: {} row(s), {} embedded, {} unchanged, {} removed; {} document(s) in `{}`",
+                    args.file.display(),
+                    args.store,
+                    embedder.id(),
+                    r.rows,
+                    r.embedded,
+                    r.reused,
+                    r.removed,
+                    r.documents,
+                    r.index.display()
+                ),
+            );
+            if cfg
+                .source
+                .as_deref()
+                .is_some_and(|s| absolute(&decl.base.join(s)) != file)
+            {
+                say(
+                    err,
+                    &format!(
+                        "warning: store `{}` serves its `source:` CSV; rows of `{}` not in it are not searched. Remove `source:` to serve what is ingested.",
+                        args.store,
+                        args.file.display()
+                    ),
+                );
+            }
+            0
+        }
+        Err(e) => {
+            say(
+                err,
+                &format!("error: ingesting into `{}` failed: {e}", args.store),
+            );
+            1
+        }
+    }
+}
+
+fn report(diags: &Diagnostics, err: &Stream) -> u8 {
+    say(err, diags.render().trim_end());
+    say(
+        err,
+        &format!("error: {} problem(s) found", diags.items().len()),
+    );
+    1
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "embedding {bar:30} {pos}/{len} rows ({per_sec}, eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}

@@ -1,0 +1,381 @@
+//! `prompter run`: the engine on live calls. It follows Symbl connections on the Subscribe API
+//! and routes their events through the configured pipelines until stopped (Ctrl-C or SIGTERM
+//! stop it cleanly: sockets close, every accepted event is handled, every output is printed).
+//!
+//! Connections to follow are learned from any of:
+//! - the command line (`--connection ID`, repeatable) and the config's `symbl.connections`;
+//! - the engine's HTTP control endpoint (`--listen ADDR` or `symbl.listen`):
+//!   `POST /connections/{id}` follows, `DELETE /connections/{id}` ends, `GET /connections`
+//!   lists, `GET /health` answers `ok`;
+//! - an integration server's update feed (`--updates URL` or `symbl.updates`):
+//!   `connection_started` / `connection_exists` follow, `connection_stopped` ends.
+//!
+//! Outputs are printed as JSON lines on stdout, like `prompter replay`; a streamed answer
+//! appears as `partial` drafts followed by its complete version under the same id.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use prompter_core::event::parse_frame;
+use prompter_core::output::Output;
+use prompter_symbl::SymblAuth;
+use prompter_symbl::subscribe::{self, EndReason, Update};
+use prompter_symbl::updates::{self, ConnectionChange};
+use tokio::sync::{mpsc, watch};
+
+use crate::cli::{Stream, say};
+use crate::registry::Registry;
+use crate::router::Router;
+use crate::stats::Stats;
+
+/// Options of `prompter run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Engine config [default: ./prompter.yaml].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Follow this Symbl connection id from the start (repeatable).
+    #[arg(long = "connection", value_name = "ID")]
+    pub connections: Vec<String>,
+    /// Serve the HTTP control endpoint on this address (e.g. 127.0.0.1:7070; port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Follow an integration server's update feed (e.g. wss://bridge.example.com/symbl/updates).
+    #[arg(long, value_name = "URL")]
+    pub updates: Option<String>,
+}
+
+/// What the sources ask of the engine.
+#[derive(Debug)]
+enum Control {
+    Follow(String),
+    Stop(String),
+    List(tokio::sync::oneshot::Sender<Vec<String>>),
+}
+
+struct Followed {
+    stop: watch::Sender<bool>,
+    started: Instant,
+    completed: bool,
+    /// An end was requested (connection_stopped, DELETE); the conversation ends when the
+    /// subscription does.
+    stopping: bool,
+}
+
+/// Runs `prompter run`; returns the exit code.
+pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream) -> u8 {
+    let config = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("prompter.yaml"));
+    let Some(loaded) = crate::cli::load_for_run(registry, &config, err) else {
+        return 1;
+    };
+    let mut symbl = loaded.settings.symbl.clone().unwrap_or_default();
+    // `${VAR:-}` left empty means "not set".
+    symbl.updates = symbl.updates.filter(|u| !u.trim().is_empty());
+    symbl.listen = symbl.listen.filter(|l| !l.trim().is_empty());
+    symbl.connections.extend(args.connections.iter().cloned());
+    if args.listen.is_some() {
+        symbl.listen = args.listen.clone();
+    }
+    if args.updates.is_some() {
+        symbl.updates = args.updates.clone();
+    }
+    if symbl.connections.is_empty() && symbl.listen.is_none() && symbl.updates.is_none() {
+        say(
+            err,
+            "error: nothing to follow: pass --connection ID, --listen ADDR or --updates URL (or set `connections`, `listen` or `updates` under `symbl:`)",
+        );
+        return 2;
+    }
+    let auth = match SymblAuth::shared(&symbl) {
+        Ok(a) => a,
+        Err(e) => {
+            say(err, &format!("error: {e}"));
+            return 1;
+        }
+    };
+    // Fail fast on bad credentials rather than on the first connection.
+    if let Err(e) = auth.token().await {
+        say(err, &format!("error: {e}"));
+        return 1;
+    }
+
+    let stats = Arc::new(Stats::default());
+    let (out_tx, mut out_rx) = mpsc::channel::<Output>(crate::session::OUTPUT_QUEUE);
+    let printer_out = out.clone();
+    let printer = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(o) = out_rx.recv().await {
+            n += 1;
+            match serde_json::to_string(&o) {
+                Ok(line) => say(&printer_out, &line),
+                Err(e) => tracing::error!(error = %e, "An output did not serialize."),
+            }
+        }
+        n
+    });
+    let mut router = Router::new(loaded.pipelines, loaded.settings, out_tx, stats.clone());
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(256);
+    let (frames_tx, mut frames_rx) = mpsc::channel::<Update>(1024);
+
+    if let Some(url) = symbl.updates.clone() {
+        let (tx, mut rx) = mpsc::channel::<ConnectionChange>(64);
+        tokio::spawn(updates::watch_updates(
+            url.clone(),
+            symbl.reconnect,
+            tx,
+            shutdown_rx.clone(),
+        ));
+        let control = control_tx.clone();
+        tokio::spawn(async move {
+            while let Some(change) = rx.recv().await {
+                let c = match change {
+                    ConnectionChange::Live { connection_id, .. } => Control::Follow(connection_id),
+                    ConnectionChange::Stopped { connection_id, .. } => Control::Stop(connection_id),
+                };
+                if control.send(c).await.is_err() {
+                    return;
+                }
+            }
+        });
+        say(err, &format!("following the update feed {url}"));
+    }
+    if let Some(addr) = symbl.listen.clone() {
+        match serve_control(&addr, control_tx.clone(), shutdown_rx.clone()).await {
+            Ok(bound) => say(
+                err,
+                &format!("control endpoint listening on http://{bound}"),
+            ),
+            Err(e) => {
+                say(err, &format!("error: cannot listen on `{addr}`: {e}"));
+                return 1;
+            }
+        }
+    }
+    for id in &symbl.connections {
+        let _ = control_tx.send(Control::Follow(id.clone())).await;
+    }
+    drop(control_tx);
+
+    let mut followed: HashMap<Arc<str>, Followed> = HashMap::new();
+    let mut sigterm = terminate_signal();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            () = wait_terminate(&mut sigterm) => break,
+            Some(control) = control_rx.recv() => match control {
+                Control::Follow(id) => {
+                    let id: Arc<str> = Arc::from(id.as_str());
+                    if followed.contains_key(&id) {
+                        continue;
+                    }
+                    let (stop_tx, stop_rx) = watch::channel(false);
+                    followed.insert(id.clone(), Followed { stop: stop_tx, started: Instant::now(), completed: false, stopping: false });
+                    say(err, &format!("following connection {id}"));
+                    tokio::spawn({
+                        let symbl = symbl.clone();
+                        let auth = auth.clone();
+                        let tx = frames_tx.clone();
+                        async move { subscribe::follow(&symbl, auth, id, tx, stop_rx).await }
+                    });
+                }
+                Control::Stop(id) => {
+                    if let Some(f) = followed.get_mut(id.as_str()) {
+                        f.stopping = true;
+                        let _ = f.stop.send(true);
+                    }
+                }
+                Control::List(reply) => {
+                    let _ = reply.send(followed.keys().map(|k| k.to_string()).collect());
+                }
+            },
+            Some(update) = frames_rx.recv() => match update {
+                Update::Frame { connection_id, frame } => {
+                    let Some(f) = followed.get_mut(&connection_id) else { continue };
+                    let offset = f.started.elapsed().as_millis() as u64;
+                    match parse_frame(&connection_id, offset, frame) {
+                        Ok(events) => {
+                            for e in events {
+                                if e.kind == prompter_core::event::EventKind::ConversationCompleted {
+                                    f.completed = true;
+                                }
+                                router.dispatch(e).await;
+                            }
+                        }
+                        Err(e) => tracing::warn!(connection = %connection_id, error = %e, "Skipped a frame."),
+                    }
+                }
+                Update::Connected { connection_id, reconnects } => {
+                    if reconnects > 0 {
+                        say(err, &format!("reconnected to connection {connection_id}"));
+                    }
+                }
+                Update::Dropped { connection_id, reason, retry_in } => {
+                    say(err, &format!("connection {connection_id} dropped ({reason}); reconnecting in {} ms", retry_in.as_millis()));
+                }
+                Update::Ended { connection_id, reason } => {
+                    let Some(f) = followed.remove(&connection_id) else { continue };
+                    match &reason {
+                        EndReason::GaveUp(why) => say(err, &format!("error: lost connection {connection_id}: {why}")),
+                        EndReason::Completed | EndReason::Stopped => say(err, &format!("connection {connection_id} ended")),
+                    }
+                    // A call that stopped without Symbl's `conversation_completed` still ends:
+                    // post-call pipelines run and the conversation's state is released.
+                    if !f.completed && (f.stopping || matches!(reason, EndReason::GaveUp(_))) {
+                        let offset = f.started.elapsed().as_millis() as u64;
+                        let frame = serde_json::json!({"type": "message", "message": {"type": "conversation_completed"}});
+                        if let Ok(events) = parse_frame(&connection_id, offset, frame) {
+                            for e in events {
+                                router.dispatch(e).await;
+                            }
+                        }
+                    }
+                }
+            },
+        }
+    }
+    say(
+        err,
+        "stopping: closing sockets and finishing accepted events",
+    );
+    let _ = shutdown_tx.send(true);
+    for f in followed.values() {
+        let _ = f.stop.send(true);
+    }
+    router.finish().await;
+    let outputs = printer.await.unwrap_or(0);
+    say(
+        err,
+        &format!(
+            "stopped: {} event(s), {} output(s), {} stage error(s)",
+            stats.events.load(Ordering::Relaxed),
+            outputs,
+            stats.stage_errors.load(Ordering::Relaxed)
+        ),
+    );
+    0
+}
+
+#[cfg(unix)]
+type Terminate = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Terminate = Option<()>;
+
+#[cfg(unix)]
+fn terminate_signal() -> Terminate {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
+}
+#[cfg(not(unix))]
+fn terminate_signal() -> Terminate {
+    None
+}
+
+#[cfg(unix)]
+async fn wait_terminate(s: &mut Terminate) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+#[cfg(not(unix))]
+async fn wait_terminate(_: &mut Terminate) {
+    std::future::pending().await
+}
+
+/// Serves the control endpoint; returns the bound address.
+async fn serve_control(
+    addr: &str,
+    control: mpsc::Sender<Control>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/connections", get(list))
+        .route("/connections/{id}", post(follow).delete(stop))
+        .with_state(control);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+    });
+    Ok(bound)
+}
+
+fn valid_connection_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 256
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=' | '+'))
+}
+
+async fn follow(
+    State(control): State<mpsc::Sender<Control>>,
+    Path(id): Path<String>,
+) -> (StatusCode, String) {
+    if !valid_connection_id(&id) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "a connection id is 1-256 characters of a-z, A-Z, 0-9, -, _, ., =, +\n".into(),
+        );
+    }
+    match control.send(Control::Follow(id.clone())).await {
+        Ok(()) => (StatusCode::ACCEPTED, format!("following {id}\n")),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is stopping\n".into(),
+        ),
+    }
+}
+
+async fn stop(
+    State(control): State<mpsc::Sender<Control>>,
+    Path(id): Path<String>,
+) -> (StatusCode, String) {
+    match control.send(Control::Stop(id.clone())).await {
+        Ok(()) => (StatusCode::ACCEPTED, format!("ending {id}\n")),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is stopping\n".into(),
+        ),
+    }
+}
+
+async fn list(State(control): State<mpsc::Sender<Control>>) -> (StatusCode, String) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if control.send(Control::List(tx)).await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is stopping\n".into(),
+        );
+    }
+    match rx.await {
+        Ok(ids) => (
+            StatusCode::OK,
+            serde_json::json!({ "connections": ids }).to_string(),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is stopping\n".into(),
+        ),
+    }
+}

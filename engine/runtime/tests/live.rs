@@ -1,0 +1,488 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests fail loudly on broken invariants"
+)]
+//! `prompter run` as an operator runs it: the real binary, the shipped `prompter-live.yaml`,
+//! keys in the environment, against local fakes of Symbl and Nebula that speak their wire
+//! formats over real HTTP and WebSockets. Stopped with SIGINT, as Ctrl-C does.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prompter_fakes::nebula::{DEFAULT_ANSWER, Endpoint};
+use prompter_fakes::{NebulaFake, SymblFake};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf()
+}
+
+struct Fakes {
+    symbl: SymblFake,
+    nebula: NebulaFake,
+    dir: tempfile::TempDir,
+}
+
+async fn fakes() -> Fakes {
+    Fakes {
+        symbl: SymblFake::start("app-id", "app-secret-value").await,
+        nebula: NebulaFake::start("nebula-key-value").await,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Fakes {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_prompter"));
+        c.current_dir(root())
+            .args(args)
+            .env("SYMBL_APP_ID", "app-id")
+            .env("SYMBL_APP_SECRET", "app-secret-value")
+            .env("SYMBL_API_BASE", &self.symbl.api_base)
+            .env("NEBULA_API_KEY", "nebula-key-value")
+            .env("NEBULA_BASE_URL", &self.nebula.url)
+            .env("PROMPTER_INDEX", self.dir.path().join("sales.json"))
+            .env_remove("SYMBL_UPDATES_URL")
+            .env_remove("PROMPTER_LISTEN")
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    /// `prompter kb ingest` of the shipped knowledge base into the live store.
+    fn ingest(&self) -> String {
+        let out = self
+            .command(&[
+                "kb",
+                "ingest",
+                "pipelines/data/sales_objections.csv",
+                "--store",
+                "sales",
+                "--config",
+                "prompter-live.yaml",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    fn run(&self, extra: &[&str], env: &[(&str, &str)]) -> Engine {
+        let mut args = vec!["run", "--config", "prompter-live.yaml"];
+        args.extend_from_slice(extra);
+        let mut cmd = self.command(&args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Engine::spawn(cmd)
+    }
+}
+
+/// A running `prompter run`: its outputs as they are printed (with when they were read), and
+/// its stderr.
+struct Engine {
+    child: Child,
+    outputs: Arc<Mutex<Vec<(Instant, Value)>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Engine {
+    fn spawn(mut cmd: Command) -> Engine {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let outputs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (o, e) = (outputs.clone(), stderr.clone());
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                let v: Value = serde_json::from_str(&line).expect("stdout is JSON lines");
+                o.lock().unwrap().push((Instant::now(), v));
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let mut s = e.lock().unwrap();
+                s.push_str(&line.unwrap());
+                s.push('\n');
+            }
+        });
+        Engine {
+            child,
+            outputs,
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until an output matches `pred`; returns it with when it was read.
+    async fn output(&self, what: &str, pred: impl Fn(&Value) -> bool) -> (Instant, Value) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(found) = self
+                .outputs
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, v)| pred(v))
+                .cloned()
+            {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no output {what} within {WAIT:?}; stderr:\n{}\noutputs:\n{:#?}",
+                self.stderr(),
+                self.outputs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until stderr contains `text`.
+    async fn said(&self, text: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = self.stderr();
+            if let Some(line) = s.lines().find(|l| l.contains(text)) {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stderr never said {text:?}:\n{s}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn outputs(&self) -> Vec<Value> {
+        self.outputs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits for the exit; returns the exit code.
+    fn interrupt(mut self) -> (i32, String, Vec<Value>) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + WAIT;
+        let code = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "did not stop on SIGINT");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let the reader threads take the last lines.
+        std::thread::sleep(Duration::from_millis(100));
+        (code, self.stderr(), self.outputs())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn tracker(name: &str, phrase: &str, seq: u64) -> Value {
+    json!({"type": "tracker_response", "sequenceNumber": seq, "isFinal": true, "trackers": [{
+        "name": name,
+        "matches": [{"type": "vocabulary", "value": phrase,
+            "messageRefs": [{"id": format!("m{seq}"), "text": format!("Well, {phrase}."), "offset": 6}],
+            "insightRefs": []}]}]})
+}
+
+fn said(who: &str, text: &str, seq: u64) -> Value {
+    json!({"type": "message_response", "sequenceNumber": seq, "messages": [{
+        "from": {"id": format!("{who}-id"), "name": who, "userId": format!("{who}@example.com")},
+        "payload": {"content": text, "contentType": "text/plain"},
+        "duration": {"startTime": "2026-11-22T10:00:00Z", "endTime": "2026-11-22T10:00:02Z"}}]})
+}
+
+fn question(text: &str, seq: u64) -> Value {
+    json!({"type": "insight_response", "sequenceNumber": seq, "insights": [{
+        "id": format!("q{seq}"), "confidence": 0.9, "type": "question",
+        "payload": {"content": text, "contentType": "text/plain"},
+        "from": {"id": "c-id", "name": "Customer", "userId": "customer@example.com"}}]})
+}
+
+fn is(v: &Value, conv: &str, pipeline: &str) -> bool {
+    v["conversation_id"] == conv && v["pipeline"] == pipeline
+}
+
+fn complete(v: &Value) -> bool {
+    v.get("partial").is_none()
+}
+
+/// Raw HTTP/1.1 POST to the control endpoint (no client library needed for one request).
+async fn post(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    resp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_calls_stream_suggestions_survive_a_dropped_socket_and_embed_each_tracker_once() {
+    let f = fakes().await;
+    let ingested = f.ingest();
+    assert!(ingested.contains("17 row(s), 17 embedded"), "{ingested}");
+    assert_eq!(f.nebula.embed_attempts(), 17);
+    f.nebula.set_chat_delay(Duration::from_millis(300));
+
+    let updates = format!("{}/symbl/updates", f.symbl.ws_base());
+    let engine = f.run(
+        &["--listen", "127.0.0.1:0"],
+        &[("SYMBL_UPDATES_URL", &updates)],
+    );
+    let control = engine.said("control endpoint listening on http://").await;
+    let control = control.rsplit("http://").next().unwrap().trim().to_owned();
+    // The integration server announces a call; the engine subscribes to it.
+    let deadline = Instant::now() + WAIT;
+    while f.symbl.update_subscribers() == 0 {
+        assert!(Instant::now() < deadline, "{}", engine.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f.symbl
+        .start_connection("conn-1", "5093011103940608", "Agent");
+    assert!(
+        f.symbl.wait_subscribed("conn-1", 1, WAIT).await,
+        "{}",
+        engine.stderr()
+    );
+
+    let c = "conn-1";
+    f.symbl.push(
+        c,
+        json!({"type": "message", "message": {"type": "started_listening"}}),
+    );
+    f.symbl.push(
+        c,
+        said("Customer", "Honestly it is too expensive for us.", 1),
+    );
+    f.symbl.push(c, question("Is there a cheaper plan?", 2));
+    f.symbl
+        .push(c, tracker("Budget Constraints", "too expensive", 3));
+
+    // The first words arrive as a draft before Nebula has finished the answer.
+    let (draft_at, draft) = engine
+        .output("draft", |v| is(v, c, "rta_live") && v["partial"] == true)
+        .await;
+    assert_eq!(draft["text"], "Acknowledge the concern,");
+    assert_eq!(draft["title"], "Budget Constraints");
+    let (final_at, done) = engine
+        .output("final", |v| {
+            is(v, c, "rta_live") && complete(v) && v["title"] == "Budget Constraints"
+        })
+        .await;
+    let completed_at = f.nebula.completions()[0];
+    assert!(draft_at < completed_at && completed_at <= final_at);
+    assert_eq!(done["id"], draft["id"]);
+    assert!(done["version"].as_u64() > draft["version"].as_u64());
+    assert_eq!(done["text"], DEFAULT_ANSWER);
+    assert!(done.get("degraded").is_none());
+    assert!(
+        done["sources"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Budget Constraints")
+    );
+    // One embedding for the tracker name; the prompt carried the retrieved guidance.
+    assert_eq!(f.nebula.embed_attempts(), 18);
+    let prompt = f.nebula.chat_requests()[0].to_string();
+    assert!(prompt.contains("phased rollout"), "{prompt}");
+
+    // The socket drops mid-call; on reconnect the fake redelivers the last 3 frames.
+    f.symbl.set_redeliver_on_reconnect(3);
+    f.symbl.drop_subscribers(c);
+    assert!(
+        f.symbl.wait_subscribed(c, 2, WAIT).await,
+        "{}",
+        engine.stderr()
+    );
+    engine.said("reconnected to connection conn-1").await;
+    f.symbl.push(c, question("Who else uses it?", 4));
+    f.symbl
+        .push(c, tracker("Competitor Comparison", "another vendor", 5));
+    engine
+        .output("a suggestion after the reconnect", |v| {
+            is(v, c, "rta_live") && complete(v) && v["title"] == "Competitor Comparison"
+        })
+        .await;
+    let (_, questions) = engine
+        .output("the questions card, version 2", |v| {
+            is(v, c, "open_questions") && v["version"] == 2
+        })
+        .await;
+    assert_eq!(
+        questions["text"],
+        "- Is there a cheaper plan? (Customer)\n- Who else uses it? (Customer)"
+    );
+    assert_eq!(f.nebula.embed_attempts(), 19);
+
+    // A second call, added through the HTTP control endpoint, raises the same tracker: its
+    // embedding is cached, so Nebula embeds nothing more.
+    let resp = post(&control, "/connections/conn-2").await;
+    assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
+    assert!(f.symbl.wait_subscribed("conn-2", 1, WAIT).await);
+    f.symbl.push(
+        "conn-2",
+        tracker("Budget Constraints", "over our budget", 1),
+    );
+    engine
+        .output("conn-2's suggestion", |v| {
+            is(v, "conn-2", "rta_live") && complete(v)
+        })
+        .await;
+    assert_eq!(f.nebula.embed_attempts(), 19);
+
+    // The call ends on the update feed: the recap runs once.
+    f.symbl.stop_connection(c, "5093011103940608");
+    let (_, recap) = engine.output("recap", |v| is(v, c, "call_recap")).await;
+    assert!(
+        recap["text"]
+            .as_str()
+            .unwrap()
+            .contains("Budget Constraints"),
+        "{recap}"
+    );
+
+    let (code, stderr, outputs) = engine.interrupt();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("stopped: "), "{stderr}");
+    // No suggestion, question card version or recap is duplicated.
+    let finals: Vec<(String, String)> = outputs
+        .iter()
+        .filter(|v| is(v, c, "rta_live") && complete(v))
+        .map(|v| (v["id"].to_string(), v["title"].to_string()))
+        .collect();
+    assert_eq!(finals.len(), 2, "{finals:?}");
+    assert_ne!(finals[0].0, finals[1].0);
+    let cards = outputs
+        .iter()
+        .filter(|v| is(v, c, "open_questions"))
+        .count();
+    assert_eq!(cards, 2);
+    assert_eq!(outputs.iter().filter(|v| is(v, c, "call_recap")).count(), 1);
+    // The keys never reach the logs.
+    assert!(!stderr.contains("app-secret-value") && !stderr.contains("nebula-key-value"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nebula_retries_then_answers_and_when_down_the_fallback_arrives_within_the_deadline() {
+    let f = fakes().await;
+    f.ingest();
+    let engine = f.run(&["--connection", "conn-a", "--connection", "conn-b"], &[]);
+    assert!(
+        f.symbl.wait_subscribed("conn-a", 1, WAIT).await,
+        "{}",
+        engine.stderr()
+    );
+    assert!(
+        f.symbl.wait_subscribed("conn-b", 1, WAIT).await,
+        "{}",
+        engine.stderr()
+    );
+
+    // 503, 503, then 200: the suggestion arrives, not degraded.
+    f.nebula.fail_next(Endpoint::Chat, &[503, 503]);
+    f.symbl.push("conn-a", tracker("Timing", "next quarter", 1));
+    let (_, ok) = engine
+        .output("the retried answer", |v| {
+            is(v, "conn-a", "rta_live") && complete(v)
+        })
+        .await;
+    assert_eq!(ok["text"], DEFAULT_ANSWER);
+    assert!(ok.get("degraded").is_none(), "{ok}");
+    assert_eq!(f.nebula.chat_attempts(), 3);
+
+    // Nebula down: the retrieval-only card, marked degraded, within the 1.5 s deadline.
+    f.nebula.set_down(true);
+    f.symbl
+        .push("conn-b", tracker("Budget Constraints", "too expensive", 1));
+    let (_, fallback) = engine
+        .output("the fallback", |v| {
+            is(v, "conn-b", "rta_live") && complete(v)
+        })
+        .await;
+    // Both the query embedding and the chat failed; the card says so.
+    let why = fallback["degraded"].as_str().expect("marked degraded");
+    assert!(why.contains("documents ranked by shared words"), "{why}");
+    assert!(
+        why.contains("`nebula` failed") || why.contains("would have missed the deadline"),
+        "{why}"
+    );
+    assert!(
+        fallback["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Acknowledge the constraint")
+    );
+    // The engine's own clock: emitted less than 1.5 s after the pipeline started.
+    assert!(
+        fallback["timings"]["total_us"].as_u64().unwrap() < 1_500_000,
+        "{fallback}"
+    );
+
+    let (code, stderr, _) = engine.interrupt();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_name_the_variables_and_nothing_to_follow_is_refused() {
+    let f = fakes().await;
+    f.ingest();
+    let out = f
+        .command(&["run", "--config", "prompter-live.yaml", "--connection", "x"])
+        .env("SYMBL_APP_SECRET", "wrong-secret-value")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Symbl rejected the app id and secret (401): check `SYMBL_APP_ID` and `SYMBL_APP_SECRET`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("wrong-secret-value"));
+
+    let out = f
+        .command(&["run", "--config", "prompter-live.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to follow"));
+}
