@@ -55,7 +55,8 @@ pub struct RunArgs {
 /// What the sources ask of the engine.
 #[derive(Debug)]
 enum Control {
-    Follow(String),
+    /// Follow a connection; Symbl's conversation id when the source knows it.
+    Follow(String, Option<String>),
     Stop(String),
     List(tokio::sync::oneshot::Sender<Vec<String>>),
 }
@@ -67,6 +68,8 @@ struct Followed {
     /// An end was requested (connection_stopped, DELETE); the conversation ends when the
     /// subscription does.
     stopping: bool,
+    /// Symbl's conversation id, from the update feed (the events also carry it).
+    conversation_id: Option<String>,
 }
 
 /// Runs `prompter run`; returns the exit code.
@@ -141,7 +144,11 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         tokio::spawn(async move {
             while let Some(change) = rx.recv().await {
                 let c = match change {
-                    ConnectionChange::Live { connection_id, .. } => Control::Follow(connection_id),
+                    ConnectionChange::Live {
+                        connection_id,
+                        conversation_id,
+                        ..
+                    } => Control::Follow(connection_id, conversation_id),
                     ConnectionChange::Stopped { connection_id, .. } => Control::Stop(connection_id),
                 };
                 if control.send(c).await.is_err() {
@@ -164,7 +171,7 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         }
     }
     for id in &symbl.connections {
-        let _ = control_tx.send(Control::Follow(id.clone())).await;
+        let _ = control_tx.send(Control::Follow(id.clone(), None)).await;
     }
     drop(control_tx);
 
@@ -177,13 +184,14 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
             _ = &mut ctrl_c => break,
             () = wait_terminate(&mut sigterm) => break,
             Some(control) = control_rx.recv() => match control {
-                Control::Follow(id) => {
+                Control::Follow(id, conversation_id) => {
                     let id: Arc<str> = Arc::from(id.as_str());
-                    if followed.contains_key(&id) {
+                    if let Some(f) = followed.get_mut(&id) {
+                        f.conversation_id = f.conversation_id.take().or(conversation_id);
                         continue;
                     }
                     let (stop_tx, stop_rx) = watch::channel(false);
-                    followed.insert(id.clone(), Followed { stop: stop_tx, started: Instant::now(), completed: false, stopping: false });
+                    followed.insert(id.clone(), Followed { stop: stop_tx, started: Instant::now(), completed: false, stopping: false, conversation_id });
                     say(err, &format!("following connection {id}"));
                     tokio::spawn({
                         let symbl = symbl.clone();
@@ -236,7 +244,10 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
                     // post-call pipelines run and the conversation's state is released.
                     if !f.completed && (f.stopping || matches!(reason, EndReason::GaveUp(_))) {
                         let offset = f.started.elapsed().as_millis() as u64;
-                        let frame = serde_json::json!({"type": "message", "message": {"type": "conversation_completed"}});
+                        let mut frame = serde_json::json!({"type": "message", "message": {"type": "conversation_completed"}});
+                        if let Some(conv) = &f.conversation_id {
+                            frame["message"]["data"] = serde_json::json!({"conversationId": conv});
+                        }
                         if let Ok(events) = parse_frame(&connection_id, offset, frame) {
                             for e in events {
                                 router.dispatch(e).await;
@@ -338,7 +349,7 @@ async fn follow(
             "a connection id is 1-256 characters of a-z, A-Z, 0-9, -, _, ., =, +\n".into(),
         );
     }
-    match control.send(Control::Follow(id.clone())).await {
+    match control.send(Control::Follow(id.clone(), None)).await {
         Ok(()) => (StatusCode::ACCEPTED, format!("following {id}\n")),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,

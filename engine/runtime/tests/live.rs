@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prompter_fakes::nebula::{DEFAULT_ANSWER, Endpoint};
+use prompter_fakes::symbl_conversations::sample_conversation;
 use prompter_fakes::{NebulaFake, SymblFake};
 use serde_json::{Value, json};
 

@@ -21,7 +21,8 @@ use serde_json::Value;
 
 use crate::auth::{AuthError, SymblAuth};
 use crate::config::SymblConfig;
-use crate::management::{Rest, RestError, encode_segment, id_string};
+use crate::management::{encode_segment, id_string};
+use crate::rest::{Rest, RestError};
 
 /// A part of a conversation that [`ConversationClient::fetch`] can read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]

@@ -14,11 +14,14 @@
 //! - [`streaming`]: the Streaming API client (audio in, events out).
 //! - [`management`]: trackers through the Management API.
 //! - [`conversation_api`]: a conversation's summary, action items, questions, topics, analytics.
+//! - `rest` (crate-private): the HTTP plumbing those two share (token, retries honouring
+//!   `Retry-After`, one request at a time where the API demands it).
 
 pub mod auth;
 pub mod config;
 pub mod conversation_api;
 pub mod management;
+mod rest;
 pub mod streaming;
 pub mod subscribe;
 pub mod updates;

@@ -335,6 +335,7 @@ fn engine_config(
                         file,
                         diags,
                         resources,
+                        anchor: kind_node,
                     };
                     if let Some(store) = (factory.open)(&mut cx) {
                         resources.knowledge.insert(name.as_str().to_owned(), store);
@@ -370,6 +371,7 @@ fn engine_config(
                         file,
                         diags,
                         resources,
+                        anchor: kind_node,
                     };
                     if let Some(p) = (factory.open)(&mut cx) {
                         resources.chat.insert(name.as_str().to_owned(), p);
@@ -417,6 +419,7 @@ fn open_embedders(
                         file,
                         diags,
                         resources,
+                        anchor: kind_node,
                     };
                     if let Some(p) = (factory.open)(&mut cx) {
                         let cached: Arc<dyn prompter_core::resource::Embedder> =
@@ -524,12 +527,34 @@ pub struct OpenCx<'a> {
     pub diags: &'a mut Diagnostics,
     /// The resources opened so far (stores find their embedder here).
     pub resources: &'a Resources,
+    /// Where to point when the problem has no place of its own (no `config:` at all): the
+    /// declaration's kind (`provider: openai`).
+    pub anchor: &'a Node,
 }
 
 impl OpenCx<'_> {
     /// The typed config, or `None` after reporting why not.
     pub fn typed<T: serde::de::DeserializeOwned>(&mut self) -> Option<T> {
-        typed_config(self.file, self.config, self.diags)
+        match marked_yaml::from_node::<T>(self.config) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let mut problem = prompter_core::plugin::config_problem(e);
+                if problem.pos.is_none() && self.config.span().start().is_none() {
+                    problem.pos =
+                        self.anchor
+                            .span()
+                            .start()
+                            .map(|m| prompter_core::diagnostic::Position {
+                                line: m.line(),
+                                col: m.column(),
+                            });
+                    problem.message =
+                        format!("`{}`: {} in its `config`", self.name, problem.message);
+                }
+                yaml::report_build_error(self.file, self.config, &problem, self.diags);
+                None
+            }
+        }
     }
 
     /// Reports `message` at the config's key `key` (or the whole config when absent).
