@@ -311,6 +311,11 @@ async fn live_calls_stream_suggestions_survive_a_dropped_socket_and_embed_each_t
         })
         .await;
     let completed_at = f.nebula.completions()[0];
+    // Informational (not asserted): how much earlier the agent saw the first words.
+    eprintln!(
+        "first words on stdout {} ms before the complete answer (Nebula fake: 300 ms between them)",
+        final_at.duration_since(draft_at).as_millis()
+    );
     assert!(draft_at < completed_at && completed_at <= final_at);
     assert_eq!(done["id"], draft["id"]);
     assert!(done["version"].as_u64() > draft["version"].as_u64());
@@ -371,8 +376,18 @@ async fn live_calls_stream_suggestions_survive_a_dropped_socket_and_embed_each_t
         .await;
     assert_eq!(f.nebula.embed_attempts(), 19);
 
-    // The call ends on the update feed: the recap runs once.
+    // The call ends on the update feed: the recap runs once, and Symbl's own summary is read
+    // from the Conversation API with the conversation id the feed announced.
+    f.symbl
+        .add_conversation("5093011103940608", sample_conversation("5093011103940608"));
     f.symbl.stop_connection(c, "5093011103940608");
+    let (_, summary) = engine
+        .output("Symbl's summary", |v| is(v, c, "call_summary"))
+        .await;
+    assert_eq!(
+        summary["text"],
+        "Sam asked about pricing for 40 seats and raised a budget concern. Dana will send a pilot proposal by Friday.\nAction items:\n- Dana will send a pilot proposal by Friday."
+    );
     let (_, recap) = engine.output("recap", |v| is(v, c, "call_recap")).await;
     assert!(
         recap["text"]
