@@ -15,35 +15,22 @@ pub type OpenFn<T> = fn(&mut OpenCx<'_>) -> Option<Arc<T>>;
 /// The `plugin:` name of WebAssembly stages (built by `config::wasm`, not by a factory).
 pub const WASM: &str = "wasm";
 
-/// A kind of knowledge store (`store:` in the engine config).
-pub struct StoreKind {
-    /// The name used as `store:`.
+/// A kind of named resource: what `store:` (knowledge) or `provider:` (llm, embedders) names.
+pub struct Kind<T: ?Sized> {
+    /// The name used in the engine config.
     pub name: &'static str,
     /// What it is.
     pub description: &'static str,
     /// Opens one.
-    pub open: OpenFn<dyn KnowledgeStore>,
+    pub open: OpenFn<T>,
 }
 
-/// A kind of LLM provider (`provider:` in the engine config).
-pub struct ProviderKind {
-    /// The name used as `provider:`.
-    pub name: &'static str,
-    /// What it is.
-    pub description: &'static str,
-    /// Opens one.
-    pub open: OpenFn<dyn ChatProvider>,
-}
-
-/// A kind of embedder (`provider:` under the engine config's `embedders:`).
-pub struct EmbedderKind {
-    /// The name used as `provider:`.
-    pub name: &'static str,
-    /// What it is.
-    pub description: &'static str,
-    /// Opens one.
-    pub open: OpenFn<dyn Embedder>,
-}
+/// A kind of knowledge store (`store:` under `knowledge:`).
+pub type StoreKind = Kind<dyn KnowledgeStore>;
+/// A kind of LLM provider (`provider:` under `llm:`).
+pub type ProviderKind = Kind<dyn ChatProvider>;
+/// A kind of embedder (`provider:` under `embedders:`).
+pub type EmbedderKind = Kind<dyn Embedder>;
 
 /// Everything the engine can build by name.
 pub struct Registry {

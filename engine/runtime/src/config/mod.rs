@@ -44,7 +44,7 @@ use prompter_core::plugin::{BuildContext, Resources};
 use prompter_core::template::Expr;
 
 use crate::pipeline::{OnError, Pipeline, Stage};
-use crate::registry::Registry;
+use crate::registry::{Kind, Registry};
 use diagnostics::{Diagnostics, WithHelp};
 use yaml::{
     EnvLookup, check_keys, deserialize_at, expect_map, expect_scalar, expect_seq, opt_u64, required,
@@ -315,79 +315,32 @@ fn engine_config(
     {
         settings.symbl = Some(cfg);
     }
+    // Embedders first: stores name theirs.
     open_embedders(file, map, &base, registry, resources, diags);
-    if let Some(k) = map
-        .get_node("knowledge")
-        .and_then(|n| expect_map(file, n, "`knowledge`", diags))
-    {
-        for (name, decl) in k.iter() {
-            let Some((kind, kind_node, config)) =
-                resource_decl(file, decl, "store", "knowledge store", diags)
-            else {
-                continue;
-            };
-            match registry.stores.iter().find(|s| s.name == kind) {
-                Some(factory) => {
-                    let mut cx = OpenCx {
-                        name: name.as_str(),
-                        config,
-                        base: &base,
-                        file,
-                        diags,
-                        resources,
-                        anchor: kind_node,
-                    };
-                    if let Some(store) = (factory.open)(&mut cx) {
-                        resources.knowledge.insert(name.as_str().to_owned(), store);
-                    }
-                }
-                None => unknown_kind(
-                    file,
-                    kind_node,
-                    "knowledge store kind",
-                    &kind,
-                    registry.stores.iter().map(|s| s.name),
-                    diags,
-                ),
-            }
-        }
-    }
-    if let Some(l) = map
-        .get_node("llm")
-        .and_then(|n| expect_map(file, n, "`llm`", diags))
-    {
-        for (name, decl) in l.iter() {
-            let Some((kind, kind_node, config)) =
-                resource_decl(file, decl, "provider", "llm provider", diags)
-            else {
-                continue;
-            };
-            match registry.providers.iter().find(|p| p.name == kind) {
-                Some(factory) => {
-                    let mut cx = OpenCx {
-                        name: name.as_str(),
-                        config,
-                        base: &base,
-                        file,
-                        diags,
-                        resources,
-                        anchor: kind_node,
-                    };
-                    if let Some(p) = (factory.open)(&mut cx) {
-                        resources.chat.insert(name.as_str().to_owned(), p);
-                    }
-                }
-                None => unknown_kind(
-                    file,
-                    kind_node,
-                    "llm provider kind",
-                    &kind,
-                    registry.providers.iter().map(|p| p.name),
-                    diags,
-                ),
-            }
-        }
-    }
+    let section = |key, kind_key, what| Section {
+        file,
+        map,
+        base: &base,
+        key,
+        kind_key,
+        what,
+    };
+    section("knowledge", "store", "knowledge store").open(
+        &registry.stores,
+        resources,
+        diags,
+        |r, name, store| {
+            r.knowledge.insert(name, store);
+        },
+    );
+    section("llm", "provider", "llm provider").open(
+        &registry.providers,
+        resources,
+        diags,
+        |r, name, provider| {
+            r.chat.insert(name, provider);
+        },
+    );
     files
 }
 
@@ -400,41 +353,80 @@ fn open_embedders(
     resources: &mut Resources,
     diags: &mut Diagnostics,
 ) {
-    if let Some(e) = map
-        .get_node("embedders")
-        .and_then(|n| expect_map(file, n, "`embedders`", diags))
-    {
-        for (name, decl) in e.iter() {
+    let section = Section {
+        file,
+        map,
+        base,
+        key: "embedders",
+        kind_key: "provider",
+        what: "embedder",
+    };
+    section.open(&registry.embedders, resources, diags, |r, name, e| {
+        let cached: Arc<dyn prompter_core::resource::Embedder> =
+            Arc::new(prompter_core::resource::CachedEmbedder::new(e));
+        r.embedders.insert(name, cached);
+    });
+}
+
+/// A resource section of the engine config (`embedders:`, `knowledge:`, `llm:`): named
+/// entries, each `{ <kind_key>: KIND, config: {...} }`, opened by the registry's kind.
+struct Section<'a> {
+    file: &'a Path,
+    map: &'a MarkedMappingNode,
+    base: &'a Path,
+    /// The section's key (`knowledge`).
+    key: &'a str,
+    /// The key naming an entry's kind (`store`, `provider`).
+    kind_key: &'a str,
+    /// What an entry is, for messages (`knowledge store`).
+    what: &'a str,
+}
+
+impl Section<'_> {
+    /// Opens every entry with its kind; hands each opened resource to `insert`.
+    fn open<T: ?Sized>(
+        &self,
+        kinds: &[Kind<T>],
+        resources: &mut Resources,
+        diags: &mut Diagnostics,
+        mut insert: impl FnMut(&mut Resources, String, Arc<T>),
+    ) {
+        let file = self.file;
+        let Some(entries) = self
+            .map
+            .get_node(self.key)
+            .and_then(|n| expect_map(file, n, &format!("`{}`", self.key), diags))
+        else {
+            return;
+        };
+        for (name, decl) in entries.iter() {
             let Some((kind, kind_node, config)) =
-                resource_decl(file, decl, "provider", "embedder", diags)
+                resource_decl(file, decl, self.kind_key, self.what, diags)
             else {
                 continue;
             };
-            match registry.embedders.iter().find(|p| p.name == kind) {
-                Some(factory) => {
-                    let mut cx = OpenCx {
-                        name: name.as_str(),
-                        config,
-                        base,
-                        file,
-                        diags,
-                        resources,
-                        anchor: kind_node,
-                    };
-                    if let Some(p) = (factory.open)(&mut cx) {
-                        let cached: Arc<dyn prompter_core::resource::Embedder> =
-                            Arc::new(prompter_core::resource::CachedEmbedder::new(p));
-                        resources.embedders.insert(name.as_str().to_owned(), cached);
-                    }
-                }
-                None => unknown_kind(
+            let Some(factory) = kinds.iter().find(|k| k.name == kind) else {
+                unknown_kind(
                     file,
                     kind_node,
-                    "embedder kind",
+                    &format!("{} kind", self.what),
                     &kind,
-                    registry.embedders.iter().map(|p| p.name),
+                    kinds.iter().map(|k| k.name),
                     diags,
-                ),
+                );
+                continue;
+            };
+            let mut cx = OpenCx {
+                name: name.as_str(),
+                config,
+                base: self.base,
+                file,
+                diags,
+                resources,
+                anchor: kind_node,
+            };
+            if let Some(opened) = (factory.open)(&mut cx) {
+                insert(resources, name.as_str().to_owned(), opened);
             }
         }
     }
