@@ -311,6 +311,7 @@ impl Plugin for Chat {
             Ok(reply) => (reply, None),
             Err(e) => {
                 let Some(fallback) = &self.fallback else {
+                    close_draft(cx, draft, &describe(name, &e)).await;
                     return Err(e);
                 };
                 let why = describe(name, &e);
@@ -318,10 +319,12 @@ impl Plugin for Chat {
                 match fallback.chat(&request, None).await {
                     Ok(reply) => (reply, Some(why)),
                     Err(f) => {
-                        return Err(PluginError::external(format!(
+                        let why = format!(
                             "{why}; the fallback failed too: {}",
                             describe(fallback.name(), &f)
-                        )));
+                        );
+                        close_draft(cx, draft, &why).await;
+                        return Err(PluginError::external(why));
                     }
                 }
             }
@@ -337,6 +340,18 @@ impl Plugin for Chat {
         }
         Ok(Flow::Continue(value))
     }
+}
+
+/// When no answer completes a drafted output, its last version is re-sent as complete (not
+/// `partial`) with what was said so far and why it stops there, so no sink keeps waiting.
+async fn close_draft(cx: &StageContext<'_>, draft: Option<Draft>, why: &str) {
+    let Some(mut d) = draft else { return };
+    d.output.version += 1;
+    d.output.partial = false;
+    d.output.degraded = Some(format!("the answer is incomplete: {why}"));
+    d.output.timings = cx.timings();
+    // A closed output channel means the engine is stopping; nothing is left to tell.
+    let _ = cx.emit(d.output).await;
 }
 
 /// Why a provider did not answer, for the `degraded` field.
@@ -712,6 +727,43 @@ mod tests {
                 err.message
                     .starts_with("Nebula `/v1/model/chat` failed after 3 attempt(s)"),
                 "{err}"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_draft_that_no_answer_completes_is_closed_as_incomplete() {
+            let (fake, r) = setup().await;
+            fake.set_chat_delay(Duration::from_secs(30));
+            let stage = build(
+                &ChatFactory,
+                "llm: nebula\nstream: {}",
+                &r,
+                &["kb", "render"],
+            )
+            .unwrap();
+            let deadline = Instant::now() + Duration::from_millis(400);
+            let out = run_with_deadline(
+                stage.as_ref(),
+                &tracker(),
+                &ConversationState::new("c"),
+                &earlier(),
+                Some(deadline),
+            )
+            .await;
+            assert_eq!(
+                out.flow.unwrap_err().kind,
+                prompter_core::error::ErrorKind::Timeout
+            );
+            let (first, last) = (&out.emitted[0], out.emitted.last().unwrap());
+            assert!(first.partial);
+            assert_eq!((last.id.as_str(), last.partial), (first.id.as_str(), false));
+            assert_eq!(last.text, "Acknowledge the concern,");
+            let why = last.degraded.as_deref().unwrap();
+            assert!(
+                why.starts_with(
+                    "the answer is incomplete: `nebula` would have missed the deadline"
+                ),
+                "{why}"
             );
         }
 
