@@ -11,6 +11,12 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2
 fi
 
+# The Atlas store's wire-level tests talk to MockupDB (a MongoDB-protocol test server, PyPI).
+if ! python3 -c 'import mockupdb, bson' >/dev/null 2>&1; then
+  echo "== python3 -m pip install mockupdb (Atlas wire tests)"
+  python3 -m pip install --quiet --disable-pip-version-check mockupdb==1.8.1 pymongo==4.20.0
+fi
+
 echo "== cargo fmt --check (engine and sdk)"
 cargo fmt --all -- --check
 cargo fmt --manifest-path sdk/Cargo.toml --all -- --check

@@ -249,26 +249,26 @@ pub fn main(
         Command::Plugins => {
             say(&out, "stage plugins (`plugin:` in a pipeline stage):");
             for p in registry.plugins() {
-                say(&out, &format!("  {:<10} {}", p.name(), p.description()));
+                say(&out, &format!("  {:<18} {}", p.name(), p.description()));
             }
             say(
                 &out,
                 &format!(
-                    "  {:<10} a WebAssembly component (`module:`), see `prompter plugin new`",
+                    "  {:<18} a WebAssembly component (`module:`), see `prompter plugin new`",
                     registry::WASM
                 ),
             );
             say(&out, "knowledge stores (`store:` under `knowledge:`):");
             for s in &registry.stores {
-                say(&out, &format!("  {:<10} {}", s.name, s.description));
+                say(&out, &format!("  {:<18} {}", s.name, s.description));
             }
             say(&out, "llm providers (`provider:` under `llm:`):");
             for p in &registry.providers {
-                say(&out, &format!("  {:<10} {}", p.name, p.description));
+                say(&out, &format!("  {:<18} {}", p.name, p.description));
             }
             say(&out, "embedders (`provider:` under `embedders:`):");
             for e in &registry.embedders {
-                say(&out, &format!("  {:<10} {}", e.name, e.description));
+                say(&out, &format!("  {:<18} {}", e.name, e.description));
             }
             0
         }

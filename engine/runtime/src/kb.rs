@@ -34,6 +34,10 @@ pub struct IngestArgs {
     /// No progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long)]
     pub quiet: bool,
+    /// Atlas stores: also create the Vector Search index (otherwise its definition is printed,
+    /// to create it in the Atlas UI).
+    #[arg(long)]
+    pub create_index: bool,
 }
 
 /// Runs `prompter kb ingest`; returns the exit code.
@@ -57,15 +61,19 @@ pub async fn ingest(registry: &Registry, args: IngestArgs, out: &Stream, err: &S
         Ok(d) => d,
         Err(diags) => return report(&diags, err),
     };
-    if decl.kind != "embedded" {
-        say(
-            err,
-            &format!(
-                "error: knowledge store `{}` is a `{}` store; `kb ingest` fills `embedded` stores",
-                args.store, decl.kind
-            ),
-        );
-        return 1;
+    match decl.kind.as_str() {
+        "embedded" => {}
+        "atlas" => return ingest_atlas(&decl, &args, &config, out, err).await,
+        other => {
+            say(
+                err,
+                &format!(
+                    "error: knowledge store `{}` is a `{other}` store; `kb ingest` fills `embedded` and `atlas` stores",
+                    args.store
+                ),
+            );
+            return 1;
+        }
     }
     let mut diags = Diagnostics::default();
     let Some(cfg) =
@@ -153,6 +161,127 @@ pub async fn ingest(registry: &Registry, args: IngestArgs, out: &Stream, err: &S
             1
         }
     }
+}
+
+/// `kb ingest` into a MongoDB Atlas store: the same row rules, then the Vector Search index
+/// (created with `--create-index`, else printed).
+async fn ingest_atlas(
+    decl: &config::StoreDecl,
+    args: &IngestArgs,
+    config: &Path,
+    out: &Stream,
+    err: &Stream,
+) -> u8 {
+    use prompter_store_atlas::{AtlasConfig, AtlasStore, to_json};
+    let mut diags = Diagnostics::default();
+    let Some(cfg) = config::typed_config::<AtlasConfig>(&decl.file, &decl.config, &mut diags)
+    else {
+        return report(&diags, err);
+    };
+    let problems = cfg.problems();
+    if !problems.is_empty() {
+        for p in problems {
+            say(
+                err,
+                &format!("error: `{}` `{}`: {}", args.store, p.key, p.message),
+            );
+        }
+        return 1;
+    }
+    let Some(embedder) = decl.resources.embedders.get(&cfg.embedder).cloned() else {
+        say(
+            err,
+            &format!(
+                "error: store `{}` names embedder `{}`, which `{}` does not declare under `embedders:`",
+                args.store,
+                cfg.embedder,
+                config.display()
+            ),
+        );
+        return 1;
+    };
+    let store = match AtlasStore::open(&args.store, cfg, embedder.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            say(err, &format!("error: {e}"));
+            return 1;
+        }
+    };
+    let bar = progress_bar(args.quiet);
+    let bar2 = bar.clone();
+    let options = IngestOptions {
+        batch_size: args.batch_size.max(1),
+        concurrency: args.concurrency.max(1),
+        append: args.append,
+    };
+    let result = store
+        .ingest(&absolute(&args.file), options, &move |done, total| {
+            bar2.set_length(total as u64);
+            bar2.set_position(done as u64);
+        })
+        .await;
+    bar.finish_and_clear();
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => {
+            say(
+                err,
+                &format!("error: ingesting into `{}` failed: {e}", args.store),
+            );
+            return 1;
+        }
+    };
+    say(
+        out,
+        &format!(
+            "ingested `{}` into `{}` with `{}`: {} row(s), {} embedded, {} unchanged, {} removed; {} document(s) in `{}`",
+            args.file.display(),
+            args.store,
+            embedder.id(),
+            r.rows,
+            r.embedded,
+            r.reused,
+            r.removed,
+            r.documents,
+            r.namespace
+        ),
+    );
+    if args.create_index {
+        match store.create_index().await {
+            Ok(created) => say(
+                out,
+                &format!(
+                    "vector search index `{}` {}: {}",
+                    created.name,
+                    if created.already_existed {
+                        "already exists"
+                    } else {
+                        "created (Atlas builds it in the background)"
+                    },
+                    to_json(&created.definition)
+                ),
+            ),
+            Err(e) => {
+                say(err, &format!("error: creating the index failed: {e}"));
+                return 1;
+            }
+        }
+    } else {
+        match store.index_definition().await {
+            Ok(def) => say(
+                out,
+                &format!(
+                    "vector search index definition (create it in Atlas, or re-run with --create-index): {}",
+                    to_json(&def)
+                ),
+            ),
+            Err(e) => {
+                say(err, &format!("error: {e}"));
+                return 1;
+            }
+        }
+    }
+    0
 }
 
 fn report(diags: &Diagnostics, err: &Stream) -> u8 {

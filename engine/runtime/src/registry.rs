@@ -77,11 +77,18 @@ pub fn builtin() -> Registry {
             Box::new(prompter_plugin_notify::NotifyFactory),
             Box::new(prompter_plugin_symbl::SymblConversationFactory::default()),
         ],
-        stores: vec![StoreKind {
-            name: "embedded",
-            description: "in-process store over a CSV, persisted to an index file, local lexical embedder",
-            open: open_embedded,
-        }],
+        stores: vec![
+            StoreKind {
+                name: "embedded",
+                description: "in-process store persisted to an index file; any embedder (default: local lexical)",
+                open: open_embedded,
+            },
+            StoreKind {
+                name: "atlas",
+                description: "MongoDB Atlas Vector Search (`$vectorSearch`), one pooled client; fill with `kb ingest`",
+                open: open_atlas,
+            },
+        ],
         providers: vec![
             ProviderKind {
                 name: "offline",
@@ -119,24 +126,26 @@ pub fn builtin() -> Registry {
     }
 }
 
+/// The embedder `name` from the engine config's `embedders:`, reported at the store's
+/// `embedder` key when there is none.
+fn embedder_named(cx: &mut OpenCx<'_>, name: &str, or_else: &str) -> Option<Arc<dyn Embedder>> {
+    if let Some(e) = cx.resources.embedders.get(name) {
+        return Some(e.clone());
+    }
+    let names: Vec<&str> = cx.resources.embedders.keys().map(String::as_str).collect();
+    let help = prompter_core::diagnostic::did_you_mean(name, names.iter().copied())
+        .map(|s| format!("did you mean `{s}`?"))
+        .unwrap_or_else(|| format!("declare it under the engine config's `embedders:`{or_else}"));
+    cx.error_at("embedder", format!("unknown embedder `{name}`"))
+        .help(Some(help));
+    None
+}
+
 fn open_embedded(cx: &mut OpenCx<'_>) -> Option<Arc<dyn KnowledgeStore>> {
     use prompter_plugin_retrieve::{EmbeddedStore, EmbeddedStoreConfig};
     let cfg: EmbeddedStoreConfig = cx.typed()?;
     let embedder = match &cfg.embedder {
-        Some(name) => match cx.resources.embedders.get(name) {
-            Some(e) => e.clone(),
-            None => {
-                let names: Vec<&str> = cx.resources.embedders.keys().map(String::as_str).collect();
-                let help = prompter_core::diagnostic::did_you_mean(name, names.iter().copied())
-                    .map(|s| format!("did you mean `{s}`?"))
-                    .unwrap_or_else(|| {
-                        "declare it under the engine config's `embedders:` (or omit `embedder` for the local lexical one)".into()
-                    });
-                cx.error_at("embedder", format!("unknown embedder `{name}`"))
-                    .help(Some(help));
-                return None;
-            }
-        },
+        Some(name) => embedder_named(cx, name, " (or omit `embedder` for the local lexical one)")?,
         None => EmbeddedStore::local_embedder(cfg.dims),
     };
     match EmbeddedStore::open(cx.name, cfg, cx.base, embedder) {
@@ -148,6 +157,27 @@ fn open_embedded(cx: &mut OpenCx<'_>) -> Option<Arc<dyn KnowledgeStore>> {
                 "source",
                 format!("cannot open knowledge store `{name}`: {e}"),
             );
+            None
+        }
+    }
+}
+
+fn open_atlas(cx: &mut OpenCx<'_>) -> Option<Arc<dyn KnowledgeStore>> {
+    use prompter_store_atlas::{AtlasConfig, AtlasStore};
+    let cfg: AtlasConfig = cx.typed()?;
+    let problems = cfg.problems();
+    let embedder = embedder_named(cx, &cfg.embedder, "");
+    if !problems.is_empty() {
+        let name = cx.name.to_owned();
+        for p in problems {
+            cx.error_at(p.key, format!("knowledge store `{name}`: {}", p.message));
+        }
+        return None;
+    }
+    match AtlasStore::open(cx.name, cfg, embedder?) {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e) => {
+            cx.error_at(e.config_key().unwrap_or("uri"), e.to_string());
             None
         }
     }
