@@ -56,6 +56,11 @@ fn kb_ingest_then_replay_retrieves_from_the_ingested_store() {
         r.stdout
     );
     assert_eq!(fake.embedded_texts().len(), rows);
+    assert_eq!(
+        fake.embed_attempts() as usize,
+        rows + 1,
+        "the 503 was retried"
+    );
 
     // Idempotent: a second run embeds nothing.
     let r = prompter(&[

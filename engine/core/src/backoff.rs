@@ -48,8 +48,7 @@ impl Backoff {
         let cap = Duration::from_millis(self.max_ms);
         retry_after
             .unwrap_or_else(|| {
-                let base = self.base_ms.max(1).saturating_mul(1 << attempt.min(16));
-                Duration::from_millis(base.saturating_add(base * jitter_permille() / 2000))
+                Duration::from_millis(step_ms(self.base_ms, attempt, jitter_permille()))
             })
             .min(cap)
     }
@@ -60,16 +59,37 @@ impl Backoff {
     }
 }
 
+/// The un-capped wait before retry `attempt + 1`: `base_ms · 2^attempt` (the exponent capped at
+/// 16) plus `permille / 2000` of it (up to 50% jitter). Saturates instead of overflowing, so any
+/// configured `base_ms` is safe.
+fn step_ms(base_ms: u64, attempt: u32, permille: u64) -> u64 {
+    let base = base_ms.max(1).saturating_mul(1 << attempt.min(16));
+    // In u128 the product cannot overflow, and the quotient is at most `base / 2`.
+    let jitter = u128::from(base) * u128::from(permille.min(999)) / 2000;
+    base.saturating_add(u64::try_from(jitter).unwrap_or(u64::MAX))
+}
+
+/// The longest `Retry-After` [`parse_retry_after`] returns; longer (or absurd) values are
+/// clamped to it. Callers cap the wait further with [`Backoff::max_ms`].
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
 /// Parses a `Retry-After` header value given in seconds (the HTTP-date form is not used by the
 /// services we call; it yields `None`, and the client falls back to its own backoff).
+///
+/// The value comes from a remote server, so it never panics: a huge number (`1e20`,
+/// `99999999999999999999`) is clamped to [`MAX_RETRY_AFTER`]; a negative, NaN or non-numeric
+/// one yields `None`.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let v = value.trim();
-    v.parse::<u64>().ok().map(Duration::from_secs).or_else(|| {
-        v.parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64)
-    })
+    let d = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let secs = v.parse::<f64>().ok().filter(|s| !s.is_nan() && *s >= 0.0)?;
+            // Fails only for values too large for a `Duration` (or infinite): clamp those.
+            Duration::try_from_secs_f64(secs).unwrap_or(MAX_RETRY_AFTER)
+        }
+    };
+    Some(d.min(MAX_RETRY_AFTER))
 }
 
 /// A pseudo-random number in 0..1000 from the clock; enough to spread retries of many clients.
@@ -117,5 +137,59 @@ mod tests {
         assert_eq!(parse_retry_after("0.5"), Some(Duration::from_millis(500)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("-0.5"), None);
+        assert_eq!(parse_retry_after("NaN"), None);
+        assert_eq!(parse_retry_after(""), None);
+    }
+
+    #[test]
+    fn huge_retry_after_values_are_clamped_not_panics() {
+        for v in [
+            "1e20",
+            "99999999999999999999",
+            "18446744073709551615",
+            "1.8446744073709552e19",
+            "1e308",
+            "inf",
+            "+Infinity",
+            "123456789012",
+        ] {
+            assert_eq!(parse_retry_after(v), Some(MAX_RETRY_AFTER), "{v}");
+        }
+        assert_eq!(
+            parse_retry_after("86400"),
+            Some(Duration::from_secs(86_400))
+        );
+        // And a clamped value is capped by the backoff as any other.
+        let b = Backoff::default();
+        assert_eq!(
+            b.wait(0, parse_retry_after("1e20")),
+            Duration::from_millis(b.max_ms)
+        );
+    }
+
+    #[test]
+    fn huge_bases_saturate_instead_of_overflowing() {
+        assert_eq!(step_ms(u64::MAX, 0, 999), u64::MAX);
+        assert_eq!(step_ms(u64::MAX, 16, 999), u64::MAX);
+        assert_eq!(step_ms(u64::MAX / 2, 1, 500), u64::MAX);
+        // Just past where `base * 999` used to overflow, the jitter is still exact.
+        let base = u64::MAX / 999 + 1;
+        assert_eq!(
+            step_ms(base, 0, 999),
+            base + base / 2000 * 999 + base % 2000 * 999 / 2000
+        );
+        assert_eq!(step_ms(0, 0, 0), 1);
+        assert_eq!(step_ms(100, 2, 999), 400 + 199);
+        for (base_ms, max_ms) in [(u64::MAX, u64::MAX), (u64::MAX, 1_000), (1 << 60, u64::MAX)] {
+            let b = Backoff {
+                base_ms,
+                max_ms,
+                max_retries: 100,
+            };
+            for attempt in [0, 1, 15, 16, 17, 63, 64, u32::MAX] {
+                assert!(b.wait(attempt, None) <= Duration::from_millis(max_ms));
+            }
+        }
     }
 }

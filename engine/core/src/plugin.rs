@@ -437,7 +437,13 @@ pub struct StageContext<'a> {
     /// When the pipeline's answer is due (its `deadline_ms` after the event was received), if
     /// it declares one. Stages that can degrade (the chat stage's fallback) plan around it.
     pub deadline: Option<Instant>,
+    /// The run's `partial` outputs not completed yet, by id: [`StageContext::emit`] keeps it,
+    /// and the pipeline closes what is left when the run ends, so no draft dangles.
+    pub drafts: Option<&'a Drafts>,
 }
+
+/// The `partial` outputs of one run that no complete version has followed yet, by id.
+pub type Drafts = std::sync::Mutex<std::collections::HashMap<String, Output>>;
 
 impl<'a> StageContext<'a> {
     /// A context for a stage called on its own (no earlier stages), as tools and tests do.
@@ -458,6 +464,7 @@ impl<'a> StageContext<'a> {
             sink,
             output_seq,
             deadline: None,
+            drafts: None,
         }
     }
 
@@ -539,6 +546,16 @@ impl<'a> StageContext<'a> {
     /// # Errors
     /// When the engine is shutting down and no longer takes outputs.
     pub async fn emit(&self, output: Output) -> Result<(), PluginError> {
+        if let Some(drafts) = self.drafts {
+            let mut d = drafts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if output.partial {
+                d.insert(output.id.clone(), output.clone());
+            } else {
+                d.remove(&output.id);
+            }
+        }
         self.sink
             .send(output)
             .await

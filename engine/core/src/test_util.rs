@@ -91,6 +91,7 @@ pub async fn run_with_deadline(
         sink: &tx,
         output_seq: &seq,
         deadline,
+        drafts: None,
     };
     let flow = plugin.process(&cx).await;
     drop(tx);

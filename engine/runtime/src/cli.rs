@@ -314,6 +314,16 @@ async fn trackers_sync(
     }
 }
 
+/// Log targets capped below trace, where they would print request headers.
+const SECRET_BEARING_TARGETS: &[&str] = &[
+    "tungstenite=info",
+    "tokio_tungstenite=info",
+    "hyper=info",
+    "hyper_util=info",
+    "reqwest=info",
+    "h2=info",
+];
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -323,6 +333,12 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // At trace level these libraries log whole requests, headers included: the Symbl token
+    // (`X-API-KEY`, `?access_token=`) and API keys must never reach a log, whatever RUST_LOG says.
+    let filter = SECRET_BEARING_TARGETS
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, tracing_subscriber::EnvFilter::add_directive);
     // A second call in the same process (tests) keeps the first subscriber.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

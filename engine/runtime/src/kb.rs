@@ -99,6 +99,22 @@ pub async fn ingest(registry: &Registry, args: IngestArgs, out: &Stream, err: &S
         None => EmbeddedStore::local_embedder(cfg.dims),
     };
     let file = absolute(&args.file);
+    // A store with `source:` serves that CSV: ingesting another file without `--append` would
+    // replace the embeddings it needs. Refuse before anything is lost.
+    if let Some(source) = &cfg.source
+        && absolute(&decl.base.join(source)) != file
+        && !args.append
+    {
+        say(
+            err,
+            &format!(
+                "error: store `{}` serves `{}` (its `source:`); ingest that file, add `--append` to add these rows beside it, or remove `source:` to serve what is ingested",
+                args.store,
+                source.display()
+            ),
+        );
+        return 1;
+    }
     let bar = progress_bar(args.quiet);
     let bar2 = bar.clone();
     let options = IngestOptions {
@@ -137,20 +153,6 @@ pub async fn ingest(registry: &Registry, args: IngestArgs, out: &Stream, err: &S
                     r.index.display()
                 ),
             );
-            if cfg
-                .source
-                .as_deref()
-                .is_some_and(|s| absolute(&decl.base.join(s)) != file)
-            {
-                say(
-                    err,
-                    &format!(
-                        "warning: store `{}` serves its `source:` CSV; rows of `{}` not in it are not searched. Remove `source:` to serve what is ingested.",
-                        args.store,
-                        args.file.display()
-                    ),
-                );
-            }
             0
         }
         Err(e) => {

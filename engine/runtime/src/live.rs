@@ -28,7 +28,8 @@ use prompter_core::output::Output;
 use prompter_symbl::SymblAuth;
 use prompter_symbl::subscribe::{self, EndReason, Update};
 use prompter_symbl::updates::{self, ConnectionChange};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 
 use crate::cli::{Stream, say};
 use crate::registry::Registry;
@@ -55,16 +56,32 @@ pub struct RunArgs {
 /// What the sources ask of the engine.
 #[derive(Debug)]
 enum Control {
-    /// Follow a connection; Symbl's conversation id when the source knows it.
-    Follow(String, Option<String>),
-    Stop(String),
-    List(tokio::sync::oneshot::Sender<Vec<String>>),
+    /// Follow a connection; Symbl's conversation id when the source knows it; where to say
+    /// whether it was accepted (HTTP).
+    Follow(String, Option<String>, Option<oneshot::Sender<Reply>>),
+    /// End a connection.
+    Stop(String, Option<oneshot::Sender<Reply>>),
+    /// The connections followed.
+    List(oneshot::Sender<Vec<String>>),
+}
+
+/// The engine's answer to a control request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    Accepted,
+    AlreadyFollowed,
+    Stopping,
+    Unknown,
+    Invalid,
 }
 
 struct Followed {
     stop: watch::Sender<bool>,
     started: Instant,
-    completed: bool,
+    /// The subscription was established at least once.
+    connected: bool,
+    /// Symbl sent `conversation_completed` (the forwarder saw it).
+    completed: Arc<std::sync::atomic::AtomicBool>,
     /// An end was requested (connection_stopped, DELETE); the conversation ends when the
     /// subscription does.
     stopping: bool,
@@ -126,11 +143,18 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         }
         n
     });
-    let mut router = Router::new(loaded.pipelines, loaded.settings, out_tx, stats.clone());
+    let router = Arc::new(Router::new(
+        loaded.pipelines,
+        loaded.settings,
+        out_tx,
+        stats.clone(),
+    ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (control_tx, mut control_rx) = mpsc::channel::<Control>(256);
-    let (frames_tx, mut frames_rx) = mpsc::channel::<Update>(1024);
+    // Lifecycle news from the forwarders (connected, dropped, ended): few, and never allowed
+    // to block a forwarder, so unbounded.
+    let (life_tx, mut life_rx) = mpsc::unbounded_channel::<Update>();
 
     if let Some(url) = symbl.updates.clone() {
         let (tx, mut rx) = mpsc::channel::<ConnectionChange>(64);
@@ -148,15 +172,20 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
                         connection_id,
                         conversation_id,
                         ..
-                    } => Control::Follow(connection_id, conversation_id),
-                    ConnectionChange::Stopped { connection_id, .. } => Control::Stop(connection_id),
+                    } => Control::Follow(connection_id, conversation_id, None),
+                    ConnectionChange::Stopped { connection_id, .. } => {
+                        Control::Stop(connection_id, None)
+                    }
                 };
                 if control.send(c).await.is_err() {
                     return;
                 }
             }
         });
-        say(err, &format!("following the update feed {url}"));
+        say(
+            err,
+            &format!("following the update feed {}", without_secrets(&url)),
+        );
     }
     if let Some(addr) = symbl.listen.clone() {
         match serve_control(&addr, control_tx.clone(), shutdown_rx.clone()).await {
@@ -171,11 +200,14 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         }
     }
     for id in &symbl.connections {
-        let _ = control_tx.send(Control::Follow(id.clone(), None)).await;
+        let _ = control_tx
+            .send(Control::Follow(id.clone(), None, None))
+            .await;
     }
     drop(control_tx);
 
     let mut followed: HashMap<Arc<str>, Followed> = HashMap::new();
+    let mut forwarders = JoinSet::new();
     let mut sigterm = terminate_signal();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -184,49 +216,66 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
             _ = &mut ctrl_c => break,
             () = wait_terminate(&mut sigterm) => break,
             Some(control) = control_rx.recv() => match control {
-                Control::Follow(id, conversation_id) => {
-                    let id: Arc<str> = Arc::from(id.as_str());
-                    if let Some(f) = followed.get_mut(&id) {
+                Control::Follow(id, conversation_id, reply) => {
+                    let answer = if !valid_connection_id(&id) {
+                        say(err, &format!("error: refusing to follow `{}`: not a connection id", id.escape_debug()));
+                        Reply::Invalid
+                    } else if let Some(f) = followed.get_mut(id.as_str()) {
                         f.conversation_id = f.conversation_id.take().or(conversation_id);
-                        continue;
+                        if f.stopping { Reply::Stopping } else { Reply::AlreadyFollowed }
+                    } else {
+                        let id: Arc<str> = Arc::from(id.as_str());
+                        let (stop_tx, stop_rx) = watch::channel(false);
+                        let completed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                        let started = Instant::now();
+                        followed.insert(id.clone(), Followed {
+                            stop: stop_tx,
+                            started,
+                            connected: false,
+                            completed: completed.clone(),
+                            stopping: false,
+                            conversation_id,
+                        });
+                        say(err, &format!("following connection {id}"));
+                        // The follower feeds its own forwarder: a conversation whose queue is
+                        // full holds back only its own socket, never the others or this loop.
+                        let (tx, rx) = mpsc::channel::<Update>(256);
+                        tokio::spawn({
+                            let symbl = symbl.clone();
+                            let auth = auth.clone();
+                            let id = id.clone();
+                            async move { subscribe::follow(&symbl, auth, id, tx, stop_rx).await }
+                        });
+                        forwarders.spawn(forward(id, rx, router.clone(), life_tx.clone(), started, completed));
+                        Reply::Accepted
+                    };
+                    if let Some(reply) = reply {
+                        let _ = reply.send(answer);
                     }
-                    let (stop_tx, stop_rx) = watch::channel(false);
-                    followed.insert(id.clone(), Followed { stop: stop_tx, started: Instant::now(), completed: false, stopping: false, conversation_id });
-                    say(err, &format!("following connection {id}"));
-                    tokio::spawn({
-                        let symbl = symbl.clone();
-                        let auth = auth.clone();
-                        let tx = frames_tx.clone();
-                        async move { subscribe::follow(&symbl, auth, id, tx, stop_rx).await }
-                    });
                 }
-                Control::Stop(id) => {
-                    if let Some(f) = followed.get_mut(id.as_str()) {
-                        f.stopping = true;
-                        let _ = f.stop.send(true);
+                Control::Stop(id, reply) => {
+                    let answer = match followed.get_mut(id.as_str()) {
+                        Some(f) => {
+                            f.stopping = true;
+                            let _ = f.stop.send(true);
+                            Reply::Accepted
+                        }
+                        None => Reply::Unknown,
+                    };
+                    if let Some(reply) = reply {
+                        let _ = reply.send(answer);
                     }
                 }
                 Control::List(reply) => {
                     let _ = reply.send(followed.keys().map(|k| k.to_string()).collect());
                 }
             },
-            Some(update) = frames_rx.recv() => match update {
-                Update::Frame { connection_id, frame } => {
-                    let Some(f) = followed.get_mut(&connection_id) else { continue };
-                    let offset = f.started.elapsed().as_millis() as u64;
-                    match parse_frame(&connection_id, offset, frame) {
-                        Ok(events) => {
-                            for e in events {
-                                if e.kind == prompter_core::event::EventKind::ConversationCompleted {
-                                    f.completed = true;
-                                }
-                                router.dispatch(e).await;
-                            }
-                        }
-                        Err(e) => tracing::warn!(connection = %connection_id, error = %e, "Skipped a frame."),
-                    }
-                }
+            Some(update) = life_rx.recv() => match update {
+                Update::Frame { .. } => {}
                 Update::Connected { connection_id, reconnects } => {
+                    if let Some(f) = followed.get_mut(&connection_id) {
+                        f.connected = true;
+                    }
                     if reconnects > 0 {
                         say(err, &format!("reconnected to connection {connection_id}"));
                     }
@@ -241,17 +290,24 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
                         EndReason::Completed | EndReason::Stopped => say(err, &format!("connection {connection_id} ended")),
                     }
                     // A call that stopped without Symbl's `conversation_completed` still ends:
-                    // post-call pipelines run and the conversation's state is released.
-                    if !f.completed && (f.stopping || matches!(reason, EndReason::GaveUp(_))) {
+                    // post-call pipelines run and the conversation's state is released. Not for
+                    // a connection that never connected (a wrong id), nor at shutdown.
+                    let completed = f.completed.load(std::sync::atomic::Ordering::SeqCst);
+                    if f.connected && !completed && (f.stopping || matches!(reason, EndReason::GaveUp(_))) {
                         let offset = f.started.elapsed().as_millis() as u64;
                         let mut frame = serde_json::json!({"type": "message", "message": {"type": "conversation_completed"}});
                         if let Some(conv) = &f.conversation_id {
                             frame["message"]["data"] = serde_json::json!({"conversationId": conv});
                         }
                         if let Ok(events) = parse_frame(&connection_id, offset, frame) {
-                            for e in events {
-                                router.dispatch(e).await;
-                            }
+                            // The forwarder already handed over every frame of this connection;
+                            // a spawned dispatch keeps this loop free if that queue is full.
+                            let router = router.clone();
+                            tokio::spawn(async move {
+                                for e in events {
+                                    router.dispatch(e).await;
+                                }
+                            });
                         }
                     }
                 }
@@ -266,7 +322,10 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     for f in followed.values() {
         let _ = f.stop.send(true);
     }
+    // Every frame already received is handed to its conversation before the router drains.
+    while forwarders.join_next().await.is_some() {}
     router.finish().await;
+    drop(router);
     let outputs = printer.await.unwrap_or(0);
     say(
         err,
@@ -278,6 +337,62 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         ),
     );
     0
+}
+
+/// One connection's forwarder: parses its frames in order and hands them to the router
+/// (waiting only on this conversation's queue); lifecycle news goes to the control loop. When
+/// the follower stops without saying why (it panicked), the connection is reported as lost.
+async fn forward(
+    connection_id: Arc<str>,
+    mut rx: mpsc::Receiver<Update>,
+    router: Arc<Router>,
+    life: mpsc::UnboundedSender<Update>,
+    started: Instant,
+    completed: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut ended = false;
+    while let Some(update) = rx.recv().await {
+        match update {
+            Update::Frame { frame, .. } => {
+                let offset = started.elapsed().as_millis() as u64;
+                match parse_frame(&connection_id, offset, frame) {
+                    Ok(events) => {
+                        for e in events {
+                            if e.kind == prompter_core::event::EventKind::ConversationCompleted {
+                                completed.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            router.dispatch(e).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(connection = %connection_id, error = %e, "Skipped a frame.");
+                    }
+                }
+            }
+            other => {
+                ended |= matches!(other, Update::Ended { .. });
+                let _ = life.send(other);
+            }
+        }
+    }
+    if !ended {
+        let _ = life.send(Update::Ended {
+            connection_id,
+            reason: EndReason::GaveUp("the subscription task stopped unexpectedly".into()),
+        });
+    }
+}
+
+/// `url` without user info or query (they may carry credentials), for messages.
+fn without_secrets(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    if scheme.is_empty() {
+        rest.to_owned()
+    } else {
+        format!("{scheme}://{rest}")
+    }
 }
 
 #[cfg(unix)]
@@ -349,12 +464,23 @@ async fn follow(
             "a connection id is 1-256 characters of a-z, A-Z, 0-9, -, _, ., =, +\n".into(),
         );
     }
-    match control.send(Control::Follow(id.clone(), None)).await {
-        Ok(()) => (StatusCode::ACCEPTED, format!("following {id}\n")),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the engine is stopping\n".into(),
+    let (tx, rx) = oneshot::channel();
+    if control
+        .send(Control::Follow(id.clone(), None, Some(tx)))
+        .await
+        .is_err()
+    {
+        return stopping();
+    }
+    match rx.await {
+        Ok(Reply::Accepted) => (StatusCode::ACCEPTED, format!("following {id}\n")),
+        Ok(Reply::AlreadyFollowed) => (StatusCode::OK, format!("already following {id}\n")),
+        Ok(Reply::Stopping) => (
+            StatusCode::CONFLICT,
+            format!("{id} is ending; follow it again once it has ended\n"),
         ),
+        Ok(Reply::Invalid) => (StatusCode::BAD_REQUEST, "not a connection id\n".into()),
+        Ok(Reply::Unknown) | Err(_) => stopping(),
     }
 }
 
@@ -362,31 +488,60 @@ async fn stop(
     State(control): State<mpsc::Sender<Control>>,
     Path(id): Path<String>,
 ) -> (StatusCode, String) {
-    match control.send(Control::Stop(id.clone())).await {
-        Ok(()) => (StatusCode::ACCEPTED, format!("ending {id}\n")),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the engine is stopping\n".into(),
-        ),
+    let (tx, rx) = oneshot::channel();
+    if control
+        .send(Control::Stop(id.clone(), Some(tx)))
+        .await
+        .is_err()
+    {
+        return stopping();
+    }
+    match rx.await {
+        Ok(Reply::Unknown) => (StatusCode::NOT_FOUND, format!("not following {id}\n")),
+        Ok(_) => (StatusCode::ACCEPTED, format!("ending {id}\n")),
+        Err(_) => stopping(),
     }
 }
 
+fn stopping() -> (StatusCode, String) {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the engine is stopping\n".into(),
+    )
+}
+
 async fn list(State(control): State<mpsc::Sender<Control>>) -> (StatusCode, String) {
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = oneshot::channel();
     if control.send(Control::List(tx)).await.is_err() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the engine is stopping\n".into(),
-        );
+        return stopping();
     }
     match rx.await {
         Ok(ids) => (
             StatusCode::OK,
             serde_json::json!({ "connections": ids }).to_string(),
         ),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the engine is stopping\n".into(),
-        ),
+        Err(_) => stopping(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_credentials_in_messages() {
+        assert_eq!(
+            without_secrets("wss://user:pw@bridge.example.com/symbl/updates?token=abc"),
+            "wss://bridge.example.com/symbl/updates"
+        );
+        assert_eq!(without_secrets("ws://127.0.0.1:9/x"), "ws://127.0.0.1:9/x");
+    }
+
+    #[test]
+    fn connection_ids_are_checked() {
+        assert!(valid_connection_id("6d1d1b3e-8f4a-4c39-9a53-2f7d0f0c9a11"));
+        assert!(!valid_connection_id(""));
+        assert!(!valid_connection_id("a/b"));
+        assert!(!valid_connection_id(&"x".repeat(257)));
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use prompter_core::conversation::ConversationState;
 use prompter_core::event::{Event, EventKind};
 use prompter_core::output::Output;
-use prompter_core::plugin::{Flow, Plugin, RunScope, StageContext};
+use prompter_core::plugin::{Drafts, Flow, Plugin, RunScope, StageContext};
 use prompter_core::template::Expr;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, debug_span, warn};
@@ -88,6 +88,19 @@ impl Pipeline {
             }
         }
         env.stats.runs.fetch_add(1, Ordering::Relaxed);
+        let drafts = Drafts::default();
+        let ended = self.stages(event, &scope, env, &drafts).await;
+        close_drafts(&drafts, ended, env.sink).await;
+    }
+
+    /// Runs the stages in order; returns why the run ended early, if it did.
+    async fn stages(
+        &self,
+        event: &Event,
+        scope: &RunScope<'_>,
+        env: &RunEnv<'_>,
+        drafts: &Drafts,
+    ) -> Option<String> {
         let started = Instant::now();
         let mut outputs: Vec<(String, serde_json::Value)> = Vec::with_capacity(self.stages.len());
         let mut timings: Vec<(String, u64)> = Vec::with_capacity(self.stages.len());
@@ -97,13 +110,14 @@ impl Pipeline {
                 let cx = StageContext {
                     pipeline: &self.name,
                     stage: &stage.id,
-                    scope: &scope,
+                    scope,
                     outputs: &outputs,
                     stage_timings: &timings,
                     started,
                     sink: env.sink,
                     output_seq: env.output_seq,
                     deadline: self.deadline.map(|d| event.received + d),
+                    drafts: Some(drafts),
                 };
                 let span = debug_span!("stage", pipeline = %self.name, stage = %stage.id, plugin = %stage.plugin_name, conversation = %event.conversation_id);
                 tokio::time::timeout(stage.timeout, stage.plugin.process(&cx))
@@ -118,7 +132,7 @@ impl Pipeline {
                 }
                 Ok(Ok(Flow::Halt(reason))) => {
                     debug!(pipeline = %self.name, stage = %stage.id, conversation = %event.conversation_id, reason = %reason, "Run halted.");
-                    return;
+                    return Some(format!("stage `{}` ended the run: {reason}", stage.id));
                 }
                 Ok(Err(e)) => format!("{} error: {}", e.kind, error_chain(&e)),
                 Err(_) => format!("timed out after {} ms", stage.timeout.as_millis()),
@@ -126,10 +140,33 @@ impl Pipeline {
             env.stats.stage_errors.fetch_add(1, Ordering::Relaxed);
             warn!(pipeline = %self.name, stage = %stage.id, plugin = %stage.plugin_name, conversation = %event.conversation_id, error = %error, "Stage failed.");
             match stage.on_error {
-                OnError::Stop => return,
+                OnError::Stop => return Some(format!("stage `{}` failed: {error}", stage.id)),
                 OnError::Continue => outputs.push((stage.id.clone(), serde_json::Value::Null)),
             }
         }
+        None
+    }
+}
+
+/// Completes every draft the run left open (the stage that would have completed it failed,
+/// timed out or halted): its last text, no longer `partial`, `degraded` with the reason, so no
+/// sink keeps showing a card that is still "being written".
+async fn close_drafts(drafts: &Drafts, ended: Option<String>, sink: &mpsc::Sender<Output>) {
+    let open: Vec<Output> = drafts
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .drain()
+        .map(|(_, o)| o)
+        .collect();
+    for mut o in open {
+        o.version += 1;
+        o.partial = false;
+        let why = ended
+            .clone()
+            .unwrap_or_else(|| "no stage delivered the complete answer".into());
+        o.degraded = Some(format!("the answer is incomplete: {why}"));
+        // A closed sink means the engine is stopping; nothing is left to tell.
+        let _ = sink.send(o).await;
     }
 }
 
@@ -158,6 +195,8 @@ mod tests {
         Fail,
         /// Emits an output whose text lists the earlier stages' outputs.
         Report,
+        /// Emits a `partial` draft, as a streaming chat stage does.
+        Draft,
     }
 
     struct Fake(Behaviour);
@@ -171,27 +210,36 @@ mod tests {
                     Ok(Flow::Continue(json!("slept")))
                 }
                 Behaviour::Fail => Err(PluginError::external("upstream said 503")),
+                Behaviour::Draft => {
+                    let mut o = report(cx, "Acknowledge the".into());
+                    o.partial = true;
+                    cx.emit(o).await?;
+                    Ok(Flow::Continue(json!({})))
+                }
                 Behaviour::Report => {
                     let text = serde_json::to_string(cx.outputs).unwrap_or_default();
-                    let output = Output {
-                        id: cx.next_output_id(),
-                        version: 1,
-                        kind: "report".into(),
-                        conversation_id: cx.event().conversation_id.to_string(),
-                        pipeline: cx.pipeline.into(),
-                        title: None,
-                        text,
-                        trigger: Trigger::from_event(cx.event()),
-                        sources: vec![],
-                        timings: cx.timings(),
-                        data: serde_json::Value::Null,
-                        partial: false,
-                        degraded: None,
-                    };
-                    cx.emit(output).await?;
+                    cx.emit(report(cx, text)).await?;
                     Ok(Flow::Continue(json!({})))
                 }
             }
+        }
+    }
+
+    fn report(cx: &StageContext<'_>, text: String) -> Output {
+        Output {
+            id: cx.next_output_id(),
+            version: 1,
+            kind: "report".into(),
+            conversation_id: cx.event().conversation_id.to_string(),
+            pipeline: cx.pipeline.into(),
+            title: None,
+            text,
+            trigger: Trigger::from_event(cx.event()),
+            sources: vec![],
+            timings: cx.timings(),
+            data: serde_json::Value::Null,
+            partial: false,
+            degraded: None,
         }
     }
 
@@ -270,6 +318,30 @@ mod tests {
         );
         let (outs, errors) = run(&stop).await;
         assert_eq!((outs.len(), errors), (0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_draft_left_open_by_a_failing_stage_is_closed_as_incomplete() {
+        let p = pipeline(
+            None,
+            vec![
+                stage("answer", Behaviour::Draft, OnError::Stop),
+                stage("slow", Behaviour::Sleep, OnError::Stop),
+            ],
+        );
+        let (outs, _) = run(&p).await;
+        assert_eq!(outs.len(), 2, "{outs:?}");
+        assert!(outs[0].partial);
+        assert_eq!(
+            (outs[1].id.as_str(), outs[1].version),
+            (outs[0].id.as_str(), 2)
+        );
+        assert!(!outs[1].partial);
+        assert_eq!(outs[1].text, "Acknowledge the");
+        assert_eq!(
+            outs[1].degraded.as_deref(),
+            Some("the answer is incomplete: stage `slow` failed: timed out after 100 ms")
+        );
     }
 
     #[tokio::test]

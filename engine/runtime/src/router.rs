@@ -8,8 +8,8 @@
 //! memory without limit.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prompter_core::conversation::ConversationState;
@@ -23,14 +23,18 @@ use crate::config::Settings;
 use crate::pipeline::{Pipeline, RunEnv};
 use crate::stats::Stats;
 
-/// Routes events to conversation tasks.
+/// Routes events to conversation tasks. Shared by reference (`&self` everywhere), so several
+/// sources can dispatch at once: a source waits only when *its* conversation's queue is full,
+/// never behind another conversation.
 pub struct Router {
     pipelines: Arc<Vec<Pipeline>>,
     settings: Settings,
     sink: mpsc::Sender<Output>,
     stats: Arc<Stats>,
-    conversations: HashMap<Arc<str>, mpsc::Sender<Event>>,
-    tasks: JoinSet<()>,
+    conversations: Mutex<HashMap<Arc<str>, mpsc::Sender<Event>>>,
+    tasks: Mutex<JoinSet<()>>,
+    /// Set by [`Router::finish`]: no conversation starts after it.
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl Router {
@@ -46,8 +50,9 @@ impl Router {
             settings,
             sink,
             stats,
-            conversations: HashMap::new(),
-            tasks: JoinSet::new(),
+            conversations: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(JoinSet::new()),
+            finished: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -58,61 +63,89 @@ impl Router {
 
     /// Hands `event` to its conversation's task, starting one if needed. Waits when that
     /// conversation's queue is full.
-    pub async fn dispatch(&mut self, event: Event) {
+    pub async fn dispatch(&self, event: Event) {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let mut event = event;
         loop {
-            let tx = match self.conversations.get(&event.conversation_id) {
-                Some(tx) => tx.clone(),
-                None => self.open(event.conversation_id.clone()),
+            let Some(tx) = self.sender(&event.conversation_id) else {
+                tracing::error!(conversation = %event.conversation_id, kind = %event.kind, "An event arrived after the engine finished; it is not handled.");
+                return;
             };
             match tx.send(event).await {
                 Ok(()) => return,
                 // The task ended (completed or idle) between events: start a fresh one.
                 Err(mpsc::error::SendError(back)) => {
-                    self.conversations.remove(&back.conversation_id);
+                    let mut map = lock(&self.conversations);
+                    if map
+                        .get(&back.conversation_id)
+                        .is_some_and(mpsc::Sender::is_closed)
+                    {
+                        map.remove(&back.conversation_id);
+                    }
                     event = back;
                 }
             }
         }
     }
 
-    fn open(&mut self, id: Arc<str>) -> mpsc::Sender<Event> {
-        // Drop the senders of tasks that have ended, so the map only holds live conversations.
-        if self.conversations.len() >= 64 {
-            self.conversations.retain(|_, tx| !tx.is_closed());
+    /// The queue of conversation `id`, opening its task when there is none.
+    fn sender(&self, id: &Arc<str>) -> Option<mpsc::Sender<Event>> {
+        let mut map = lock(&self.conversations);
+        if self.finished.load(Ordering::SeqCst) {
+            return None;
         }
-        while let Some(res) = self.tasks.try_join_next() {
+        if let Some(tx) = map.get(id)
+            && !tx.is_closed()
+        {
+            return Some(tx.clone());
+        }
+        // Drop the senders of tasks that have ended, so the map only holds live conversations.
+        if map.len() >= 64 {
+            map.retain(|_, tx| !tx.is_closed());
+        }
+        let mut tasks = lock(&self.tasks);
+        while let Some(res) = tasks.try_join_next() {
             if let Err(e) = res {
                 tracing::error!(error = %e, "A conversation task panicked.");
             }
         }
         let (tx, rx) = mpsc::channel(self.settings.queue_capacity);
-        self.conversations.insert(id.clone(), tx.clone());
+        map.insert(id.clone(), tx.clone());
         self.stats
             .conversations_opened
             .fetch_add(1, Ordering::Relaxed);
         let task = ConversationTask {
-            state: ConversationState::new(&id),
+            state: ConversationState::new(id),
             pipelines: self.pipelines.clone(),
             sink: self.sink.clone(),
             stats: self.stats.clone(),
             idle: self.settings.conversation_idle,
             output_seq: AtomicU64::new(0),
         };
-        self.tasks.spawn(task.run(rx));
-        tx
+        tasks.spawn(task.run(rx));
+        Some(tx)
     }
 
-    /// Closes every conversation queue and waits until all queued events are handled.
-    pub async fn finish(mut self) {
-        self.conversations.clear();
-        while let Some(res) = self.tasks.join_next().await {
+    /// Closes every conversation queue and waits until all queued events are handled. Events
+    /// dispatched afterwards are not handled (and logged as errors).
+    pub async fn finish(&self) {
+        {
+            let mut map = lock(&self.conversations);
+            self.finished.store(true, Ordering::SeqCst);
+            map.clear();
+        }
+        let mut tasks = std::mem::take(&mut *lock(&self.tasks));
+        while let Some(res) = tasks.join_next().await {
             if let Err(e) = res {
                 tracing::error!(error = %e, "A conversation task panicked.");
             }
         }
     }
+}
+
+/// Locks a mutex; a poisoned one is still consistent here (every update is one insert/remove).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct ConversationTask {
@@ -262,7 +295,7 @@ mod tests {
     #[tokio::test]
     async fn conversations_run_in_parallel_and_each_in_order() {
         let probe = Arc::new(Probe::default());
-        let (mut router, _rx) = router_with(probe.clone(), Duration::from_secs(60));
+        let (router, _rx) = router_with(probe.clone(), Duration::from_secs(60));
         router.dispatch(said("a", "a1")).await;
         router.dispatch(said("a", "a2")).await;
         router.dispatch(said("b", "b1")).await;
@@ -283,7 +316,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_and_completed_conversations_are_released() {
         let probe = Arc::new(Probe::default());
-        let (mut router, _rx) = router_with(probe.clone(), Duration::from_secs(30));
+        let (router, _rx) = router_with(probe.clone(), Duration::from_secs(30));
         router.dispatch(said("b", "hello")).await;
         router
             .dispatch(event(

@@ -74,7 +74,7 @@ pub async fn run(
         }
         n
     });
-    let mut router = Router::new(loaded.pipelines, loaded.settings, tx, stats.clone());
+    let router = Router::new(loaded.pipelines, loaded.settings, tx, stats.clone());
     let mut skipped = 0u64;
     let mut conversations = std::collections::HashSet::new();
     for line in &lines {
@@ -98,6 +98,8 @@ pub async fn run(
         }
     }
     router.finish().await;
+    // The router holds the output sender: dropping it lets the printer see the end.
+    drop(router);
     let outputs = printer.await.unwrap_or(0);
     Summary {
         events: stats.events.load(std::sync::atomic::Ordering::Relaxed),

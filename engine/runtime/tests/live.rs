@@ -244,12 +244,12 @@ fn complete(v: &Value) -> bool {
     v.get("partial").is_none()
 }
 
-/// Raw HTTP/1.1 POST to the control endpoint (no client library needed for one request).
-async fn post(addr: &str, path: &str) -> String {
+/// Raw HTTP/1.1 request to the control endpoint (no client library needed for one request).
+async fn http(method: &str, addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut resp = String::new();
@@ -362,7 +362,7 @@ async fn live_calls_stream_suggestions_survive_a_dropped_socket_and_embed_each_t
 
     // A second call, added through the HTTP control endpoint, raises the same tracker: its
     // embedding is cached, so Nebula embeds nothing more.
-    let resp = post(&control, "/connections/conn-2").await;
+    let resp = http("POST", &control, "/connections/conn-2").await;
     assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
     assert!(f.symbl.wait_subscribed("conn-2", 1, WAIT).await);
     f.symbl.push(
@@ -389,13 +389,24 @@ async fn live_calls_stream_suggestions_survive_a_dropped_socket_and_embed_each_t
         "Sam asked about pricing for 40 seats and raised a budget concern. Dana will send a pilot proposal by Friday.\nAction items:\n- Dana will send a pilot proposal by Friday."
     );
     let (_, recap) = engine.output("recap", |v| is(v, c, "call_recap")).await;
+    let recap = recap["text"].as_str().unwrap();
+    assert!(recap.contains("Budget Constraints"), "{recap}");
+    // The sentence Symbl redelivered after the reconnect was not counted twice.
+    assert!(recap.starts_with("1 sentences"), "{recap}");
+
+    // The control endpoint lists, ends and refuses what it does not know.
+    let listed = http("GET", &control, "/connections").await;
     assert!(
-        recap["text"]
-            .as_str()
-            .unwrap()
-            .contains("Budget Constraints"),
-        "{recap}"
+        listed.ends_with(r#"{"connections":["conn-2"]}"#),
+        "{listed}"
     );
+    let unknown = http("DELETE", &control, "/connections/nope").await;
+    assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+    let ended = http("DELETE", &control, "/connections/conn-2").await;
+    assert!(ended.starts_with("HTTP/1.1 202"), "{ended}");
+    engine
+        .output("conn-2's recap", |v| is(v, "conn-2", "call_recap"))
+        .await;
 
     let (code, stderr, outputs) = engine.interrupt();
     assert_eq!(code, 0, "{stderr}");
@@ -422,7 +433,11 @@ async fn live_calls_stream_suggestions_survive_a_dropped_socket_and_embed_each_t
 async fn nebula_retries_then_answers_and_when_down_the_fallback_arrives_within_the_deadline() {
     let f = fakes().await;
     f.ingest();
-    let engine = f.run(&["--connection", "conn-a", "--connection", "conn-b"], &[]);
+    // At trace level, with every library logging: still no token or key in the logs.
+    let engine = f.run(
+        &["--connection", "conn-a", "--connection", "conn-b"],
+        &[("RUST_LOG", "trace")],
+    );
     assert!(
         f.symbl.wait_subscribed("conn-a", 1, WAIT).await,
         "{}",
@@ -476,6 +491,10 @@ async fn nebula_retries_then_answers_and_when_down_the_fallback_arrives_within_t
 
     let (code, stderr, _) = engine.interrupt();
     assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("DEBUG"), "verbose logging was on");
+    for secret in ["fake-jwt-", "app-secret-value", "nebula-key-value"] {
+        assert!(!stderr.contains(secret), "{secret} in the logs");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,14 +4,18 @@
 //! `connection_stopped` when the call completes.
 //!
 //! [`watch_updates`] keeps the feed open (reconnecting with jittered backoff, forever, until
-//! told to stop) and reports each connection change.
+//! told to stop) and reports each connection change. It pings the feed every 30 s and takes a
+//! feed on which nothing arrived for 2 × 30 s + 15 s for half-open (dropped and reconnected).
+//! The feed URL may carry a token; logs and errors show it as `scheme://host/path` only
+//! ([`redact_url`]).
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use prompter_core::backoff::Backoff;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A change in the set of live connections.
@@ -54,25 +58,112 @@ pub fn parse_update(frame: &Value) -> Option<ConnectionChange> {
     }
 }
 
+/// How [`watch_updates_with`] paces and watches the feed; [`watch_updates`] uses the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedOptions {
+    /// Ping period that keeps the (often silent) feed open through proxies. Default 30 s.
+    pub ping_every: Duration,
+    /// A feed on which nothing at all (update, pong, ping) arrived for this long is taken for
+    /// half-open: it is dropped and reconnected. Default: 2 × `ping_every` + 15 s.
+    pub idle_timeout: Duration,
+    /// A feed that stayed up this long (or sent an update) worked: its drop restarts the backoff
+    /// from its first step. Default 30 s.
+    pub stable_after: Duration,
+    /// A connection attempt that takes longer than this has failed. Default 20 s.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for FeedOptions {
+    fn default() -> Self {
+        FeedOptions::with_ping_every(Duration::from_secs(30))
+    }
+}
+
+impl FeedOptions {
+    /// The defaults, with pings every `ping_every` and the idle timeout that goes with it
+    /// (2 × `ping_every` + 15 s).
+    pub fn with_ping_every(ping_every: Duration) -> Self {
+        FeedOptions {
+            ping_every,
+            idle_timeout: ping_every
+                .saturating_mul(2)
+                .saturating_add(Duration::from_secs(15)),
+            stable_after: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// `url` fit for a log or a message: `scheme://host[:port]/path`, without user-info, query or
+/// fragment (any of which may carry a token).
+pub fn redact_url(url: &str) -> String {
+    let url = url.trim();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    // Up to the query or fragment, which may hold a token.
+    let rest = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    // User-info (`user:token@`) ends at the last `@` of the authority.
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    match scheme {
+        Some(scheme) => format!("{scheme}://{host}{path}"),
+        None => format!("{host}{path}"),
+    }
+}
+
+/// `text` (an error message) with every occurrence of `url` replaced by its redacted form.
+fn scrub(text: &str, url: &str) -> String {
+    let url = url.trim();
+    if url.is_empty() {
+        text.to_owned()
+    } else {
+        text.replace(url, &redact_url(url))
+    }
+}
+
 /// Follows the feed at `url` until `stop` turns true, reconnecting after drops with `retry`
 /// pacing (its `max_retries` is ignored: the feed is retried for as long as the engine runs).
+/// Uses the default [`FeedOptions`].
 pub async fn watch_updates(
+    url: String,
+    retry: Backoff,
+    tx: mpsc::Sender<ConnectionChange>,
+    stop: watch::Receiver<bool>,
+) {
+    watch_updates_with(FeedOptions::default(), url, retry, tx, stop).await;
+}
+
+/// [`watch_updates`] with explicit pacing. The feed is pinged every
+/// [`FeedOptions::ping_every`] and reconnected when nothing arrived for
+/// [`FeedOptions::idle_timeout`]. `url` may carry a token (query or user-info): it is logged
+/// as `scheme://host/path` only.
+pub async fn watch_updates_with(
+    options: FeedOptions,
     url: String,
     retry: Backoff,
     tx: mpsc::Sender<ConnectionChange>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let shown = redact_url(&url);
     let mut failures = 0u32;
     loop {
-        let reason = tokio::select! {
-            r = feed(&url, &tx, &mut failures) => r,
+        let ended = tokio::select! {
+            r = feed(&options, &url, &shown, &tx) => r,
             () = stopped(&mut stop) => return,
         };
         if tx.is_closed() {
             return;
         }
+        let FeedEnd { reason, worked } = ended;
+        if worked {
+            failures = 0;
+        }
         let wait = retry.wait(failures.min(16), None);
-        tracing::warn!(feed = %url, error = %reason, retry_in_ms = wait.as_millis() as u64, "Update feed dropped; reconnecting.");
+        tracing::warn!(feed = %shown, error = %reason, retry_in_ms = wait.as_millis() as u64, "Update feed dropped; reconnecting.");
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = stopped(&mut stop) => return,
@@ -81,35 +172,87 @@ pub async fn watch_updates(
     }
 }
 
-async fn feed(url: &str, tx: &mpsc::Sender<ConnectionChange>, failures: &mut u32) -> String {
+/// Why a feed socket ended; `worked` when it sent an update or stayed up long enough.
+struct FeedEnd {
+    reason: String,
+    worked: bool,
+}
+
+async fn feed(
+    options: &FeedOptions,
+    url: &str,
+    shown: &str,
+    tx: &mpsc::Sender<ConnectionChange>,
+) -> FeedEnd {
+    let failed = |reason: String| FeedEnd {
+        reason: scrub(&reason, url),
+        worked: false,
+    };
     let connected = tokio::time::timeout(
-        Duration::from_secs(20),
+        options.handshake_timeout,
         tokio_tungstenite::connect_async(url),
     )
     .await;
     let mut socket = match connected {
         Ok(Ok((s, _))) => s,
-        Ok(Err(e)) => return format!("cannot connect: {e}"),
-        Err(_) => return "no handshake within 20 s".into(),
+        Ok(Err(e)) => return failed(format!("cannot connect: {e}")),
+        Err(_) => {
+            return failed(format!(
+                "no handshake within {}",
+                crate::subscribe::secs(options.handshake_timeout)
+            ));
+        }
     };
-    tracing::info!(feed = %url, "Following the update feed.");
-    *failures = 0;
+    tracing::info!(feed = %shown, "Following the update feed.");
+    let opened = Instant::now();
+    let mut delivered = false;
+    let dropped = |reason: String, delivered: bool| FeedEnd {
+        reason: scrub(&reason, url),
+        worked: delivered || opened.elapsed() >= options.stable_after,
+    };
+    let mut ping = tokio::time::interval_at(opened + options.ping_every, options.ping_every);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_heard = opened;
+    let no_data = || {
+        format!(
+            "no data for {}",
+            crate::subscribe::secs(options.idle_timeout)
+        )
+    };
     loop {
-        match socket.next().await {
-            Some(Ok(Message::Text(text))) => {
-                let Ok(frame) = serde_json::from_str::<Value>(&text) else {
-                    tracing::warn!(feed = %url, "Skipped an update that is not JSON.");
-                    continue;
-                };
-                if let Some(change) = parse_update(&frame)
-                    && tx.send(change).await.is_err()
-                {
-                    return "the engine stopped listening".into();
+        let idle_at = last_heard + options.idle_timeout;
+        tokio::select! {
+            biased;
+            msg = socket.next() => {
+                last_heard = Instant::now();
+                match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+                            tracing::warn!(feed = %shown, "Skipped an update that is not JSON.");
+                            continue;
+                        };
+                        if let Some(change) = parse_update(&frame) {
+                            if tx.send(change).await.is_err() {
+                                return dropped("the engine stopped listening".into(), delivered);
+                            }
+                            delivered = true;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None => return dropped("the feed closed".into(), delivered),
+                    // Pings (answered by tungstenite), pongs, binary: proof of life only.
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return dropped(format!("socket error: {e}"), delivered),
                 }
             }
-            Some(Ok(Message::Close(_))) | None => return "the feed closed".into(),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return format!("socket error: {e}"),
+            _ = ping.tick() => {
+                // A half-open socket may never finish a send: bound it by the idle timer.
+                match tokio::time::timeout_at(idle_at, socket.send(Message::Ping(Vec::new().into()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return dropped(format!("ping failed: {e}"), delivered),
+                    Err(_) => return dropped(no_data(), delivered),
+                }
+            }
+            () = tokio::time::sleep_until(idle_at) => return dropped(no_data(), delivered),
         }
     }
 }
@@ -157,5 +300,154 @@ mod tests {
             None
         );
         assert_eq!(parse_update(&json!([1, 2])), None);
+    }
+
+    #[test]
+    fn feed_urls_are_redacted_to_scheme_host_and_path() {
+        assert_eq!(
+            redact_url("wss://user:t0ken@bridge.example.com:8443/symbl/updates?token=abc#frag"),
+            "wss://bridge.example.com:8443/symbl/updates"
+        );
+        assert_eq!(
+            redact_url("ws://127.0.0.1:9/symbl/updates"),
+            "ws://127.0.0.1:9/symbl/updates"
+        );
+        assert_eq!(redact_url("wss://h?access_token=abc"), "wss://h");
+        assert_eq!(redact_url("wss://a:b@h"), "wss://h");
+        assert_eq!(redact_url("wss://u@h/p@q?x=y"), "wss://h/p@q");
+        assert_eq!(redact_url("bridge/feed?token=abc"), "bridge/feed");
+        let url = "wss://u:pw@h/feed?token=abc";
+        let text = scrub(&format!("cannot connect to {url}: refused"), url);
+        assert_eq!(text, "cannot connect to wss://h/feed: refused");
+    }
+
+    #[test]
+    fn default_feed_options_match_the_subscribe_socket() {
+        let o = FeedOptions::default();
+        assert_eq!(o.ping_every, Duration::from_secs(30));
+        assert_eq!(o.idle_timeout, Duration::from_secs(75));
+    }
+
+    #[tokio::test]
+    async fn the_feed_reports_existing_then_started_and_stopped_connections() {
+        const WAIT: Duration = Duration::from_secs(20);
+        let fake = prompter_fakes::SymblFake::start("app", "s3cret").await;
+        fake.start_connection("c1", "conv1", "Agent");
+        let (tx, mut rx) = mpsc::channel(16);
+        let (stop, stop_rx) = watch::channel(false);
+        let options = FeedOptions {
+            // Pings flow while the test runs; the fake answers them.
+            ping_every: Duration::from_millis(50),
+            ..FeedOptions::default()
+        };
+        // A token in the query string is sent as given (the logs show the URL without it).
+        let url = format!("{}/symbl/updates?token=s3cret", fake.ws_base());
+        let retry = Backoff {
+            base_ms: 5,
+            max_ms: 20,
+            max_retries: 3,
+        };
+        let task = tokio::spawn(watch_updates_with(options, url, retry, tx, stop_rx));
+        let mut next = async || {
+            tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .expect("no update within the bound")
+                .expect("the feed stopped")
+        };
+        // Already live when the feed connected: `connection_exists`.
+        assert_eq!(
+            next().await,
+            ConnectionChange::Live {
+                connection_id: "c1".into(),
+                conversation_id: Some("conv1".into()),
+                speaker: Some("Agent".into()),
+            }
+        );
+        fake.start_connection("c2", "conv2", "Customer");
+        assert_eq!(
+            next().await,
+            ConnectionChange::Live {
+                connection_id: "c2".into(),
+                conversation_id: Some("conv2".into()),
+                speaker: Some("Customer".into()),
+            }
+        );
+        // Long enough for several pings and pongs.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        fake.stop_connection("c1", "conv1");
+        assert_eq!(
+            next().await,
+            ConnectionChange::Stopped {
+                connection_id: "c1".into(),
+                conversation_id: Some("conv1".into()),
+            }
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("watch_updates did not stop")
+            .unwrap();
+        // No reconnection happened (it would have repeated `connection_exists` for c2).
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_silent_half_open_feed_is_dropped_and_reconnected() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        const WAIT: Duration = Duration::from_secs(20);
+        // A feed server that completes the handshake and then never reads or writes again (no
+        // pongs), holding the TCP connection open: a half-open connection, as far as the
+        // client can tell.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU32::new(0));
+        tokio::spawn({
+            let accepted = accepted.clone();
+            async move {
+                let mut held = Vec::new();
+                while let Ok((stream, _)) = listener.accept().await {
+                    if let Ok(ws) = tokio_tungstenite::accept_async(stream).await {
+                        accepted.fetch_add(1, Ordering::SeqCst);
+                        held.push(ws);
+                    }
+                }
+            }
+        });
+        let options = FeedOptions {
+            ping_every: Duration::from_millis(50),
+            idle_timeout: Duration::from_millis(500),
+            ..FeedOptions::default()
+        };
+        let retry = Backoff {
+            base_ms: 5,
+            max_ms: 20,
+            max_retries: 0,
+        };
+        let (tx, _rx) = mpsc::channel(16);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(watch_updates_with(
+            options,
+            format!("ws://{addr}/symbl/updates"),
+            retry,
+            tx,
+            stop_rx,
+        ));
+        let reconnected = tokio::time::timeout(WAIT, async {
+            while accepted.load(Ordering::SeqCst) < 3 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            reconnected.is_ok(),
+            "the silent feed was not dropped and reconnected ({} connections)",
+            accepted.load(Ordering::SeqCst)
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("watch_updates did not stop")
+            .unwrap();
     }
 }

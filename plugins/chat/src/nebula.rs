@@ -2,8 +2,11 @@
 //! variant (`/v1/model/chat/streaming`, Server-Sent Events with `delta` chunks) when the caller
 //! wants tokens as they arrive.
 //!
-//! Calls have a timeout; 429 and 5xx answers (and connection failures) are retried with jittered
-//! exponential backoff that honours `Retry-After`, a bounded number of times. Errors say which
+//! Each attempt has a timeout (`timeout_ms`: for the response headers, and for the whole body when
+//! not streaming); a streamed answer may take as long as it needs while its chunks keep coming,
+//! but a gap of `timeout_ms` between two chunks ends it with an error. 429 and 5xx answers,
+//! connection failures and timed-out attempts are retried with jittered exponential backoff that
+//! honours `Retry-After`, a bounded number of times, but only until a stream has started. Errors say which
 //! call failed and why. The API key travels only in the `ApiKey` header; it is never logged.
 //!
 //! It also owns the `nebula` embedder ([`NebulaEmbedder`], `/v1/model/embed`), which shares the
@@ -53,7 +56,11 @@ pub struct NebulaConfig {
     /// Repetition penalty (the RTA guide uses 1.2); not sent when unset.
     #[serde(default)]
     pub repetition_penalty: Option<f32>,
-    /// Per-attempt timeout. Default 10,000 ms.
+    /// Timeout of one attempt, in ms, never of a whole streamed answer. Connecting and the
+    /// response headers must come within it (and, not streaming, the whole answer body);
+    /// otherwise the attempt fails and is retried. Once a stream has started it may last any
+    /// length, but a gap of `timeout_ms` between two chunks ends it with an error (not retried:
+    /// tokens have already been passed on). Default 10,000 ms.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
     /// Retries after a 429, a 5xx or a connection failure. Default 3.
@@ -83,6 +90,22 @@ fn default_max_backoff_ms() -> u64 {
     5_000
 }
 
+/// What a successful attempt yields: the whole body, or the response whose body is a stream.
+enum Answer {
+    Body(Vec<u8>),
+    Stream(reqwest::Response),
+}
+
+/// How one attempt ended.
+enum Outcome {
+    Done(Answer),
+    Fatal(PluginError),
+    Retry {
+        after: Option<Duration>,
+        why: String,
+    },
+}
+
 /// The HTTP side shared by Nebula chat and embeddings: base URL, key, timeout and retries.
 #[derive(Debug, Clone)]
 struct NebulaClient {
@@ -92,7 +115,9 @@ struct NebulaClient {
     section: &'static str,
     base_url: String,
     api_key: Secret,
-    timeout_ms: u64,
+    /// One attempt's budget (see [`NebulaConfig::timeout_ms`]); also the longest gap allowed
+    /// between two chunks of a streamed answer.
+    timeout: Duration,
     retry: Backoff,
     client: reqwest::Client,
 }
@@ -111,10 +136,13 @@ impl NebulaClient {
                 "{section} `{name}`: `api_key` is empty (set NEBULA_API_KEY)"
             )));
         }
+        let timeout = Duration::from_millis(timeout_ms.max(1));
         // reqwest panics without a process-wide rustls crypto provider; installing twice is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // No client-wide timeout: a streamed answer may take longer than one attempt's budget as
+        // long as it keeps coming; attempts and stream reads are timed one by one instead.
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(timeout_ms.max(1)))
+            .connect_timeout(timeout)
             .build()
             .map_err(|e| PluginError::internal("cannot build the HTTP client").with_source(e))?;
         Ok(NebulaClient {
@@ -122,60 +150,65 @@ impl NebulaClient {
             section,
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
-            timeout_ms,
+            timeout,
             retry,
             client,
         })
     }
 
-    /// POSTs `body` to `path`, retrying 429/5xx/connection failures; returns the 2xx response.
-    async fn post(
+    /// POSTs `body` to `path` and reads the whole 2xx answer, each attempt (headers and body)
+    /// within the timeout; retries 429/5xx/connection failures/timeouts.
+    async fn post(&self, path: &str, body: &serde_json::Value) -> Result<Vec<u8>, PluginError> {
+        match self.call(path, body, false).await? {
+            Answer::Body(bytes) => Ok(bytes),
+            Answer::Stream(_) => Err(PluginError::internal(
+                "invariant: a non-streamed call answered a stream",
+            )),
+        }
+    }
+
+    /// POSTs `body` to `path` and returns as soon as a 2xx status arrives (within the timeout,
+    /// with retries as [`Self::post`]); the caller reads the body as a stream.
+    async fn post_stream(
         &self,
         path: &str,
         body: &serde_json::Value,
     ) -> Result<reqwest::Response, PluginError> {
+        match self.call(path, body, true).await? {
+            Answer::Stream(resp) => Ok(resp),
+            Answer::Body(_) => Err(PluginError::internal(
+                "invariant: a streamed call answered a whole body",
+            )),
+        }
+    }
+
+    async fn call(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        stream: bool,
+    ) -> Result<Answer, PluginError> {
         let url = format!("{}{path}", self.base_url);
         let payload = serde_json::to_vec(body)
             .map_err(|e| PluginError::internal("request did not serialize").with_source(e))?;
         let mut attempt = 0u32;
         loop {
-            let sent = self
-                .client
-                .post(&url)
-                .header("ApiKey", self.api_key.expose())
-                .header("Content-Type", "application/json")
-                .header("Accept", "application/json")
-                .body(payload.clone())
-                .send()
-                .await;
-            let (retry_after, why) = match sent {
-                Ok(resp) if resp.status().is_success() => return Ok(resp),
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let retry_after = resp
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after);
-                    let text = resp.text().await.unwrap_or_default();
-                    let detail: String = text.chars().take(200).collect();
-                    if status == 401 || status == 403 {
-                        return Err(PluginError::config(format!(
-                            "Nebula rejected the API key of {} `{}` ({status}); check the key in its `api_key`",
-                            self.section, self.name
-                        )));
-                    }
-                    if status != 429 && status < 500 {
-                        return Err(PluginError::input(format!(
-                            "Nebula `{path}` answered {status}: {detail}"
-                        )));
-                    }
-                    (retry_after, format!("{status}: {detail}"))
-                }
-                Err(e) if e.is_timeout() => {
-                    (None, format!("no answer within {} ms", self.timeout_ms))
-                }
-                Err(e) => (None, format!("request failed: {e}")),
+            let outcome = match tokio::time::timeout(
+                self.timeout,
+                self.attempt(&url, path, &payload, stream),
+            )
+            .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Retry {
+                    after: None,
+                    why: format!("no answer within {} ms", self.timeout.as_millis()),
+                },
+            };
+            let (retry_after, why) = match outcome {
+                Outcome::Done(answer) => return Ok(answer),
+                Outcome::Fatal(e) => return Err(e),
+                Outcome::Retry { after, why } => (after, why),
             };
             if !self.retry.allows_retry(attempt) {
                 return Err(PluginError::external(format!(
@@ -184,9 +217,84 @@ impl NebulaClient {
                 )));
             }
             let wait = self.retry.wait(attempt, retry_after);
-            tracing::warn!(resource = %self.name, call = path, attempt = attempt + 1, wait_ms = wait.as_millis() as u64, error = %why, "Nebula call failed; retrying.");
+            tracing::warn!(
+                resource = %self.name,
+                call = path,
+                attempt = attempt + 1,
+                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                error = %why,
+                "Nebula call failed; retrying."
+            );
             tokio::time::sleep(wait).await;
             attempt += 1;
+        }
+    }
+
+    /// One attempt: the request, its status and, unless streaming, its whole body.
+    async fn attempt(&self, url: &str, path: &str, payload: &[u8], stream: bool) -> Outcome {
+        let accept = if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        let sent = self
+            .client
+            .post(url)
+            .header("ApiKey", self.api_key.expose())
+            .header("Content-Type", "application/json")
+            .header("Accept", accept)
+            .body(payload.to_vec())
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(e) if e.is_timeout() => {
+                return Outcome::Retry {
+                    after: None,
+                    why: format!("no answer within {} ms", self.timeout.as_millis()),
+                };
+            }
+            Err(e) => {
+                return Outcome::Retry {
+                    after: None,
+                    why: format!("request failed: {e}"),
+                };
+            }
+        };
+        let status = resp.status().as_u16();
+        if resp.status().is_success() {
+            if stream {
+                return Outcome::Done(Answer::Stream(resp));
+            }
+            return match resp.bytes().await {
+                Ok(bytes) => Outcome::Done(Answer::Body(bytes.to_vec())),
+                Err(e) => Outcome::Retry {
+                    after: None,
+                    why: format!("reading the answer failed: {e}"),
+                },
+            };
+        }
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let text = resp.text().await.unwrap_or_default();
+        let detail: String = text.chars().take(200).collect();
+        if status == 401 || status == 403 {
+            return Outcome::Fatal(PluginError::config(format!(
+                "Nebula rejected the API key of {} `{}` ({status}); check the key in its `api_key`",
+                self.section, self.name
+            )));
+        }
+        if status != 429 && status < 500 {
+            return Outcome::Fatal(PluginError::input(format!(
+                "Nebula `{path}` answered {status}: {detail}"
+            )));
+        }
+        Outcome::Retry {
+            after: retry_after,
+            why: format!("{status}: {detail}"),
         }
     }
 }
@@ -262,7 +370,8 @@ pub struct NebulaEmbedConfig {
     /// The embedding model. Default `nebula-text-embedding-large` (1024 dimensions).
     #[serde(default = "default_embed_model")]
     pub model: String,
-    /// Per-attempt timeout. Default 5,000 ms.
+    /// Timeout of one attempt, in ms: connecting, the response headers and the whole answer
+    /// body must come within it; otherwise the attempt fails and is retried. Default 5,000 ms.
     #[serde(default = "default_embed_timeout_ms")]
     pub timeout_ms: u64,
     /// Retries after a 429, a 5xx or a connection failure. Default 3.
@@ -313,10 +422,7 @@ impl NebulaEmbedder {
             embedding: Vec<f32>,
         }
         let body = serde_json::json!({"model": self.model, "text": text});
-        let resp = self.http.post("/v1/model/embed", &body).await?;
-        let bytes = resp.bytes().await.map_err(|e| {
-            PluginError::external(format!("reading the Nebula embedding failed: {e}"))
-        })?;
+        let bytes = self.http.post("/v1/model/embed", &body).await?;
         let a: Answer = serde_json::from_slice(&bytes).map_err(|e| {
             PluginError::external(format!(
                 "Nebula `/v1/model/embed` answer has no float list `embedding`: {e}"
@@ -367,10 +473,7 @@ impl ChatProvider for NebulaProvider {
     ) -> Result<ChatReply, PluginError> {
         let body = self.body(request);
         let Some(tokens) = tokens else {
-            let resp = self.http.post("/v1/model/chat", &body).await?;
-            let bytes = resp.bytes().await.map_err(|e| {
-                PluginError::external(format!("reading the Nebula chat answer failed: {e}"))
-            })?;
+            let bytes = self.http.post("/v1/model/chat", &body).await?;
             let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
                 PluginError::external(format!("Nebula chat answer is not JSON: {e}"))
             })?;
@@ -389,34 +492,95 @@ impl ChatProvider for NebulaProvider {
                 model: v.get("model").and_then(|m| m.as_str()).map(str::to_owned),
             });
         };
-        let mut resp = self.http.post("/v1/model/chat/streaming", &body).await?;
+        self.stream(&body, &tokens).await
+    }
+}
+
+impl NebulaProvider {
+    /// The streamed call: deltas go to `tokens` as they arrive. No retries once the stream has
+    /// started; a gap of `timeout` between chunks is an error, however long the whole answer.
+    async fn stream(
+        &self,
+        body: &serde_json::Value,
+        tokens: &mpsc::Sender<String>,
+    ) -> Result<ChatReply, PluginError> {
+        let path = "/v1/model/chat/streaming";
+        let mut resp = self.http.post_stream(path, body).await?;
         let mut text = String::new();
-        let mut pending = String::new();
+        let mut lines = SseLines::default();
         loop {
-            let chunk = resp
-                .chunk()
-                .await
-                .map_err(|e| PluginError::external(format!("Nebula stream broke: {e}")))?;
-            let Some(chunk) = chunk else { break };
-            pending.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(nl) = pending.find('\n') {
-                let line: String = pending.drain(..=nl).collect();
-                if let Some(delta) = sse_delta(&line) {
-                    text.push_str(&delta);
-                    // A closed receiver only means nobody is watching the stream.
-                    let _ = tokens.send(delta).await;
+            let chunk = match tokio::time::timeout(self.http.timeout, resp.chunk()).await {
+                Err(_) => {
+                    return Err(PluginError::external(format!(
+                        "Nebula `{path}`: the answer stream stalled after {} characters \
+                         (nothing for {} ms)",
+                        text.chars().count(),
+                        self.http.timeout.as_millis()
+                    )));
                 }
+                Ok(Err(e)) => {
+                    return Err(PluginError::external(format!(
+                        "Nebula `{path}`: the answer stream broke after {} characters: {e}",
+                        text.chars().count()
+                    )));
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => chunk,
+            };
+            for line in lines.push(&chunk) {
+                take_line(&line, &mut text, tokens).await;
             }
         }
-        if let Some(delta) = sse_delta(&pending) {
-            text.push_str(&delta);
-            let _ = tokens.send(delta).await;
+        if let Some(line) = lines.rest() {
+            take_line(&line, &mut text, tokens).await;
+        }
+        if text.is_empty() {
+            return Err(PluginError::external(format!(
+                "Nebula streamed no text: the answer stream of `{path}` ended without a `delta`"
+            )));
         }
         Ok(ChatReply {
             text,
             provider: self.http.name.clone(),
             model: None,
         })
+    }
+}
+
+/// Adds the `delta` of one SSE line, if any, to `text` and passes it on to `tokens`.
+async fn take_line(line: &str, text: &mut String, tokens: &mpsc::Sender<String>) {
+    if let Some(delta) = sse_delta(line).filter(|d| !d.is_empty()) {
+        text.push_str(&delta);
+        // A closed receiver only means nobody is watching the stream.
+        let _ = tokens.send(delta).await;
+    }
+}
+
+/// Splits an SSE byte stream into lines, however the network cut it (mid-line, mid-character):
+/// bytes are buffered and only complete lines are decoded.
+#[derive(Debug, Default)]
+struct SseLines {
+    pending: Vec<u8>,
+}
+
+impl SseLines {
+    /// The complete lines in `pending` + `chunk`; keeps the unfinished tail.
+    fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.pending.extend_from_slice(chunk);
+        let Some(last_newline) = self.pending.iter().rposition(|b| *b == b'\n') else {
+            return Vec::new();
+        };
+        let complete: Vec<u8> = self.pending.drain(..=last_newline).collect();
+        complete
+            .split(|b| *b == b'\n')
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect()
+    }
+
+    /// The unfinished last line, when the stream ended without a newline.
+    fn rest(&mut self) -> Option<String> {
+        let rest = std::mem::take(&mut self.pending);
+        (!rest.is_empty()).then(|| String::from_utf8_lossy(&rest).into_owned())
     }
 }
 
@@ -445,6 +609,14 @@ mod tests {
     fn provider(base_url: &str, key: &str) -> NebulaProvider {
         let cfg: NebulaConfig = serde_json::from_value(serde_json::json!({
             "api_key": key, "base_url": base_url, "max_backoff_ms": 50, "timeout_ms": 2000}))
+        .unwrap();
+        NebulaProvider::new("nebula", cfg).unwrap()
+    }
+
+    /// A provider with a 200 ms timeout and no retries.
+    fn impatient(base_url: &str) -> NebulaProvider {
+        let cfg: NebulaConfig = serde_json::from_value(serde_json::json!({
+            "api_key": "test-key", "base_url": base_url, "timeout_ms": 200, "max_retries": 0}))
         .unwrap();
         NebulaProvider::new("nebula", cfg).unwrap()
     }
@@ -538,6 +710,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn multibyte_characters_cut_across_chunks_arrive_intact() {
+        // The fake's 5-byte pieces cut several of these characters in two.
+        let answer = "The client’s café budget — déjà vu: ’é— again, naïve résumé.";
+        let f = fake().await;
+        f.set_answer(answer);
+        f.set_stream_fragmented(true);
+        let (tx, mut rx) = mpsc::channel(64);
+        let reply = provider(&f.url, "test-key")
+            .chat(&request(), Some(tx))
+            .await
+            .unwrap();
+        assert_eq!(reply.text, answer);
+        let mut joined = String::new();
+        while let Some(d) = rx.recv().await {
+            joined.push_str(&d);
+        }
+        assert_eq!(joined, answer);
+    }
+
+    #[tokio::test]
+    async fn a_stream_longer_than_the_timeout_succeeds_while_chunks_keep_coming() {
+        let answer = "Start with a pilot team of five people ".repeat(8);
+        let answer = answer.trim_end();
+        let f = fake().await;
+        f.set_answer(answer);
+        // 15 lines after the first, 50 ms apart: 750 ms in all against a 200 ms timeout.
+        f.set_stream_interval(Duration::from_millis(50));
+        let (tx, _rx) = mpsc::channel(64);
+        let started = std::time::Instant::now();
+        let reply = impatient(&f.url).chat(&request(), Some(tx)).await.unwrap();
+        assert!(started.elapsed() > Duration::from_millis(200));
+        assert_eq!(reply.text, answer);
+        assert_eq!(f.chat_attempts(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_stream_and_a_slow_answer_fail_clearly() {
+        let f = fake().await;
+        // The streamed answer sends "Offer the starter " at once, then nothing for a second.
+        f.set_chat_delay(Duration::from_secs(1));
+        let p = impatient(&f.url);
+        let (tx, mut rx) = mpsc::channel(8);
+        let err = p.chat(&request(), Some(tx)).await.unwrap_err();
+        assert_eq!(err.kind, prompter_core::error::ErrorKind::External);
+        assert_eq!(
+            err.message,
+            "Nebula `/v1/model/chat/streaming`: the answer stream stalled after 18 characters \
+             (nothing for 200 ms)"
+        );
+        assert_eq!(rx.recv().await.as_deref(), Some("Offer the starter "));
+        let err = p.chat(&request(), None).await.unwrap_err();
+        assert_eq!(
+            err.message,
+            "Nebula `/v1/model/chat` failed after 1 attempt(s): no answer within 200 ms"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_text_is_an_error() {
+        let f = fake().await;
+        f.set_answer("");
+        let (tx, mut rx) = mpsc::channel(8);
+        let err = provider(&f.url, "test-key")
+            .chat(&request(), Some(tx))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, prompter_core::error::ErrorKind::External);
+        assert!(
+            err.message.starts_with("Nebula streamed no text"),
+            "{}",
+            err.message
+        );
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
     async fn embeds_one_text_per_call_with_retries() {
         let f = fake().await;
         f.fail_next(Endpoint::Embed, &[503]);
@@ -555,6 +803,24 @@ mod tests {
         );
         assert_eq!(f.embed_attempts(), 3);
         assert_eq!(f.embedded_texts(), ["Budget Constraints", "Timing"]);
+    }
+
+    #[test]
+    fn sse_lines_are_decoded_only_when_complete() {
+        let bytes = "data: {\"delta\": \"’é\"}\r\ndata: [DONE]".as_bytes();
+        let mut lines = SseLines::default();
+        // Cut inside the line, then inside `’` (bytes 17..20); the second line has no newline.
+        assert!(lines.push(&bytes[..7]).is_empty());
+        assert!(lines.push(&bytes[7..19]).is_empty());
+        let got = lines.push(&bytes[19..]);
+        assert_eq!(
+            got.len(),
+            2,
+            "the line and the empty text after its newline: {got:?}"
+        );
+        assert_eq!(sse_delta(&got[0]).as_deref(), Some("’é"));
+        assert_eq!(lines.rest().as_deref(), Some("data: [DONE]"));
+        assert_eq!(lines.rest(), None);
     }
 
     #[test]

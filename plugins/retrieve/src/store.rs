@@ -273,8 +273,13 @@ impl EmbeddedStore {
         let mut documents = Vec::with_capacity(rows.len());
         let mut missing = 0;
         let mut embedded = 0;
+        let mut seen = HashSet::new();
         for (text, data) in rows {
             let id = document_id(&text, &data);
+            // A row repeated in the CSV is one document (as `ingest` counts it).
+            if !seen.insert(id.clone()) {
+                continue;
+            }
             if let Some(d) = known.remove(&id) {
                 documents.push(d);
             } else if let Some(embedding) = embedder.embed_local(&text) {
@@ -403,12 +408,24 @@ impl KnowledgeStore for EmbeddedStore {
         if let Some(q) = self.embedder.embed_local(query) {
             return Ok(self.rank(&q, k));
         }
-        let q = self
-            .embedder
-            .embed(&[query.to_owned()])
-            .await?
+        // Spawned, so a caller that stops waiting (a retrieval budget) does not cancel the
+        // call: its vector still lands in the embedder's cache for the next time.
+        let embedder = self.embedder.clone();
+        let texts = vec![query.to_owned()];
+        let q = tokio::spawn(async move { embedder.embed(&texts).await })
+            .await
+            .map_err(|e| PluginError::internal("the embedding task failed").with_source(e))??
             .pop()
             .unwrap_or_default();
+        let want = self.documents.first().map_or(0, |d| d.embedding.len());
+        if q.len() != want {
+            return Err(PluginError::external(format!(
+                "embedder `{}` answered a {}-dimensional query vector, but the index of store `{}` holds {want}-dimensional ones; re-run `prompter kb ingest`",
+                self.embedder.name(),
+                q.len(),
+                self.name
+            )));
+        }
         Ok(self.rank(&q, k))
     }
 
@@ -981,6 +998,17 @@ mod tests {
         cfg.dims = 0;
         let err = open_with("sales", cfg, dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::InvalidDims(0)));
+    }
+
+    #[test]
+    fn a_repeated_row_is_one_document_and_reopening_embeds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = "q,a\nBudget: too expensive,Offer a pilot.\nBudget: too expensive,Offer a pilot.\nTiming: later,Agree a date.\n";
+        let first = open_kb(dir.path(), csv).unwrap();
+        assert_eq!((first.len(), first.embedded_on_open()), (2, 2));
+        let again = open_kb(dir.path(), csv).unwrap();
+        assert_eq!((again.len(), again.embedded_on_open()), (2, 0));
+        assert_eq!(again.top_k("Budget", 2)[1].text, "Timing: later");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! Failure modes: scripted statuses for the next calls ([`NebulaFake::fail_next`]; 429 comes with
 //! `Retry-After: 1`), down for good ([`NebulaFake::set_down`], every call 503), slow answers
 //! ([`NebulaFake::set_chat_delay`]: the streamed answer sends its first words at once and the
-//! rest after the delay), and 401 for a wrong key.
+//! rest after the delay), and 401 for a wrong key. Opt-in stream shapes: fragmented
+//! ([`NebulaFake::set_stream_fragmented`]: 5-byte pieces, cutting lines and UTF-8 characters)
+//! and paced ([`NebulaFake::set_stream_interval`]: a pause before every chunk after the first).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -42,6 +44,8 @@ pub struct NebulaState {
     embed_script: Mutex<VecDeque<u16>>,
     down: AtomicBool,
     chat_delay_ms: AtomicU32,
+    stream_fragmented: AtomicBool,
+    stream_interval_ms: AtomicU32,
     answer: Mutex<Option<String>>,
     chat_attempts: AtomicU32,
     embed_attempts: AtomicU32,
@@ -97,6 +101,25 @@ impl NebulaFake {
             .store(delay.as_millis() as u32, Ordering::SeqCst);
     }
 
+    /// While set, the streamed answer's bytes go out in pieces of [`FRAGMENT_BYTES`], a few
+    /// milliseconds apart, so SSE lines and multi-byte UTF-8 characters are cut across network
+    /// chunks. Off by default.
+    pub fn set_stream_fragmented(&self, fragmented: bool) {
+        self.state
+            .stream_fragmented
+            .store(fragmented, Ordering::SeqCst);
+    }
+
+    /// A pause before every `data:` line of the streamed answer after the first (on top of
+    /// [`NebulaFake::set_chat_delay`]): an answer that takes long in total but keeps coming.
+    /// Default zero.
+    pub fn set_stream_interval(&self, interval: Duration) {
+        self.state.stream_interval_ms.store(
+            u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+            Ordering::SeqCst,
+        );
+    }
+
     /// The assistant's answer. Default: a fixed coaching sentence.
     pub fn set_answer(&self, answer: &str) {
         *lock(&self.state.answer) = Some(answer.to_owned());
@@ -128,6 +151,9 @@ impl NebulaFake {
         lock(&self.state.embedded).clone()
     }
 }
+
+/// The size of the pieces a fragmented stream is cut into ([`NebulaFake::set_stream_fragmented`]).
+pub const FRAGMENT_BYTES: usize = 5;
 
 /// The default answer.
 pub const DEFAULT_ANSWER: &str =
@@ -289,15 +315,37 @@ async fn chat_streaming(
     let (first, rest) = words.split_at(words.len().min(3));
     let first = first.concat();
     let rest: Vec<String> = rest.chunks(4).map(<[&str]>::concat).collect();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(16);
+    let fragmented = s.stream_fragmented.load(Ordering::SeqCst);
+    let interval = Duration::from_millis(u64::from(s.stream_interval_ms.load(Ordering::SeqCst)));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
     tokio::spawn(async move {
-        let line = |d: &str| format!("data: {}\n\n", json!({"delta": d}));
-        if tx.send(Ok(line(&first))).await.is_err() {
+        // One `data:` line, whole or in pieces; false once the client has gone.
+        let send = |d: String| {
+            let tx = tx.clone();
+            async move {
+                let line = format!("data: {}\n\n", json!({"delta": d})).into_bytes();
+                if !fragmented {
+                    return tx.send(Ok(line)).await.is_ok();
+                }
+                for piece in line.chunks(FRAGMENT_BYTES) {
+                    if tx.send(Ok(piece.to_vec())).await.is_err() {
+                        return false;
+                    }
+                    // Let each piece leave on its own before the next one.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                true
+            }
+        };
+        if !send(first).await {
             return;
         }
         tokio::time::sleep(delay).await;
         for chunk in rest {
-            if tx.send(Ok(line(&chunk))).await.is_err() {
+            if !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            if !send(chunk).await {
                 return;
             }
         }

@@ -8,10 +8,13 @@
 //! unknown token, scripted token statuses ([`SymblFake::fail_token_next`]), subscribers dropped
 //! mid-call without a close frame ([`SymblFake::drop_subscribers`]), and redelivery of the
 //! last frames to a subscriber that reconnects ([`SymblFake::set_redeliver_on_reconnect`]),
-//! as an at-least-once service may do.
+//! as an at-least-once service may do. Opt-in, for reconnection tests: subscribers closed with a
+//! close frame ([`SymblFake::close_subscribers`]), subscribers that go silent while their TCP
+//! connection stays open, as a half-open connection does ([`SymblFake::freeze_subscribers`]),
+//! and handshakes that are accepted and closed at once ([`SymblFake::set_close_on_subscribe`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,12 +29,19 @@ use tokio::sync::mpsc;
 
 use crate::lock;
 
+/// How long a frozen subscriber ([`SymblFake::freeze_subscribers`]) holds its TCP connection.
+const FROZEN_FOR: Duration = Duration::from_secs(600);
+
 /// What a subscriber's socket task is told to do.
 #[derive(Debug, Clone)]
 enum SubMsg {
     Frame(String),
     /// Drop the TCP connection without a close frame.
     Kill,
+    /// Send a close frame with this code and reason, then drop the connection.
+    Close(u16, String),
+    /// Stop reading and writing (no pongs either) but keep the TCP connection open.
+    Freeze,
 }
 
 #[derive(Default)]
@@ -51,6 +61,7 @@ pub struct SymblState {
     tokens: Mutex<HashSet<String>>,
     connections: Mutex<HashMap<String, Connection>>,
     redeliver: AtomicUsize,
+    close_on_subscribe: AtomicBool,
     updates: Mutex<Vec<mpsc::UnboundedSender<String>>>,
     active: Mutex<Vec<Value>>,
     /// The Management API's state.
@@ -108,6 +119,7 @@ impl SymblFake {
             tokens: Mutex::default(),
             connections: Mutex::default(),
             redeliver: AtomicUsize::new(0),
+            close_on_subscribe: AtomicBool::new(false),
             updates: Mutex::default(),
             active: Mutex::default(),
             management: Default::default(),
@@ -171,6 +183,33 @@ impl SymblFake {
     /// A subscriber that connects again gets the last `n` frames of the connection again first.
     pub fn set_redeliver_on_reconnect(&self, n: usize) {
         self.state.redeliver.store(n, Ordering::SeqCst);
+    }
+
+    /// Closes every subscriber of `connection_id` with a close frame (`code`, `reason`), as Symbl
+    /// does when it ends a socket itself (1000 = normal closure).
+    pub fn close_subscribers(&self, connection_id: &str, code: u16, reason: &str) {
+        if let Some(c) = lock(&self.state.connections).get_mut(connection_id) {
+            for tx in c.subscribers.drain(..) {
+                let _ = tx.send(SubMsg::Close(code, reason.to_owned()));
+            }
+        }
+    }
+
+    /// Makes every subscriber of `connection_id` go silent: nothing is sent or read (pings go
+    /// unanswered) but the TCP connection stays open, as a half-open connection behind a dead
+    /// NAT or proxy does. The frozen sockets no longer count as subscribers.
+    pub fn freeze_subscribers(&self, connection_id: &str) {
+        if let Some(c) = lock(&self.state.connections).get_mut(connection_id) {
+            for tx in c.subscribers.drain(..) {
+                let _ = tx.send(SubMsg::Freeze);
+            }
+        }
+    }
+
+    /// While `on`, subscribe handshakes are accepted (and counted by
+    /// [`SymblFake::subscribes`]) and the socket is dropped at once, without a frame.
+    pub fn set_close_on_subscribe(&self, on: bool) {
+        self.state.close_on_subscribe.store(on, Ordering::SeqCst);
     }
 
     /// Current subscribers of `connection_id`.
@@ -287,10 +326,15 @@ async fn subscribe(
 
 async fn subscriber(s: Arc<SymblState>, connection_id: String, mut socket: WebSocket) {
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let close_at_once = s.close_on_subscribe.load(Ordering::SeqCst);
     let replay: Vec<String> = {
         let mut conns = lock(&s.connections);
         let c = conns.entry(connection_id).or_default();
         c.subscribes += 1;
+        if close_at_once {
+            // Returning drops the socket: the TCP connection closes without a close frame.
+            return;
+        }
         c.subscribers.push(tx);
         let n = s.redeliver.load(Ordering::SeqCst);
         if c.subscribes > 1 {
@@ -314,6 +358,26 @@ async fn subscriber(s: Arc<SymblState>, connection_id: String, mut socket: WebSo
                 }
                 // Returning drops the socket: the TCP connection closes without a close frame.
                 Some(SubMsg::Kill) | None => return,
+                Some(SubMsg::Close(code, reason)) => {
+                    let frame = axum::extract::ws::CloseFrame { code, reason: reason.into() };
+                    let _ = socket.send(Message::Close(Some(frame))).await;
+                    // Drain until the client answers or goes: closing with unread data would
+                    // reset the connection, and the close frame could be lost.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                        while let Some(Ok(m)) = socket.recv().await {
+                            if matches!(m, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    return;
+                }
+                Some(SubMsg::Freeze) => {
+                    // Hold the socket without polling it; a test's runtime ends the wait.
+                    tokio::time::sleep(FROZEN_FOR).await;
+                    return;
+                }
             },
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
