@@ -521,3 +521,60 @@ async fn bad_credentials_name_the_variables_and_nothing_to_follow_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to follow"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trackers_sync_creates_then_updates_only_what_changed() {
+    let f = fakes().await;
+    f.ingest();
+    // One tracker already exists with other phrases; the rest are new.
+    f.symbl.add_tracker("Timing", &["not now"]);
+    let sync = |dry: bool| {
+        let mut args = vec!["trackers", "sync", "--config", "prompter-live.yaml"];
+        if dry {
+            args.push("--dry-run");
+        }
+        f.command(&args).output().unwrap()
+    };
+    let dry = sync(true);
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert_eq!(f.symbl.trackers().len(), 1, "a dry run changes nothing");
+
+    let first = sync(false);
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let names: Vec<String> = f.symbl.trackers().iter().map(|t| t.name.clone()).collect();
+    for name in [
+        "Budget Constraints",
+        "Competitor Comparison",
+        "Timing",
+        "Security Concerns",
+    ] {
+        assert!(
+            names.contains(&name.to_owned()),
+            "{name} missing: {names:?}\n{stdout}"
+        );
+    }
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(
+        stdout.contains("4 trackers: 3 created, 1 updated, 0 unchanged, 0 failed"),
+        "{stdout}"
+    );
+    assert_eq!(f.symbl.manage_overlaps(), 0, "one request at a time");
+
+    // Nothing changed: a second run updates nothing.
+    let second = sync(false);
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("4 trackers: 0 created, 0 updated, 4 unchanged, 0 failed"),
+        "{stdout}"
+    );
+}
