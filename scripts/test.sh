@@ -26,6 +26,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --manifest-path sdk/Cargo.toml --workspace --all-targets --locked -- -D warnings
 cargo clippy --manifest-path sdk/Cargo.toml --workspace --locked --target wasm32-wasip2 --target-dir target/wasm -- -D warnings
 
+echo "== cargo doc (broken links and missing docs are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+
 echo "== cargo test (sdk, natively)"
 cargo test --manifest-path sdk/Cargo.toml --workspace --locked
 

@@ -12,7 +12,7 @@
 //! - [`router`]: one ordered task per conversation, parallel across conversations.
 //! - [`recording`], [`session`]: recordings and the replay driver.
 //! - [`live`]: `prompter run`, the engine on live Symbl connections.
-//! - [`cli`], [`demo`], [`bench`], [`kb`]: the commands.
+//! - [`cli`], [`demo`], [`bench`](mod@bench), [`kb`]: the commands.
 
 pub mod bench;
 pub mod bundle;
