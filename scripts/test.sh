@@ -26,7 +26,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --manifest-path sdk/Cargo.toml --workspace --all-targets --locked -- -D warnings
 cargo clippy --manifest-path sdk/Cargo.toml --workspace --locked --target wasm32-wasip2 --target-dir target/wasm -- -D warnings
 
-echo "== cargo doc (broken links and missing docs are errors)"
+echo "== cargo doc (rustdoc warnings, such as broken links, are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 echo "== cargo test (sdk, natively)"
