@@ -35,7 +35,14 @@ pub struct Router {
     tasks: Mutex<JoinSet<()>>,
     /// Set by [`Router::finish`]: no conversation starts after it.
     finished: std::sync::atomic::AtomicBool,
+    /// The last output number of each released conversation, so a conversation that comes
+    /// back (late events, a call followed again) continues its numbering instead of reusing
+    /// output ids that sinks already show. Bounded by [`LAST_SEQ_CAPACITY`].
+    last_seq: Arc<Mutex<HashMap<Arc<str>, u64>>>,
 }
+
+/// Released conversations whose output numbering is remembered.
+const LAST_SEQ_CAPACITY: usize = 65_536;
 
 impl Router {
     /// A router over `pipelines`, delivering outputs to `sink`.
@@ -53,6 +60,7 @@ impl Router {
             conversations: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             finished: std::sync::atomic::AtomicBool::new(false),
+            last_seq: Arc::default(),
         }
     }
 
@@ -120,7 +128,8 @@ impl Router {
             sink: self.sink.clone(),
             stats: self.stats.clone(),
             idle: self.settings.conversation_idle,
-            output_seq: AtomicU64::new(0),
+            output_seq: AtomicU64::new(lock(&self.last_seq).remove(id).unwrap_or(0)),
+            last_seq: self.last_seq.clone(),
         };
         tasks.spawn(task.run(rx));
         Some(tx)
@@ -155,6 +164,7 @@ struct ConversationTask {
     stats: Arc<Stats>,
     idle: std::time::Duration,
     output_seq: AtomicU64,
+    last_seq: Arc<Mutex<HashMap<Arc<str>, u64>>>,
 }
 
 impl ConversationTask {
@@ -199,6 +209,14 @@ impl ConversationTask {
         self.stats
             .conversations_released
             .fetch_add(1, Ordering::Relaxed);
+        let seq = self.output_seq.load(Ordering::Relaxed);
+        if seq > 0 {
+            let mut last = lock(&self.last_seq);
+            if last.len() >= LAST_SEQ_CAPACITY {
+                last.clear();
+            }
+            last.insert(Arc::from(&*self.state.id), seq);
+        }
         for p in self.pipelines.iter() {
             for s in &p.stages {
                 s.plugin.conversation_ended(&self.state.id);
@@ -228,6 +246,8 @@ mod tests {
         seen: Mutex<Vec<(String, String)>>,
         b_done: Notify,
         ended: Mutex<Vec<String>>,
+        /// The output id each run would give its output.
+        ids: Mutex<Vec<String>>,
     }
 
     #[async_trait]
@@ -243,6 +263,7 @@ mod tests {
             if text == "a1" {
                 self.b_done.notified().await;
             }
+            self.ids.lock().unwrap().push(cx.next_output_id());
             self.seen
                 .lock()
                 .unwrap()
@@ -345,6 +366,8 @@ mod tests {
             &("b".to_string(), "again".to_string())
         );
         assert_eq!(router_stats(&probe), 2);
+        // The returning conversation continues its output numbering: no id is reused.
+        assert_eq!(*probe.ids.lock().unwrap(), ["b/p/1", "b/p/2"]);
     }
 
     fn router_stats(probe: &Probe) -> usize {
