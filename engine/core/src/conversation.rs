@@ -5,13 +5,21 @@
 //! trackers, insights and topics seen so far. Templates read it as `conversation`.
 //!
 //! It does not own *when* state is released (completion, idle timeout): the engine's router does.
+//!
+//! The growing parts (transcript, insights, topics) are persistent vectors, so a snapshot that a
+//! pipeline run reads while the conversation goes on is a clone that costs the same at the
+//! first sentence and at the four-thousandth; folding an event costs the same too (repeats are
+//! found through hash sets, not by scanning).
 
-use serde::Serialize;
+use std::collections::HashSet;
+
+use imbl::Vector;
+use serde::{Deserialize, Serialize};
 
 use crate::event::{Caption, Detail, Event, EventKind, Insight, Topic};
 
 /// One finalized transcript line.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TranscriptLine {
     /// Symbl's message id, when sent.
     pub id: Option<String>,
@@ -32,7 +40,7 @@ pub struct TranscriptLine {
 }
 
 /// A tracker seen in this conversation (final and interim results are merged by name).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrackerSeen {
     /// Tracker name.
     pub name: String,
@@ -45,28 +53,34 @@ pub struct TrackerSeen {
 }
 
 /// Everything known about one conversation.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ConversationState {
     /// The engine's id for it (the recording's `conversation` or the connection id).
     pub id: String,
     /// Symbl's conversation id, once `conversation_created` (or similar) said it.
     pub symbl_conversation_id: Option<String>,
     /// Finalized transcript, oldest first.
-    pub transcript: Vec<TranscriptLine>,
+    pub transcript: Vector<TranscriptLine>,
     /// The latest live caption, cleared when a finalized line arrives.
     pub caption: Option<Caption>,
     /// Trackers seen, in order of first detection.
-    pub trackers: Vec<TrackerSeen>,
+    pub trackers: Vector<TrackerSeen>,
     /// Insights (questions, action items, follow-ups), in order.
-    pub insights: Vec<Insight>,
+    pub insights: Vector<Insight>,
     /// Topics, without repeats of the same phrase.
-    pub topics: Vec<Topic>,
+    pub topics: Vector<Topic>,
     /// Offset of the latest event.
     pub last_offset_ms: u64,
     /// Events folded so far.
     pub events_seen: u64,
     /// True once `conversation_completed` arrived.
     pub completed: bool,
+    /// Ids of the insights kept, to drop repeats in constant time.
+    #[serde(skip_serializing, default)]
+    insight_ids: HashSet<String>,
+    /// Lowercased topic phrases kept, to drop repeats in constant time.
+    #[serde(skip_serializing, default)]
+    topic_keys: HashSet<String>,
 }
 
 impl ConversationState {
@@ -85,7 +99,7 @@ impl ConversationState {
         match &event.detail {
             Detail::Message(m) => {
                 self.caption = None;
-                self.transcript.push(TranscriptLine {
+                self.transcript.push_back(TranscriptLine {
                     id: m.id.clone(),
                     speaker: m.speaker.label().to_owned(),
                     user_id: m.speaker.user_id.clone(),
@@ -108,7 +122,7 @@ impl ConversationState {
                             }
                         }
                     }
-                    None => self.trackers.push(TrackerSeen {
+                    None => self.trackers.push_back(TrackerSeen {
                         name: t.name.clone(),
                         phrases,
                         count: 1,
@@ -117,18 +131,17 @@ impl ConversationState {
                 }
             }
             Detail::Insight(i) => {
-                let repeat = i.id.is_some() && self.insights.iter().any(|s| s.id == i.id);
-                if !repeat {
-                    self.insights.push(i.clone());
+                let first = match &i.id {
+                    Some(id) => self.insight_ids.insert(id.clone()),
+                    None => true,
+                };
+                if first {
+                    self.insights.push_back(i.clone());
                 }
             }
             Detail::Topic(t) => {
-                if !self
-                    .topics
-                    .iter()
-                    .any(|s| s.phrases.eq_ignore_ascii_case(&t.phrases))
-                {
-                    self.topics.push(t.clone());
+                if self.topic_keys.insert(t.phrases.to_lowercase()) {
+                    self.topics.push_back(t.clone());
                 }
             }
             Detail::Lifecycle {
@@ -147,9 +160,21 @@ impl ConversationState {
     }
 
     /// The last `n` transcript lines, oldest first.
-    pub fn last_lines(&self, n: usize) -> &[TranscriptLine] {
+    /// Costs O(log n) whatever the length of the call.
+    pub fn last_lines(&self, n: usize) -> Vector<TranscriptLine> {
         let start = self.transcript.len().saturating_sub(n);
-        &self.transcript[start..]
+        self.transcript.skip(start)
+    }
+
+    /// Rebuilds the indexes a restored state needs (they are not serialized: they follow from
+    /// the insights and topics).
+    pub fn reindex(&mut self) {
+        self.insight_ids = self.insights.iter().filter_map(|i| i.id.clone()).collect();
+        self.topic_keys = self
+            .topics
+            .iter()
+            .map(|t| t.phrases.to_lowercase())
+            .collect();
     }
 }
 
@@ -213,6 +238,19 @@ mod tests {
         assert_eq!(s.symbl_conversation_id.as_deref(), Some("999"));
         assert_eq!(s.transcript.len(), 2);
         assert_eq!(s.last_lines(1)[0].speaker, "Agent");
+        let mut restored: ConversationState =
+            serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        restored.reindex();
+        fold(
+            &mut restored,
+            1250,
+            json!({"type": "insight_response", "insights": [{"id": "q1", "type": "question", "payload": {"content": "Is there a discount?"}}]}),
+        );
+        assert_eq!(
+            restored.insights.len(),
+            1,
+            "a restored state still drops repeats"
+        );
         assert_eq!(s.last_lines(10).len(), 2);
         assert_eq!(s.trackers.len(), 1);
         assert_eq!(s.trackers[0].count, 2);

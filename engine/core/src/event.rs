@@ -104,7 +104,7 @@ impl fmt::Display for EventKind {
 }
 
 /// Who said something.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Speaker {
     /// Symbl's participant id, when sent.
     pub id: Option<String>,
@@ -125,7 +125,7 @@ impl Speaker {
 }
 
 /// A live caption from `recognition_result`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Caption {
     /// The speaker, when Symbl sent one.
     pub speaker: Option<Speaker>,
@@ -202,7 +202,7 @@ impl TrackerHit {
 }
 
 /// One insight from `insight_response`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Insight {
     /// The insight's id, when sent.
     pub id: Option<String>,
@@ -220,7 +220,7 @@ pub struct Insight {
 }
 
 /// One topic from `topic_response`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Topic {
     /// The topic's id, when sent.
     pub id: Option<String>,
@@ -284,6 +284,35 @@ pub struct Event {
 }
 
 impl Event {
+    /// What this event is, as a stable 64-bit hash: its kind, offset and the identity of its
+    /// item (a message's id or text, a tracker's name, finality and phrases, an insight's or
+    /// topic's id or text). The same event gives the same identity in any process, so outputs
+    /// named after their trigger get the same id wherever they are produced.
+    pub fn identity(&self) -> u64 {
+        let mut key = String::with_capacity(96);
+        key.push_str(self.kind.as_str());
+        key.push('|');
+        key.push_str(&self.offset_ms.to_string());
+        key.push('|');
+        match &self.detail {
+            Detail::Message(m) => key.push_str(m.id.as_deref().unwrap_or(&m.text)),
+            Detail::Tracker(t) => {
+                key.push_str(&t.name);
+                key.push_str(if t.is_final { "|final|" } else { "|interim|" });
+                for p in t.phrases() {
+                    key.push_str(&p);
+                    key.push(',');
+                }
+            }
+            Detail::Insight(i) => key.push_str(i.id.as_deref().unwrap_or(&i.text)),
+            Detail::Topic(t) => key.push_str(t.id.as_deref().unwrap_or(&t.phrases)),
+            Detail::Caption(c) => key.push_str(&c.text),
+            Detail::Entity(v) => key.push_str(&v.to_string()),
+            Detail::Lifecycle { .. } | Detail::Error { .. } | Detail::None => {}
+        }
+        crate::output::fnv1a(key.as_bytes())
+    }
+
     /// The tracker detection, for `tracker_response` events.
     pub fn tracker(&self) -> Option<&TrackerHit> {
         match &self.detail {

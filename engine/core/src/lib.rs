@@ -11,13 +11,16 @@
 //!   contexts.
 //! - [`resource`]: knowledge stores, chat providers and embedders that stages share.
 //! - [`backoff`]: retry pacing for clients of remote services.
-//! - [`output`]: what pipelines deliver.
+//! - [`output`]: what pipelines deliver, and output ids.
+//! - [`book`]: engine-owned per-conversation bookkeeping (versions, stage state) and the
+//!   [`book::Host`] stages reach it through.
 //! - [`secret`]: API keys that never reach logs or plugins.
 //! - [`template`]: the Jinja templates and filter expressions.
 //! - [`error`], [`diagnostic`]: classified stage errors; positioned config problems.
 //! - [`test_util`]: helpers to drive a plugin in tests.
 
 pub mod backoff;
+pub mod book;
 pub mod conversation;
 pub mod diagnostic;
 pub mod error;
@@ -32,3 +35,4 @@ pub mod test_util;
 pub use async_trait::async_trait;
 pub use marked_yaml;
 pub use minijinja;
+pub use tokio_util;

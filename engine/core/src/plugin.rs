@@ -11,21 +11,22 @@
 //! [`Flow::Continue`] with its output (a JSON value templates can read as `stages.<id>`) or
 //! [`Flow::Halt`] to end the run quietly (a filter or a dedupe hit).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
 
+use crate::book::Host;
 use crate::conversation::ConversationState;
 use crate::diagnostic::{Position, did_you_mean};
 use crate::error::PluginError;
 use crate::event::Event;
-use crate::output::{Output, Timings};
+use crate::output::{Output, Status, Timings, output_id, slug};
 use crate::resource::{ChatProvider, Embedder, KnowledgeStore, ScoredDocument};
 use crate::template::{Template, conversation_value, event_value};
 
@@ -49,7 +50,8 @@ pub trait Plugin: Send + Sync + 'static {
     async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError>;
 
     /// Called once when the engine releases a conversation (completed or idle), so the stage can
-    /// drop whatever it kept for it.
+    /// drop whatever it cached for it (per-conversation state proper lives in the engine: see
+    /// [`StageContext::state_set`]).
     fn conversation_ended(&self, _conversation_id: &str) {}
 }
 
@@ -371,18 +373,22 @@ fn lowercase_first(s: &str) -> String {
 }
 
 /// Values computed once per pipeline run and shared by its stages.
-pub struct RunScope<'a> {
+///
+/// The run owns (shares) the event and the conversation snapshot it was started with, so it may
+/// outlive the moment the conversation task handed it over: the conversation goes on folding
+/// events while the run reads the state as it was when the event arrived.
+pub struct RunScope {
     /// The triggering event.
-    pub event: &'a Event,
+    pub event: Arc<Event>,
     /// The conversation state after the event was folded in.
-    pub conversation: &'a ConversationState,
+    pub conversation: Arc<ConversationState>,
     event_value: OnceLock<minijinja::Value>,
     conversation_value: OnceLock<minijinja::Value>,
 }
 
-impl<'a> RunScope<'a> {
+impl RunScope {
     /// A scope for one run.
-    pub fn new(event: &'a Event, conversation: &'a ConversationState) -> Self {
+    pub fn new(event: Arc<Event>, conversation: Arc<ConversationState>) -> Self {
         RunScope {
             event,
             conversation,
@@ -391,7 +397,9 @@ impl<'a> RunScope<'a> {
         }
     }
 
-    /// The template context: `event`, `conversation`, `stages`, `pipeline`.
+    /// The template context: `event`, `conversation`, `stages`, `pipeline`. The event and the
+    /// conversation are lazy objects: a template pays only for the fields it reads, so the
+    /// cost does not grow with the length of the call.
     pub fn template_context(
         &self,
         pipeline: &str,
@@ -399,11 +407,11 @@ impl<'a> RunScope<'a> {
     ) -> minijinja::Value {
         let event = self
             .event_value
-            .get_or_init(|| event_value(self.event))
+            .get_or_init(|| event_value(&self.event))
             .clone();
         let conversation = self
             .conversation_value
-            .get_or_init(|| conversation_value(self.conversation))
+            .get_or_init(|| conversation_value(&self.conversation))
             .clone();
         let stages: BTreeMap<&str, &serde_json::Value> =
             outputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -416,6 +424,70 @@ impl<'a> RunScope<'a> {
     }
 }
 
+/// One run of a pipeline as the engine tracks it: its id, the id of the output it is about, a
+/// cancellation token (a newer trigger may supersede it), and the drafts it left open.
+pub struct Run {
+    /// Unique within the engine process; claims ([`StageContext::claim`]) are made in its name.
+    pub id: u64,
+    /// The id of this run's card: the pipeline's `key` when it has one (a tracker's name by
+    /// default for tracker triggers, so a tracker that fires again updates its card), else
+    /// derived from the triggering event's identity.
+    pub output_id: String,
+    /// Cancelled when a newer trigger supersedes this run (`concurrency: latest_wins`) or the
+    /// engine stops. Long stages (a chat call) watch it; the engine drops the run's future.
+    pub cancel: tokio_util::sync::CancellationToken,
+    drafts: std::sync::Mutex<HashMap<String, Output>>,
+    delivered: AtomicBool,
+}
+
+impl Run {
+    /// A run with id `id` whose card is `output_id`.
+    pub fn new(id: u64, output_id: String) -> Self {
+        Run {
+            id,
+            output_id,
+            cancel: tokio_util::sync::CancellationToken::new(),
+            drafts: std::sync::Mutex::default(),
+            delivered: AtomicBool::new(false),
+        }
+    }
+
+    /// True once the run delivered a final output.
+    pub fn delivered(&self) -> bool {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Takes the drafts the run delivered and never completed, by id.
+    pub fn take_open_drafts(&self) -> Vec<Output> {
+        let mut d = self
+            .drafts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open: Vec<Output> = d.drain().map(|(_, o)| o).collect();
+        open.sort_by_key(|o| o.seq);
+        open
+    }
+
+    fn track(&self, output: &Output) {
+        let mut d = self
+            .drafts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match output.status {
+            Status::Draft => {
+                d.insert(output.id.clone(), output.clone());
+            }
+            Status::Final => {
+                d.remove(&output.id);
+                self.delivered.store(true, Ordering::Relaxed);
+            }
+            Status::Withdrawn => {
+                d.remove(&output.id);
+            }
+        }
+    }
+}
+
 /// Everything a stage sees while it runs.
 pub struct StageContext<'a> {
     /// The pipeline's name.
@@ -423,36 +495,30 @@ pub struct StageContext<'a> {
     /// This stage's id.
     pub stage: &'a str,
     /// Shared per-run values (event, conversation).
-    pub scope: &'a RunScope<'a>,
+    pub scope: &'a RunScope,
     /// The outputs of the earlier stages, in order.
     pub outputs: &'a [(String, serde_json::Value)],
     /// Durations of the earlier stages in microseconds.
     pub stage_timings: &'a [(String, u64)],
     /// When the run started.
     pub started: Instant,
-    /// Where outputs go.
-    pub sink: &'a mpsc::Sender<Output>,
-    /// Per-conversation output counter (ids are `<conversation>/<pipeline>/<n>`).
-    pub output_seq: &'a AtomicU64,
     /// When the pipeline's answer is due (its `deadline_ms` after the event was received), if
     /// it declares one. Stages that can degrade (the chat stage's fallback) plan around it.
     pub deadline: Option<Instant>,
-    /// The run's `partial` outputs not completed yet, by id: [`StageContext::emit`] keeps it,
-    /// and the pipeline closes what is left when the run ends, so no draft dangles.
-    pub drafts: Option<&'a Drafts>,
+    /// The run.
+    pub run: &'a Run,
+    /// The engine: delivery and per-conversation stage state.
+    pub host: &'a dyn Host,
 }
-
-/// The `partial` outputs of one run that no complete version has followed yet, by id.
-pub type Drafts = std::sync::Mutex<std::collections::HashMap<String, Output>>;
 
 impl<'a> StageContext<'a> {
     /// A context for a stage called on its own (no earlier stages), as tools and tests do.
     pub fn alone(
         pipeline: &'a str,
         stage: &'a str,
-        scope: &'a RunScope<'a>,
-        sink: &'a mpsc::Sender<Output>,
-        output_seq: &'a AtomicU64,
+        scope: &'a RunScope,
+        run: &'a Run,
+        host: &'a dyn Host,
     ) -> Self {
         StageContext {
             pipeline,
@@ -461,21 +527,20 @@ impl<'a> StageContext<'a> {
             outputs: &[],
             stage_timings: &[],
             started: Instant::now(),
-            sink,
-            output_seq,
             deadline: None,
-            drafts: None,
+            run,
+            host,
         }
     }
 
     /// The triggering event.
     pub fn event(&self) -> &Event {
-        self.scope.event
+        &self.scope.event
     }
 
     /// The conversation state.
     pub fn conversation(&self) -> &ConversationState {
-        self.scope.conversation
+        &self.scope.conversation
     }
 
     /// The output of earlier stage `id`.
@@ -505,7 +570,7 @@ impl<'a> StageContext<'a> {
                 .and_then(|(_, v)| v.get("documents")),
         };
         match docs {
-            Some(d) => serde_json::from_value(d.clone()).map_err(|e| {
+            Some(d) => Vec::<ScoredDocument>::deserialize(d).map_err(|e| {
                 PluginError::input("the documents stage output is not a document list")
                     .with_source(e)
             }),
@@ -535,31 +600,56 @@ impl<'a> StageContext<'a> {
         }
     }
 
-    /// A new output id for this conversation and pipeline.
-    pub fn next_output_id(&self) -> String {
-        let n = self.output_seq.fetch_add(1, Ordering::Relaxed) + 1;
-        format!("{}/{}/{n}", self.scope.event.conversation_id, self.pipeline)
+    /// The id of this run's output (see [`Run::output_id`]).
+    pub fn output_id(&self) -> String {
+        self.run.output_id.clone()
     }
 
-    /// Delivers an output to the engine's sinks.
+    /// The id of an output of this conversation and pipeline named by `key`: outputs with the
+    /// same key are versions of one card.
+    pub fn keyed_output_id(&self, key: &str) -> String {
+        output_id(&self.scope.event.conversation_id, self.pipeline, &slug(key))
+    }
+
+    /// Delivers an output to the engine's sinks; the engine gives it its version and sequence
+    /// number, and returns it as delivered.
     ///
     /// # Errors
     /// When the engine is shutting down and no longer takes outputs.
-    pub async fn emit(&self, output: Output) -> Result<(), PluginError> {
-        if let Some(drafts) = self.drafts {
-            let mut d = drafts
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if output.partial {
-                d.insert(output.id.clone(), output.clone());
-            } else {
-                d.remove(&output.id);
-            }
-        }
-        self.sink
-            .send(output)
-            .await
-            .map_err(|_| PluginError::internal("the engine's output channel is closed"))
+    pub async fn emit(&self, output: Output) -> Result<Output, PluginError> {
+        let delivered = self.host.deliver(output).await?;
+        self.run.track(&delivered);
+        Ok(delivered)
+    }
+
+    /// Claims `key` for this run within this stage's per-conversation state: false when an
+    /// earlier run already delivered under it (less than `cooldown_ms` of call time ago, or at
+    /// all with 0) or a run in flight holds it. The claim is committed only when this run
+    /// delivers a final output; if the run fails, it is released.
+    pub fn claim(&self, key: &str, cooldown_ms: u64) -> bool {
+        let scope = self.state_scope();
+        self.host.claim(
+            self.run.id,
+            &scope,
+            key,
+            self.event().offset_ms,
+            cooldown_ms,
+        )
+    }
+
+    /// A value this stage kept for this conversation.
+    pub fn state_get(&self, key: &str) -> Option<String> {
+        self.host.get(&self.state_scope(), key)
+    }
+
+    /// Keeps (or with `None` forgets) a value for this conversation; the engine owns it, so
+    /// it survives a reload and travels with the conversation's snapshot.
+    pub fn state_set(&self, key: &str, value: Option<String>) {
+        self.host.set(&self.state_scope(), key, value);
+    }
+
+    fn state_scope(&self) -> String {
+        format!("{}/{}", self.pipeline, self.stage)
     }
 }
 

@@ -14,7 +14,9 @@
 //! Extra filters: `transcript` formats transcript lines as `Speaker: text` lines.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
+use minijinja::value::{Enumerator, Object, ObjectRepr};
 use minijinja::{Environment, UndefinedBehavior, Value};
 
 use crate::conversation::ConversationState;
@@ -151,45 +153,177 @@ fn stage_refs(vars: std::collections::HashSet<String>) -> BTreeSet<String> {
 }
 
 /// The `event` seen by templates: the event's fields plus a shortcut per detail kind
-/// (`event.tracker`, `event.message`, `event.insight`, `event.topic`, `event.caption`).
-pub fn event_value(event: &Event) -> Value {
-    let mut map = serde_json::Map::new();
-    map.insert("kind".into(), event.kind.as_str().into());
-    map.insert(
-        "conversation_id".into(),
-        event.conversation_id.as_ref().into(),
-    );
-    map.insert("offset_ms".into(), event.offset_ms.into());
-    let (key, detail) = match &event.detail {
-        Detail::Tracker(t) => ("tracker", serde_json::to_value(t)),
-        Detail::Message(m) => ("message", serde_json::to_value(m)),
-        Detail::Insight(i) => ("insight", serde_json::to_value(i)),
-        Detail::Topic(t) => ("topic", serde_json::to_value(t)),
-        Detail::Caption(c) => ("caption", serde_json::to_value(c)),
-        Detail::Entity(e) => ("entity", Ok(e.clone())),
-        Detail::Error { message, details } => (
-            "error",
-            Ok(serde_json::json!({"message": message, "details": details})),
-        ),
-        Detail::Lifecycle {
-            symbl_conversation_id,
-            summary_url,
-        } => (
-            "lifecycle",
-            Ok(
-                serde_json::json!({"symbl_conversation_id": symbl_conversation_id, "summary_url": summary_url}),
-            ),
-        ),
-        Detail::None => ("none", Ok(serde_json::Value::Null)),
-    };
-    map.insert(key.into(), detail.unwrap_or(serde_json::Value::Null));
-    let base = Value::from_serialize(&map);
-    minijinja::context! { raw => Value::from_serialize(event.raw.as_ref()), ..base }
+/// (`event.tracker`, `event.message`, `event.insight`, `event.topic`, `event.caption`), and the
+/// raw frame as `event.raw`. Lazy: each field is built when a template reads it.
+pub fn event_value(event: &Arc<Event>) -> Value {
+    Value::from_object(EventObject(event.clone()))
 }
 
-/// The `conversation` seen by templates.
-pub fn conversation_value(state: &ConversationState) -> Value {
-    Value::from_serialize(state)
+/// The `conversation` seen by templates: the fields of [`ConversationState`]. Lazy, and
+/// `transcript` is a sequence that reads only the lines a template touches
+/// (`conversation.transcript[-6:]` costs six lines, not the whole call).
+pub fn conversation_value(state: &Arc<ConversationState>) -> Value {
+    Value::from_object(ConversationObject(state.clone()))
+}
+
+#[derive(Debug)]
+struct EventObject(Arc<Event>);
+
+const EVENT_FIELDS: &[&str] = &["kind", "conversation_id", "offset_ms", "raw"];
+
+impl Object for EventObject {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let e = &self.0;
+        let key = key.as_str()?;
+        Some(match (key, &e.detail) {
+            ("kind", _) => Value::from(e.kind.as_str()),
+            ("conversation_id", _) => Value::from(e.conversation_id.as_ref()),
+            ("offset_ms", _) => Value::from(e.offset_ms),
+            ("raw", _) => Value::from_serialize(e.raw.as_ref()),
+            ("tracker", Detail::Tracker(t)) => Value::from_serialize(t),
+            ("message", Detail::Message(m)) => Value::from_serialize(m),
+            ("insight", Detail::Insight(i)) => Value::from_serialize(i),
+            ("topic", Detail::Topic(t)) => Value::from_serialize(t),
+            ("caption", Detail::Caption(c)) => Value::from_serialize(c),
+            ("entity", Detail::Entity(v)) => Value::from_serialize(v),
+            ("error", Detail::Error { message, details }) => {
+                minijinja::context! { message => message, details => details }
+            }
+            (
+                "lifecycle",
+                Detail::Lifecycle {
+                    symbl_conversation_id,
+                    summary_url,
+                },
+            ) => minijinja::context! {
+                symbl_conversation_id => symbl_conversation_id,
+                summary_url => summary_url,
+            },
+            _ => return None,
+        })
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let detail = match &self.0.detail {
+            Detail::Tracker(_) => "tracker",
+            Detail::Message(_) => "message",
+            Detail::Insight(_) => "insight",
+            Detail::Topic(_) => "topic",
+            Detail::Caption(_) => "caption",
+            Detail::Entity(_) => "entity",
+            Detail::Error { .. } => "error",
+            Detail::Lifecycle { .. } => "lifecycle",
+            Detail::None => return Enumerator::Str(EVENT_FIELDS),
+        };
+        let mut keys: Vec<Value> = EVENT_FIELDS.iter().map(|k| Value::from(*k)).collect();
+        keys.push(Value::from(detail));
+        Enumerator::Values(keys)
+    }
+}
+
+#[derive(Debug)]
+struct ConversationObject(Arc<ConversationState>);
+
+const CONVERSATION_FIELDS: &[&str] = &[
+    "id",
+    "symbl_conversation_id",
+    "transcript",
+    "caption",
+    "trackers",
+    "insights",
+    "topics",
+    "last_offset_ms",
+    "events_seen",
+    "completed",
+];
+
+impl Object for ConversationObject {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let c = &self.0;
+        Some(match key.as_str()? {
+            "id" => Value::from(c.id.as_str()),
+            "symbl_conversation_id" => Value::from(c.symbl_conversation_id.clone()),
+            "transcript" => Value::from_object(TranscriptObject(self.0.clone())),
+            "caption" => Value::from_serialize(&c.caption),
+            "trackers" => Value::from_serialize(&c.trackers),
+            "insights" => Value::from_serialize(&c.insights),
+            "topics" => Value::from_serialize(&c.topics),
+            "last_offset_ms" => Value::from(c.last_offset_ms),
+            "events_seen" => Value::from(c.events_seen),
+            "completed" => Value::from(c.completed),
+            _ => return None,
+        })
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(CONVERSATION_FIELDS)
+    }
+}
+
+/// `conversation.transcript`: a sequence whose items are built on demand.
+#[derive(Debug)]
+struct TranscriptObject(Arc<ConversationState>);
+
+impl Object for TranscriptObject {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Seq
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let len = self.0.transcript.len() as i64;
+        let i = key.as_i64()?;
+        let i = if i < 0 { len + i } else { i };
+        if !(0..len).contains(&i) {
+            return None;
+        }
+        self.0.transcript.get(i as usize).map(Value::from_serialize)
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Iter(Box::new(Lines {
+            state: self.0.clone(),
+            next: 0,
+            end: self.0.transcript.len(),
+        }))
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        Some(self.0.transcript.len())
+    }
+}
+
+/// Iterates transcript lines; skipping (as slicing does) jumps instead of walking.
+struct Lines {
+    state: Arc<ConversationState>,
+    next: usize,
+    end: usize,
+}
+
+impl Iterator for Lines {
+    type Item = Value;
+
+    fn next(&mut self) -> Option<Value> {
+        if self.next >= self.end {
+            return None;
+        }
+        let v = self
+            .state
+            .transcript
+            .get(self.next)
+            .map(Value::from_serialize);
+        self.next += 1;
+        v
+    }
+
+    fn nth(&mut self, n: usize) -> Option<Value> {
+        self.next = self.next.saturating_add(n).min(self.end);
+        self.next()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.end - self.next;
+        (n, Some(n))
+    }
 }
 
 #[cfg(test)]

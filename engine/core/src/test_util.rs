@@ -2,17 +2,15 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-
+use crate::book::LocalHost;
 use crate::conversation::ConversationState;
 use crate::error::PluginError;
 use crate::event::{Event, parse_frame};
-use crate::output::Output;
+use crate::output::{Output, event_part, output_id};
 use crate::plugin::{
-    BuildContext, BuildError, ErasedFactory, Flow, Plugin, Resources, RunScope, StageContext,
+    BuildContext, BuildError, ErasedFactory, Flow, Plugin, Resources, Run, RunScope, StageContext,
 };
 
 /// Builds a stage from a YAML `config:` body, as the engine would, with `earlier` stage ids.
@@ -78,9 +76,36 @@ pub async fn run_with_deadline(
     outputs: &[(String, serde_json::Value)],
     deadline: Option<Instant>,
 ) -> RunResult {
-    let (tx, mut rx) = mpsc::channel(64);
-    let seq = AtomicU64::new(0);
-    let scope = RunScope::new(event, state);
+    run_on(
+        &TestHost::default(),
+        plugin,
+        event,
+        state,
+        outputs,
+        deadline,
+    )
+    .await
+}
+
+/// Runs `plugin` like [`run_with_deadline`] against `host`, so several runs share one
+/// conversation's engine-owned state (dedupe keys, output versions), as in an engine.
+pub async fn run_on(
+    host: &TestHost,
+    plugin: &dyn Plugin,
+    event: &Event,
+    state: &ConversationState,
+    outputs: &[(String, serde_json::Value)],
+    deadline: Option<Instant>,
+) -> RunResult {
+    let scope = RunScope::new(Arc::new(event.clone()), Arc::new(state.clone()));
+    let run = Run::new(
+        1,
+        output_id(
+            &event.conversation_id,
+            "test",
+            &event_part(event.identity()),
+        ),
+    );
     let cx = StageContext {
         pipeline: "test",
         stage: "stage",
@@ -88,19 +113,19 @@ pub async fn run_with_deadline(
         outputs,
         stage_timings: &[],
         started: Instant::now(),
-        sink: &tx,
-        output_seq: &seq,
         deadline,
-        drafts: None,
+        run: &run,
+        host,
     };
     let flow = plugin.process(&cx).await;
-    drop(tx);
-    let mut emitted = Vec::new();
-    while let Some(o) = rx.recv().await {
-        emitted.push(o);
+    RunResult {
+        flow,
+        emitted: host.take(),
     }
-    RunResult { flow, emitted }
 }
+
+/// An engine stand-in for tests (see [`LocalHost`]).
+pub type TestHost = LocalHost;
 
 /// The problems reported when building a stage from `yaml`.
 ///

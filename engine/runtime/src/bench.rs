@@ -170,7 +170,6 @@ impl prompter_core::plugin::Plugin for NativeEcho {
 pub async fn wasm(module: PathBuf, iterations: usize, out: &Stream, err: &Stream) -> u8 {
     use prompter_core::conversation::ConversationState;
     use prompter_core::plugin::{Plugin, Resources, RunScope, StageContext};
-    use std::sync::atomic::AtomicU64;
     use std::time::{Duration, Instant};
 
     let spec = crate::wasm::WasmSpec {
@@ -209,14 +208,15 @@ pub async fn wasm(module: PathBuf, iterations: usize, out: &Stream, err: &Stream
         }
     }
     let Some(event) = event else { return 1 };
-    let (tx, _rx) = tokio::sync::mpsc::channel(1);
-    let seq = AtomicU64::new(0);
+    let host = prompter_core::book::LocalHost::default();
+    let run = prompter_core::plugin::Run::new(1, "bench/echo/e-0".into());
+    let (event, state) = (Arc::new(event), Arc::new(state));
     let iterations = iterations.max(100);
     let measure = async |plugin: &dyn Plugin| -> Result<Vec<u64>, String> {
         let mut samples = Vec::with_capacity(iterations);
         for i in 0..iterations + iterations / 10 {
-            let scope = RunScope::new(&event, &state);
-            let cx = StageContext::alone("bench", "echo", &scope, &tx, &seq);
+            let scope = RunScope::new(event.clone(), state.clone());
+            let cx = StageContext::alone("bench", "echo", &scope, &run, &host);
             let t0 = Instant::now();
             plugin.process(&cx).await.map_err(|e| e.message)?;
             // The first tenth warms caches and the instance pool.

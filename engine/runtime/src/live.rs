@@ -32,8 +32,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::cli::{Stream, say};
+use crate::engine::Engine as Router;
 use crate::registry::Registry;
-use crate::router::Router;
+use crate::sink::FnSink;
 use crate::stats::Stats;
 
 /// Options of `prompter run`.
@@ -130,23 +131,20 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     }
 
     let stats = Arc::new(Stats::default());
-    let (out_tx, mut out_rx) = mpsc::channel::<Output>(crate::session::OUTPUT_QUEUE);
+    let printed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = printed.clone();
     let printer_out = out.clone();
-    let printer = tokio::spawn(async move {
-        let mut n = 0u64;
-        while let Some(o) = out_rx.recv().await {
-            n += 1;
-            match serde_json::to_string(&o) {
-                Ok(line) => say(&printer_out, &line),
-                Err(e) => tracing::error!(error = %e, "An output did not serialize."),
-            }
+    let printer = FnSink::new("stdout", move |o: &Output| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        match serde_json::to_string(o) {
+            Ok(line) => say(&printer_out, &line),
+            Err(e) => tracing::error!(error = %e, "An output did not serialize."),
         }
-        n
     });
     let router = Arc::new(Router::new(
         loaded.pipelines,
         loaded.settings,
-        out_tx,
+        vec![Box::new(printer)],
         stats.clone(),
     ));
 
@@ -326,7 +324,7 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     while forwarders.join_next().await.is_some() {}
     router.finish().await;
     drop(router);
-    let outputs = printer.await.unwrap_or(0);
+    let outputs = printed.load(Ordering::Relaxed);
     say(
         err,
         &format!(

@@ -1,17 +1,19 @@
-//! A loaded pipeline and how one run of it goes: check the filter, then call the stages in
-//! order, timing each, applying its timeout and error policy.
+//! A loaded pipeline and how one run of it goes: call the stages in order, timing each,
+//! applying its timeout and error policy.
+//!
+//! It does not own when runs start, how they overlap, or closing what a run leaves open (the
+//! conversation task in [`crate::engine`] does).
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use prompter_core::conversation::ConversationState;
+use prompter_core::book::Host;
 use prompter_core::event::{Event, EventKind};
-use prompter_core::output::Output;
-use prompter_core::plugin::{Drafts, Flow, Plugin, RunScope, StageContext};
-use prompter_core::template::Expr;
-use tokio::sync::mpsc;
+use prompter_core::output::{event_part, output_id, slug};
+use prompter_core::plugin::{Flow, Plugin, Run, RunScope, StageContext};
+use prompter_core::template::{Expr, Template};
 use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::stats::Stats;
@@ -23,6 +25,19 @@ pub enum OnError {
     Stop,
     /// Go on; the stage's output is `null`.
     Continue,
+}
+
+/// How runs of one pipeline in one conversation overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Concurrency {
+    /// Each trigger runs at once, beside the runs still in flight (default).
+    #[default]
+    Parallel,
+    /// Runs go one after another, in the order of their triggers.
+    Queue,
+    /// A newer trigger with the same `supersede` key cancels the run in flight (its drafts are
+    /// withdrawn).
+    LatestWins,
 }
 
 /// One stage, built.
@@ -55,16 +70,12 @@ pub struct Pipeline {
     pub stages: Vec<Arc<Stage>>,
     /// When the run's answer is due, counted from the event's receipt (`deadline_ms`).
     pub deadline: Option<Duration>,
-}
-
-/// Where a run's outputs and counters go.
-pub struct RunEnv<'a> {
-    /// Outputs.
-    pub sink: &'a mpsc::Sender<Output>,
-    /// Per-conversation output counter.
-    pub output_seq: &'a AtomicU64,
-    /// Engine counters.
-    pub stats: &'a Stats,
+    /// How runs overlap.
+    pub concurrency: Concurrency,
+    /// What the run's card is about (`key`): runs with the same key update one output.
+    pub key: Option<Template>,
+    /// Which runs a newer one supersedes under `latest_wins` (`supersede`; default: `key`).
+    pub supersede: Option<Template>,
 }
 
 impl Pipeline {
@@ -73,34 +84,60 @@ impl Pipeline {
         self.on.contains(&kind)
     }
 
-    /// Runs the pipeline once for `event` (already folded into `state`).
-    pub async fn run(&self, event: &Event, state: &ConversationState, env: &RunEnv<'_>) {
-        let scope = RunScope::new(event, state);
-        if let Some(when) = &self.when {
-            match when.is_true(&scope.template_context(&self.name, &[])) {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(error) => {
-                    env.stats.stage_errors.fetch_add(1, Ordering::Relaxed);
-                    warn!(pipeline = %self.name, conversation = %event.conversation_id, error = %error, "The `when` filter failed; skipping the run.");
-                    return;
-                }
+    /// Whether the `when` filter lets `scope`'s event through (a failing filter does not).
+    pub fn admits(&self, scope: &RunScope, stats: &Stats) -> bool {
+        let Some(when) = &self.when else { return true };
+        match when.is_true(&scope.template_context(&self.name, &[])) {
+            Ok(pass) => pass,
+            Err(error) => {
+                stats.stage_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(pipeline = %self.name, conversation = %scope.event.conversation_id, error = %error, "The `when` filter failed; skipping the run.");
+                false
             }
         }
-        env.stats.runs.fetch_add(1, Ordering::Relaxed);
-        let drafts = Drafts::default();
-        let ended = self.stages(event, &scope, env, &drafts).await;
-        close_drafts(&drafts, ended, env.sink).await;
+    }
+
+    /// The id of the output a run for `scope`'s event is about: the `key` template when the
+    /// pipeline has one; for a tracker, its name (a tracker that fires again updates its card
+    /// instead of stacking another); otherwise named after the event itself.
+    pub fn output_id(&self, scope: &RunScope) -> String {
+        let e: &Event = &scope.event;
+        let key = match (&self.key, e.tracker()) {
+            (Some(t), _) => t
+                .render(&scope.template_context(&self.name, &[]))
+                .map(|k| k.trim().to_owned())
+                .ok()
+                .filter(|k| !k.is_empty()),
+            (None, Some(hit)) => Some(hit.name.clone()),
+            (None, None) => None,
+        };
+        let what = match key {
+            Some(k) => slug(&k),
+            None => event_part(e.identity()),
+        };
+        output_id(&e.conversation_id, &self.name, &what)
+    }
+
+    /// The key under which a `latest_wins` run supersedes older ones: `supersede` when set,
+    /// else the run's output id.
+    pub fn supersede_key(&self, scope: &RunScope, output_id: &str) -> String {
+        self.supersede
+            .as_ref()
+            .and_then(|t| t.render(&scope.template_context(&self.name, &[])).ok())
+            .map(|k| k.trim().to_owned())
+            .unwrap_or_else(|| output_id.to_owned())
     }
 
     /// Runs the stages in order; returns why the run ended early, if it did.
-    async fn stages(
+    pub async fn run(
         &self,
-        event: &Event,
-        scope: &RunScope<'_>,
-        env: &RunEnv<'_>,
-        drafts: &Drafts,
+        scope: &RunScope,
+        run: &Run,
+        host: &dyn Host,
+        stats: &Stats,
     ) -> Option<String> {
+        stats.runs.fetch_add(1, Ordering::Relaxed);
+        let event = &scope.event;
         let started = Instant::now();
         let mut outputs: Vec<(String, serde_json::Value)> = Vec::with_capacity(self.stages.len());
         let mut timings: Vec<(String, u64)> = Vec::with_capacity(self.stages.len());
@@ -114,10 +151,9 @@ impl Pipeline {
                     outputs: &outputs,
                     stage_timings: &timings,
                     started,
-                    sink: env.sink,
-                    output_seq: env.output_seq,
                     deadline: self.deadline.map(|d| event.received + d),
-                    drafts: Some(drafts),
+                    run,
+                    host,
                 };
                 let span = debug_span!("stage", pipeline = %self.name, stage = %stage.id, plugin = %stage.plugin_name, conversation = %event.conversation_id);
                 tokio::time::timeout(stage.timeout, stage.plugin.process(&cx))
@@ -137,7 +173,7 @@ impl Pipeline {
                 Ok(Err(e)) => format!("{} error: {}", e.kind, error_chain(&e)),
                 Err(_) => format!("timed out after {} ms", stage.timeout.as_millis()),
             };
-            env.stats.stage_errors.fetch_add(1, Ordering::Relaxed);
+            stats.stage_errors.fetch_add(1, Ordering::Relaxed);
             warn!(pipeline = %self.name, stage = %stage.id, plugin = %stage.plugin_name, conversation = %event.conversation_id, error = %error, "Stage failed.");
             match stage.on_error {
                 OnError::Stop => return Some(format!("stage `{}` failed: {error}", stage.id)),
@@ -145,28 +181,6 @@ impl Pipeline {
             }
         }
         None
-    }
-}
-
-/// Completes every draft the run left open (the stage that would have completed it failed,
-/// timed out or halted): its last text, no longer `partial`, `degraded` with the reason, so no
-/// sink keeps showing a card that is still "being written".
-async fn close_drafts(drafts: &Drafts, ended: Option<String>, sink: &mpsc::Sender<Output>) {
-    let open: Vec<Output> = drafts
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .drain()
-        .map(|(_, o)| o)
-        .collect();
-    for mut o in open {
-        o.version += 1;
-        o.partial = false;
-        let why = ended
-            .clone()
-            .unwrap_or_else(|| "no stage delivered the complete answer".into());
-        o.degraded = Some(format!("the answer is incomplete: {why}"));
-        // A closed sink means the engine is stopping; nothing is left to tell.
-        let _ = sink.send(o).await;
     }
 }
 
@@ -185,8 +199,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use prompter_core::async_trait;
+    use prompter_core::book::LocalHost;
+    use prompter_core::conversation::ConversationState;
     use prompter_core::error::PluginError;
-    use prompter_core::output::Trigger;
+    use prompter_core::output::{Output, Status, Trigger};
     use prompter_core::test_util::event;
     use serde_json::json;
 
@@ -212,7 +228,7 @@ mod tests {
                 Behaviour::Fail => Err(PluginError::external("upstream said 503")),
                 Behaviour::Draft => {
                     let mut o = report(cx, "Acknowledge the".into());
-                    o.partial = true;
+                    o.status = Status::Draft;
                     cx.emit(o).await?;
                     Ok(Flow::Continue(json!({})))
                 }
@@ -227,8 +243,10 @@ mod tests {
 
     fn report(cx: &StageContext<'_>, text: String) -> Output {
         Output {
-            id: cx.next_output_id(),
-            version: 1,
+            id: cx.output_id(),
+            version: 0,
+            status: Status::Final,
+            seq: 0,
             kind: "report".into(),
             conversation_id: cx.event().conversation_id.to_string(),
             pipeline: cx.pipeline.into(),
@@ -238,7 +256,6 @@ mod tests {
             sources: vec![],
             timings: cx.timings(),
             data: serde_json::Value::Null,
-            partial: false,
             degraded: None,
         }
     }
@@ -254,32 +271,32 @@ mod tests {
     }
 
     async fn run(p: &Pipeline) -> (Vec<Output>, u64) {
-        let e = event(
+        run_ended(p).await.0
+    }
+
+    /// Runs `p` once on a message; what it delivered, its stage errors, and why it ended early.
+    async fn run_ended(p: &Pipeline) -> ((Vec<Output>, u64), Option<String>, Run) {
+        let e = Arc::new(event(
             "c",
             0,
             json!({"type": "message_response", "messages": [{"payload": {"content": "hi"}}]}),
-        );
+        ));
         let mut state = ConversationState::new("c");
         state.apply(&e);
-        let (tx, mut rx) = mpsc::channel(8);
-        let seq = AtomicU64::new(0);
+        let scope = RunScope::new(e, Arc::new(state));
+        let host = LocalHost::default();
         let stats = Stats::default();
-        p.run(
-            &e,
-            &state,
-            &RunEnv {
-                sink: &tx,
-                output_seq: &seq,
-                stats: &stats,
-            },
+        let run = Run::new(1, p.output_id(&scope));
+        let ended = if p.admits(&scope, &stats) {
+            p.run(&scope, &run, &host, &stats).await
+        } else {
+            None
+        };
+        (
+            (host.take(), stats.stage_errors.load(Ordering::Relaxed)),
+            ended,
+            run,
         )
-        .await;
-        drop(tx);
-        let mut outs = Vec::new();
-        while let Some(o) = rx.recv().await {
-            outs.push(o);
-        }
-        (outs, stats.stage_errors.load(Ordering::Relaxed))
     }
 
     fn pipeline(when: Option<&str>, stages: Vec<Arc<Stage>>) -> Pipeline {
@@ -291,6 +308,9 @@ mod tests {
             when: when.map(|w| Expr::compile(w).unwrap()),
             stages,
             deadline: None,
+            concurrency: Concurrency::Parallel,
+            key: None,
+            supersede: None,
         }
     }
 
@@ -321,7 +341,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_draft_left_open_by_a_failing_stage_is_closed_as_incomplete() {
+    async fn a_run_that_fails_after_a_draft_says_why_and_leaves_it_open_for_the_engine() {
         let p = pipeline(
             None,
             vec![
@@ -329,19 +349,17 @@ mod tests {
                 stage("slow", Behaviour::Sleep, OnError::Stop),
             ],
         );
-        let (outs, _) = run(&p).await;
-        assert_eq!(outs.len(), 2, "{outs:?}");
-        assert!(outs[0].partial);
+        let ((outs, _), ended, run) = run_ended(&p).await;
+        assert_eq!(outs.len(), 1, "{outs:?}");
+        assert_eq!((outs[0].status, outs[0].version), (Status::Draft, 1));
         assert_eq!(
-            (outs[1].id.as_str(), outs[1].version),
-            (outs[0].id.as_str(), 2)
+            ended.as_deref(),
+            Some("stage `slow` failed: timed out after 100 ms")
         );
-        assert!(!outs[1].partial);
-        assert_eq!(outs[1].text, "Acknowledge the");
-        assert_eq!(
-            outs[1].degraded.as_deref(),
-            Some("the answer is incomplete: stage `slow` failed: timed out after 100 ms")
-        );
+        assert!(!run.delivered());
+        let open = run.take_open_drafts();
+        assert_eq!(open.len(), 1, "the engine closes this draft");
+        assert_eq!(open[0].text, "Acknowledge the");
     }
 
     #[tokio::test]

@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use prompter_core::book::LocalHost;
 use prompter_core::conversation::ConversationState;
-use prompter_core::plugin::{Flow, Plugin, Resources, RunScope, StageContext};
-use tokio::sync::mpsc;
+use prompter_core::output::{event_part, output_id};
+use prompter_core::plugin::{Flow, Plugin, Resources, Run, RunScope, StageContext};
 
 use crate::cli::{Stream, read_recordings, say};
 use crate::config::diagnostics::Diagnostics;
@@ -105,9 +106,9 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
         return 1;
     };
     // Notices are printed right after the call that raised them, so the output reads in order.
-    let (tx, mut rx) = mpsc::channel(256);
     let mut states: HashMap<String, ConversationState> = HashMap::new();
-    let mut seqs: HashMap<String, Arc<AtomicU64>> = HashMap::new();
+    let mut hosts: HashMap<String, LocalHost> = HashMap::new();
+    let mut run_id = 0u64;
     let (mut calls, mut failures) = (0u64, 0u64);
     for line in &lines {
         let events = match recording::events(line, &opts.events) {
@@ -125,9 +126,16 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
             if !opts.on.is_empty() && !opts.on.iter().any(|k| k == event.kind.as_str()) {
                 continue;
             }
-            let seq = seqs.entry(line.conversation.clone()).or_default().clone();
-            let scope = RunScope::new(&event, state);
-            let cx = StageContext::alone("plugin-test", "plugin", &scope, &tx, &seq);
+            let host = hosts.entry(line.conversation.clone()).or_default();
+            run_id += 1;
+            let out_id = output_id(
+                &event.conversation_id,
+                "plugin-test",
+                &event_part(event.identity()),
+            );
+            let run = Run::new(run_id, out_id);
+            let scope = RunScope::new(Arc::new(event.clone()), Arc::new(state.clone()));
+            let cx = StageContext::alone("plugin-test", "plugin", &scope, &run, host);
             calls += 1;
             let t0 = Instant::now();
             let result = plugin.process(&cx).await;
@@ -153,7 +161,7 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
             if let Ok(text) = serde_json::to_string(&obj) {
                 say(out, &text);
             }
-            while let Ok(o) = rx.try_recv() {
+            for o in host.take() {
                 if let Ok(line) =
                     serde_json::to_string(&serde_json::json!({"type": "output", "output": o}))
                 {

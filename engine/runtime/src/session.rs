@@ -6,15 +6,12 @@ use std::time::{Duration, Instant};
 
 use prompter_core::event::Event;
 use prompter_core::output::Output;
-use tokio::sync::mpsc;
 
 use crate::config::Loaded;
+use crate::engine::Engine;
 use crate::recording::{self, LineProblem, RecordedLine};
-use crate::router::Router;
+use crate::sink::FnSink;
 use crate::stats::Stats;
-
-/// Outputs queued between the pipelines and the printer.
-pub(crate) const OUTPUT_QUEUE: usize = 16_384;
 
 /// How to pace a replay.
 #[derive(Debug, Clone, Copy)]
@@ -62,19 +59,18 @@ pub async fn run(
     mut on_output: impl FnMut(Output) + Send + 'static,
 ) -> Summary {
     let started = Instant::now();
-    // Deep enough that a burst of outputs from many conversations does not stall their tasks
-    // behind the printer (measured: at 1,024 the bench's p99 jumped to 200+ ms in some runs);
-    // still bounded, so a stalled sink applies backpressure instead of growing memory.
-    let (tx, mut rx) = mpsc::channel::<Output>(OUTPUT_QUEUE);
-    let printer = tokio::spawn(async move {
-        let mut n = 0u64;
-        while let Some(o) = rx.recv().await {
-            n += 1;
-            on_output(o);
-        }
-        n
+    let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = delivered.clone();
+    let printer = FnSink::new("output", move |o: &Output| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        on_output(o.clone());
     });
-    let router = Router::new(loaded.pipelines, loaded.settings, tx, stats.clone());
+    let router = Engine::new(
+        loaded.pipelines,
+        loaded.settings,
+        vec![Box::new(printer)],
+        stats.clone(),
+    );
     let mut skipped = 0u64;
     let mut conversations = std::collections::HashSet::new();
     for line in &lines {
@@ -98,9 +94,7 @@ pub async fn run(
         }
     }
     router.finish().await;
-    // The router holds the output sender: dropping it lets the printer see the end.
-    drop(router);
-    let outputs = printer.await.unwrap_or(0);
+    let outputs = delivered.load(std::sync::atomic::Ordering::Relaxed);
     Summary {
         events: stats.events.load(std::sync::atomic::Ordering::Relaxed),
         conversations: conversations.len() as u64,

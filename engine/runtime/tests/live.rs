@@ -241,7 +241,7 @@ fn is(v: &Value, conv: &str, pipeline: &str) -> bool {
 }
 
 fn complete(v: &Value) -> bool {
-    v.get("partial").is_none()
+    v["status"] == "final"
 }
 
 /// Raw HTTP/1.1 request to the control endpoint (no client library needed for one request).
@@ -301,7 +301,7 @@ async fn live_calls_stream_suggestions_survive_a_dropped_socket_and_embed_each_t
 
     // The first words arrive as a draft before Nebula has finished the answer.
     let (draft_at, draft) = engine
-        .output("draft", |v| is(v, c, "rta_live") && v["partial"] == true)
+        .output("draft", |v| is(v, c, "rta_live") && v["status"] == "draft")
         .await;
     assert_eq!(draft["text"], "Acknowledge the concern,");
     assert_eq!(draft["title"], "Budget Constraints");

@@ -23,7 +23,7 @@
 //! the fallback answered and `output: {id, version}` when drafts were delivered (the `notify`
 //! stage then completes that output instead of starting a new one).
 //!
-//! With `stream`, the first words go out as a `partial` output as soon as they arrive, then at
+//! With `stream`, the first words go out as a `draft` output as soon as they arrive, then at
 //! most every `every_ms` as more arrive. When the pipeline declares `deadline_ms`, the provider
 //! gets the time left minus `reserve_ms`; if it fails or runs out of time, the fallback answers
 //! and the output says why it is degraded.
@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use prompter_core::async_trait;
 use prompter_core::error::PluginError;
-use prompter_core::output::{Output, Trigger};
+use prompter_core::output::{Output, Status, Trigger};
 use prompter_core::plugin::{
     BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext,
 };
@@ -58,7 +58,7 @@ pub struct ChatConfig {
     /// produced one (it has a `system_prompt`).
     #[serde(default)]
     pub prompt: Option<String>,
-    /// Deliver the answer while it is generated: `partial` drafts of one output, completed by
+    /// Deliver the answer while it is generated: `draft` versions of one output, completed by
     /// the `notify` stage under the same id. Default: off.
     #[serde(default)]
     pub stream: Option<StreamConfig>,
@@ -238,7 +238,6 @@ impl Chat {
     ) -> Result<(), PluginError> {
         let d = match draft {
             Some(d) => {
-                d.output.version += 1;
                 d.output.text = text.trim().to_owned();
                 d.output.timings = cx.timings();
                 d
@@ -251,8 +250,10 @@ impl Chat {
                 let event = cx.event();
                 draft.insert(Draft {
                     output: Output {
-                        id: cx.next_output_id(),
-                        version: 1,
+                        id: cx.output_id(),
+                        version: 0,
+                        status: Status::Draft,
+                        seq: 0,
                         kind: stream.kind.clone(),
                         conversation_id: event.conversation_id.to_string(),
                         pipeline: cx.pipeline.to_owned(),
@@ -262,13 +263,13 @@ impl Chat {
                         sources: cx.documents(None)?,
                         timings: cx.timings(),
                         data: serde_json::Value::Null,
-                        partial: true,
                         degraded: None,
                     },
                 })
             }
         };
-        cx.emit(d.output.clone()).await
+        d.output = cx.emit(d.output.clone()).await?;
+        Ok(())
     }
 }
 
@@ -342,12 +343,11 @@ impl Plugin for Chat {
     }
 }
 
-/// When no answer completes a drafted output, its last version is re-sent as complete (not
-/// `partial`) with what was said so far and why it stops there, so no sink keeps waiting.
+/// When no answer completes a drafted output, its last version is re-sent as `final`
+/// with what was said so far and why it stops there, so no sink keeps waiting.
 async fn close_draft(cx: &StageContext<'_>, draft: Option<Draft>, why: &str) {
     let Some(mut d) = draft else { return };
-    d.output.version += 1;
-    d.output.partial = false;
+    d.output.status = Status::Final;
     d.output.degraded = Some(format!("the answer is incomplete: {why}"));
     d.output.timings = cx.timings();
     // A closed output channel means the engine is stopping; nothing is left to tell.
@@ -615,10 +615,14 @@ mod tests {
             let first = &out.emitted[0];
             // The first three words went out while the rest was still being generated.
             assert_eq!(first.text, "Acknowledge the concern,");
-            assert!(first.partial && first.version == 1);
+            assert!(first.status == Status::Draft && first.version == 1);
             assert_eq!(first.title.as_deref(), Some("Budget Constraints"));
             assert_eq!(first.sources[0].data, "Offer a phased rollout.");
-            assert!(out.emitted.iter().all(|d| d.id == first.id && d.partial));
+            assert!(
+                out.emitted
+                    .iter()
+                    .all(|d| d.id == first.id && d.status == Status::Draft)
+            );
             let last = out.emitted.last().unwrap();
             assert_eq!(
                 v["output"],
@@ -755,8 +759,11 @@ mod tests {
                 prompter_core::error::ErrorKind::Timeout
             );
             let (first, last) = (&out.emitted[0], out.emitted.last().unwrap());
-            assert!(first.partial);
-            assert_eq!((last.id.as_str(), last.partial), (first.id.as_str(), false));
+            assert_eq!(first.status, Status::Draft);
+            assert_eq!(
+                (last.id.as_str(), last.status),
+                (first.id.as_str(), Status::Final)
+            );
             assert_eq!(last.text, "Acknowledge the concern,");
             let why = last.degraded.as_deref().unwrap();
             assert!(

@@ -6,6 +6,11 @@
 //! call is not a repeat). With `cooldown_secs`, a key may fire again once that much call time has
 //! passed. Time is the event's offset in the call, so replays behave exactly like live calls.
 //!
+//! The keys seen live in the engine's per-conversation state, not in the stage, so a reload or a
+//! move of the conversation to another engine keeps them. A key counts as seen only once the run
+//! that claimed it delivers: if that run fails (the model is down), the next trigger with the
+//! same key is not suppressed; while it is in flight, a repeat is.
+//!
 //! ```yaml
 //! - id: once
 //!   plugin: dedupe
@@ -16,8 +21,7 @@
 //!
 //! Output: `{"key": "...", "first": true}`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use prompter_core::async_trait;
 use prompter_core::error::PluginError;
@@ -66,7 +70,6 @@ impl PluginFactory for DedupeFactory {
         Ok(Arc::new(Dedupe {
             key,
             cooldown_ms: cfg.cooldown_secs.saturating_mul(1000),
-            seen: Mutex::default(),
         }))
     }
 }
@@ -76,39 +79,18 @@ impl PluginFactory for DedupeFactory {
 pub struct Dedupe {
     key: Template,
     cooldown_ms: u64,
-    /// conversation id → key → offset (ms) when it last fired.
-    seen: Mutex<HashMap<String, HashMap<String, u64>>>,
 }
 
 #[async_trait]
 impl Plugin for Dedupe {
     async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
         let key = cx.render(&self.key)?;
-        let event = cx.event();
-        let mut seen = self
-            .seen
-            .lock()
-            .map_err(|_| PluginError::internal("dedupe state lock poisoned"))?;
-        let keys = seen.entry(event.conversation_id.to_string()).or_default();
-        match keys.get(&key) {
-            Some(&at)
-                if self.cooldown_ms == 0
-                    || event.offset_ms.saturating_sub(at) < self.cooldown_ms =>
-            {
-                Ok(Flow::Halt(format!("repeat of `{key}`")))
-            }
-            _ => {
-                keys.insert(key.clone(), event.offset_ms);
-                Ok(Flow::Continue(
-                    serde_json::json!({"key": key, "first": true}),
-                ))
-            }
-        }
-    }
-
-    fn conversation_ended(&self, conversation_id: &str) {
-        if let Ok(mut seen) = self.seen.lock() {
-            seen.remove(conversation_id);
+        if cx.claim(&key, self.cooldown_ms) {
+            Ok(Flow::Continue(
+                serde_json::json!({"key": key, "first": true}),
+            ))
+        } else {
+            Ok(Flow::Halt(format!("repeat of `{key}`")))
         }
     }
 }
@@ -118,8 +100,9 @@ mod tests {
     use super::*;
     use prompter_core::conversation::ConversationState;
     use prompter_core::plugin::Resources;
-    use prompter_core::test_util::{build, event, run};
+    use prompter_core::test_util::{TestHost, build, event, run_on};
     use serde_json::json;
+    use std::collections::HashMap;
 
     fn tracker(conv: &str, at: u64, fin: bool, phrase: &str) -> prompter_core::event::Event {
         event(
@@ -130,23 +113,53 @@ mod tests {
         )
     }
 
-    async fn passes(stage: &dyn Plugin, e: &prompter_core::event::Event) -> bool {
-        let r = run(stage, e, &ConversationState::new(&e.conversation_id), &[]).await;
-        matches!(r.flow.unwrap(), Flow::Continue(_))
+    /// One engine-owned state per conversation, as the engine keeps them.
+    #[derive(Default)]
+    struct Engine(HashMap<String, TestHost>);
+
+    impl Engine {
+        async fn passes(&mut self, stage: &dyn Plugin, e: &prompter_core::event::Event) -> bool {
+            let host = self.0.entry(e.conversation_id.to_string()).or_default();
+            let state = ConversationState::new(&e.conversation_id);
+            let r = run_on(host, stage, e, &state, &[], None).await;
+            matches!(r.flow.unwrap(), Flow::Continue(_))
+        }
     }
 
     #[tokio::test]
     async fn interim_then_final_is_one_trigger_per_conversation() {
         let s = build(&DedupeFactory, "", &Resources::default(), &[]).unwrap();
-        assert!(passes(s.as_ref(), &tracker("a", 1000, false, "seems expensive")).await);
-        assert!(!passes(s.as_ref(), &tracker("a", 1800, true, "Seems expensive")).await);
+        let mut engine = Engine::default();
+        let s = s.as_ref();
+        assert!(
+            engine
+                .passes(s, &tracker("a", 1000, false, "seems expensive"))
+                .await
+        );
+        assert!(
+            !engine
+                .passes(s, &tracker("a", 1800, true, "Seems expensive"))
+                .await
+        );
         // Same tracker in another conversation is not a repeat.
-        assert!(passes(s.as_ref(), &tracker("b", 1900, true, "seems expensive")).await);
+        assert!(
+            engine
+                .passes(s, &tracker("b", 1900, true, "seems expensive"))
+                .await
+        );
         // A distinct match of the same tracker is a new trigger.
-        assert!(passes(s.as_ref(), &tracker("a", 30_000, true, "over our budget")).await);
-        // Forgotten once the conversation ends.
-        s.conversation_ended("a");
-        assert!(passes(s.as_ref(), &tracker("a", 40_000, true, "seems expensive")).await);
+        assert!(
+            engine
+                .passes(s, &tracker("a", 30_000, true, "over our budget"))
+                .await
+        );
+        // Forgotten once the conversation (and its engine-owned state) is released.
+        engine.0.remove("a");
+        assert!(
+            engine
+                .passes(s, &tracker("a", 40_000, true, "seems expensive"))
+                .await
+        );
     }
 
     #[tokio::test]
@@ -158,8 +171,10 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert!(passes(s.as_ref(), &tracker("a", 0, true, "x")).await);
-        assert!(!passes(s.as_ref(), &tracker("a", 59_999, true, "y")).await);
-        assert!(passes(s.as_ref(), &tracker("a", 60_000, true, "z")).await);
+        let mut engine = Engine::default();
+        let s = s.as_ref();
+        assert!(engine.passes(s, &tracker("a", 0, true, "x")).await);
+        assert!(!engine.passes(s, &tracker("a", 59_999, true, "y")).await);
+        assert!(engine.passes(s, &tracker("a", 60_000, true, "z")).await);
     }
 }

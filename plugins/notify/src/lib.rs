@@ -22,13 +22,13 @@
 //! stage delivers the complete answer as the next version of that output. When the answer is
 //! degraded (an earlier output has `degraded`), the output says so in its `degraded` field.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use prompter_core::async_trait;
 use prompter_core::error::PluginError;
-use prompter_core::output::{Output, Trigger};
+use prompter_core::output::{Output, Status, Trigger};
 use prompter_core::plugin::{
     BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext,
 };
@@ -121,7 +121,6 @@ impl PluginFactory for NotifyFactory {
                 .into_iter()
                 .filter_map(|(k, t)| t.map(|t| (k, t)))
                 .collect(),
-            versions: std::sync::Mutex::default(),
             sources: cfg.sources,
             stdout: cfg.stdout,
             jsonl: jsonl.map(|path| JsonlFile {
@@ -168,8 +167,6 @@ pub struct Notify {
     text: Option<Template>,
     key: Option<Template>,
     data: Vec<(String, Template)>,
-    /// conversation → key → latest version, for keyed (updating) outputs.
-    versions: std::sync::Mutex<HashMap<String, HashMap<String, u32>>>,
     sources: Option<String>,
     stdout: bool,
     jsonl: Option<JsonlFile>,
@@ -197,31 +194,17 @@ impl Plugin for Notify {
         };
         let sources = cx.documents(self.sources.as_deref())?;
         let event = cx.event();
-        let (id, version) = match (drafted(cx), &self.key) {
+        let id = match (drafted(cx), &self.key) {
             // A streamed answer was delivered as drafts: this is its complete version.
-            (Some((id, version)), _) => (id, version + 1),
-            (None, None) => (cx.next_output_id(), 1),
-            (None, Some(k)) => {
-                let key = cx.render(k)?.trim().to_owned();
-                let mut versions = self
-                    .versions
-                    .lock()
-                    .map_err(|_| PluginError::internal("notify version lock poisoned"))?;
-                let v = versions
-                    .entry(event.conversation_id.to_string())
-                    .or_default()
-                    .entry(key.clone())
-                    .or_insert(0);
-                *v += 1;
-                (
-                    format!("{}/{}/{key}", event.conversation_id, cx.pipeline),
-                    *v,
-                )
-            }
+            (Some(id), _) => id,
+            (None, None) => cx.output_id(),
+            (None, Some(k)) => cx.keyed_output_id(cx.render(k)?.trim()),
         };
         let output = Output {
             id,
-            version,
+            version: 0,
+            status: Status::Final,
+            seq: 0,
             kind: self.kind.clone(),
             conversation_id: event.conversation_id.to_string(),
             pipeline: cx.pipeline.to_owned(),
@@ -239,8 +222,14 @@ impl Plugin for Notify {
                 }
                 serde_json::Value::Object(map)
             },
-            partial: false,
             degraded: degraded(cx),
+        };
+        // Delivered through the engine, which gives it its version; a file-only output (no
+        // `stdout`) is written as it is.
+        let output = if self.stdout {
+            cx.emit(output).await?
+        } else {
+            output
         };
         if let Some(file) = &self.jsonl {
             let line = serde_json::to_string(&output)
@@ -250,17 +239,9 @@ impl Plugin for Notify {
                     .with_source(e)
             })?;
         }
-        let id = output.id.clone();
-        if self.stdout {
-            cx.emit(output).await?;
-        }
-        Ok(Flow::Continue(serde_json::json!({ "id": id })))
-    }
-
-    fn conversation_ended(&self, conversation_id: &str) {
-        if let Ok(mut v) = self.versions.lock() {
-            v.remove(conversation_id);
-        }
+        Ok(Flow::Continue(
+            serde_json::json!({ "id": output.id, "version": output.version }),
+        ))
     }
 }
 
@@ -274,21 +255,24 @@ fn degraded(cx: &StageContext<'_>) -> Option<String> {
     (!reasons.is_empty()).then(|| reasons.join("; "))
 }
 
-/// The output an earlier stage (a streaming `chat`) delivered drafts of: `output: {id, version}`.
-fn drafted(cx: &StageContext<'_>) -> Option<(String, u32)> {
+/// The output an earlier stage (a streaming `chat`) delivered drafts of: `output: {id, ...}`.
+fn drafted(cx: &StageContext<'_>) -> Option<String> {
     let (_, v) = cx.latest_with("output")?;
-    let o = v.get("output")?;
-    let id = o.get("id")?.as_str()?.to_owned();
-    let version = u32::try_from(o.get("version")?.as_u64()?).ok()?;
-    Some((id, version))
+    Some(v.get("output")?.get("id")?.as_str()?.to_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use prompter_core::conversation::ConversationState;
+    use prompter_core::output::{event_part, output_id};
     use prompter_core::plugin::Resources;
-    use prompter_core::test_util::{build, build_errors, event, run};
+    use prompter_core::test_util::{TestHost, build, build_errors, event, run, run_on};
+
+    /// The id a run gives an unkeyed output: named after its triggering event.
+    fn cx_id(e: &prompter_core::event::Event) -> String {
+        output_id(&e.conversation_id, "test", &event_part(e.identity()))
+    }
     use serde_json::json;
 
     #[tokio::test]
@@ -331,7 +315,8 @@ mod tests {
         .await;
         assert!(matches!(r.flow, Ok(Flow::Continue(_))));
         let o = &r.emitted[0];
-        assert_eq!(o.id, "call-9/test/1");
+        assert_eq!(o.id, cx_id(&e));
+        assert_eq!((o.version, o.status), (1, Status::Final));
         assert_eq!(o.kind, "suggestion");
         assert_eq!(o.title.as_deref(), Some("Timing"));
         assert_eq!(o.text, "Ask what changes next quarter.");
@@ -384,34 +369,35 @@ mod tests {
                 json!({"type": "insight_response", "insights": [{"type": "question", "payload": {"content": text}}]}),
             )
         };
-        let a = run(
+        // Versions are the engine's: one host stands for one conversation in one engine.
+        let host = TestHost::default();
+        let state = ConversationState::new("c7");
+        let a = run_on(
+            &host,
             stage.as_ref(),
             &q("Is there a trial?"),
-            &ConversationState::new("c7"),
+            &state,
             &[],
+            None,
         )
         .await;
-        let b = run(
-            stage.as_ref(),
-            &q("Who signs?"),
-            &ConversationState::new("c7"),
-            &[],
-        )
-        .await;
+        let b = run_on(&host, stage.as_ref(), &q("Who signs?"), &state, &[], None).await;
         assert_eq!(
             (a.emitted[0].id.as_str(), a.emitted[0].version),
-            ("c7/test/questions", 1)
+            ("c7/test/k-questions", 1)
         );
         assert_eq!(
             (b.emitted[0].id.as_str(), b.emitted[0].version),
-            ("c7/test/questions", 2)
+            ("c7/test/k-questions", 2)
         );
-        stage.conversation_ended("c7");
-        let c = run(
+        // A released conversation's state is gone with it: a new host starts over.
+        let c = run_on(
+            &TestHost::default(),
             stage.as_ref(),
             &q("Again?"),
-            &ConversationState::new("c7"),
+            &state,
             &[],
+            None,
         )
         .await;
         assert_eq!(c.emitted[0].version, 1);

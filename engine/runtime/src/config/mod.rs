@@ -21,6 +21,8 @@
 //! on: [tracker_response]
 //! when: "event.tracker.name != ''"
 //! deadline_ms: 1500                  # optional: answer due 1.5 s after the event (chat falls back)
+//! concurrency: parallel               # parallel (default) | queue | latest_wins
+//! key: "{{ event.tracker.name }}"     # optional: runs with the same key update one card
 //! stages:
 //!   - { id: kb, plugin: retrieve, config: { knowledge: sales }, timeout_ms: 500, on_error: stop }
 //! ```
@@ -41,9 +43,9 @@ use marked_yaml::types::MarkedMappingNode;
 use prompter_core::diagnostic::did_you_mean;
 use prompter_core::event::EventKind;
 use prompter_core::plugin::{BuildContext, Resources};
-use prompter_core::template::Expr;
+use prompter_core::template::{Expr, Template};
 
-use crate::pipeline::{OnError, Pipeline, Stage};
+use crate::pipeline::{Concurrency, OnError, Pipeline, Stage};
 use crate::registry::{Kind, Registry};
 use diagnostics::{Diagnostics, WithHelp};
 use yaml::{
@@ -630,6 +632,9 @@ const PIPELINE_KEYS: &[&str] = &[
     "on",
     "when",
     "deadline_ms",
+    "concurrency",
+    "key",
+    "supersede",
     "stages",
 ];
 const STAGE_KEYS: &[&str] = &[
@@ -707,6 +712,69 @@ fn pipeline(
 
     let deadline =
         opt_u64(file, map, "deadline_ms", diags).map(|ms| Duration::from_millis(ms.max(1)));
+
+    let concurrency = match map
+        .get_node("concurrency")
+        .and_then(|n| expect_scalar(file, n, "`concurrency`", diags).map(|s| (n, s)))
+    {
+        None => Concurrency::Parallel,
+        Some((n, s)) => match s.as_str() {
+            "parallel" => Concurrency::Parallel,
+            "queue" => Concurrency::Queue,
+            "latest_wins" => Concurrency::LatestWins,
+            other => {
+                let help = did_you_mean(other, ["parallel", "queue", "latest_wins"])
+                    .map(|s| format!("did you mean `{s}`?"))
+                    .or_else(|| Some("use `parallel`, `queue` or `latest_wins`".into()));
+                diags
+                    .error_node(file, n, format!("unknown `concurrency` `{other}`"))
+                    .help(help);
+                Concurrency::Parallel
+            }
+        },
+    };
+    let mut run_template = |key: &str| {
+        let n = map.get_node(key)?;
+        let s = expect_scalar(file, n, &format!("`{key}`"), diags)?;
+        match Template::compile(s.as_str()) {
+            Ok(t) => {
+                if let Some(id) = t.stage_refs().into_iter().next() {
+                    diags.error_node(
+                        file,
+                        n,
+                        format!(
+                            "`{key}` reads `stages.{id}`, but it is decided before any stage runs"
+                        ),
+                    );
+                }
+                Some(t)
+            }
+            Err(e) => {
+                let detail = e.detail().map(|d| format!(": {d}")).unwrap_or_default();
+                diags.error_node(
+                    file,
+                    n,
+                    format!("bad `{key}` template: {}{detail}", e.kind()),
+                );
+                None
+            }
+        }
+    };
+    let key = run_template("key");
+    let supersede = run_template("supersede");
+    if supersede.is_some() && concurrency != Concurrency::LatestWins {
+        if let Some(n) = map.get_node("supersede") {
+            diags
+                .error_node(
+                    file,
+                    n,
+                    "`supersede` only applies with `concurrency: latest_wins`",
+                )
+                .help(Some(
+                    "add `concurrency: latest_wins`, or remove `supersede`".into(),
+                ));
+        }
+    }
 
     let when = map
         .get_node("when")
@@ -888,6 +956,9 @@ fn pipeline(
         when,
         stages: stages.into_iter().map(Arc::new).collect(),
         deadline,
+        concurrency,
+        key,
+        supersede,
     })
 }
 

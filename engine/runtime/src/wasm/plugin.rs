@@ -15,7 +15,7 @@ use prompter_core::async_trait;
 use prompter_core::conversation::ConversationState;
 use prompter_core::error::{ErrorKind, PluginError};
 use prompter_core::event::{Detail, Event, Speaker};
-use prompter_core::output::{Output, Trigger};
+use prompter_core::output::{Output, Status, Trigger};
 use prompter_core::plugin::{Flow, Plugin, Resources, StageContext};
 use wasmtime::{Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
@@ -458,7 +458,7 @@ impl WasmPlugin {
                 self.limits.max_output_kb
             )));
         }
-        for n in result.notices {
+        for (i, n) in result.notices.into_iter().enumerate() {
             let data = match n
                 .data_json
                 .as_deref()
@@ -474,8 +474,15 @@ impl WasmPlugin {
                 None => serde_json::Value::Null,
             };
             let output = Output {
-                id: cx.next_output_id(),
-                version: 1,
+                // One card per call; further notices of the same call get their own ids.
+                id: if i == 0 {
+                    cx.output_id()
+                } else {
+                    format!("{}-{i}", cx.output_id())
+                },
+                version: 0,
+                status: Status::Final,
+                seq: 0,
                 kind: n.kind,
                 conversation_id: cx.event().conversation_id.to_string(),
                 pipeline: cx.pipeline.to_owned(),
@@ -485,7 +492,6 @@ impl WasmPlugin {
                 sources: Vec::new(),
                 timings: cx.timings(),
                 data,
-                partial: false,
                 degraded: None,
             };
             cx.emit(output).await?;

@@ -1,0 +1,513 @@
+//! The engine: events in, outputs out, one ordered task per live conversation.
+//!
+//! [`Engine::dispatch`] hands an event to its conversation's task (started on first sight), which
+//! folds it into the conversation state strictly in order and starts a run for every pipeline
+//! that reacts to it. Runs read a snapshot of the state taken at their event (a cheap clone, see
+//! [`ConversationState`]) and go on in their own tasks: the fold never waits for a run, and
+//! runs overlap as their pipeline's `concurrency` says (`parallel`, `queue`, `latest_wins`).
+//! Outputs are stamped (version, sequence) by the conversation's [`Book`] and handed to every
+//! sink's queue ([`crate::sink`]).
+//!
+//! Per-conversation state (the fold, stage state, output versions) belongs to the engine: it can
+//! be snapshotted ([`Engine::snapshot`]) and restored into another engine ([`Engine::restore`]),
+//! and is released when the conversation completes or has been idle for `conversation_idle`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prompter_core::book::{Book, Host};
+use prompter_core::conversation::ConversationState;
+use prompter_core::error::PluginError;
+use prompter_core::event::{Event, EventKind};
+use prompter_core::output::{Output, Status};
+use prompter_core::plugin::{Run, RunScope};
+use prompter_core::tokio_util::sync::CancellationToken;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tracing::debug;
+
+use crate::config::Settings;
+use crate::pipeline::{Concurrency, Pipeline};
+use crate::sink::{Outlets, Sink};
+use crate::stats::Stats;
+
+/// Released conversations whose books (output versions, stage state) are kept, so a
+/// conversation that comes back (late events, a call followed again) continues its cards'
+/// versions instead of starting them over. The oldest is forgotten first, one at a time.
+const RELEASED_BOOKS: usize = 4_096;
+
+/// A conversation's whole state: what was folded and what the engine keeps for it. Taken with
+/// no run in flight, so restoring it and feeding the rest of the call gives exactly the outputs
+/// of an uninterrupted run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationSnapshot {
+    /// The folded state.
+    pub state: ConversationState,
+    /// Output versions, sequence, stage state.
+    pub book: Book,
+}
+
+/// Why a snapshot or restore could not be done.
+#[derive(Debug, thiserror::Error)]
+#[must_use]
+pub enum EngineError {
+    /// No live conversation has that id.
+    #[error("no live conversation `{0}`")]
+    UnknownConversation(String),
+    /// The conversation is live already: restoring would fork it.
+    #[error("conversation `{0}` is already live in this engine")]
+    AlreadyLive(String),
+    /// The engine has finished.
+    #[error("the engine has finished")]
+    Finished,
+}
+
+#[allow(
+    clippy::large_enum_variant,
+    reason = "events are the traffic; boxing each would cost an allocation per event for the rare snapshot"
+)]
+enum Msg {
+    Event(Event),
+    Snapshot(oneshot::Sender<ConversationSnapshot>),
+}
+
+/// The engine. Shared by reference (`&self` everywhere): several sources may dispatch at once,
+/// and a source waits only when *its* conversation's queue is full.
+pub struct Engine {
+    pipelines: Arc<Vec<Arc<Pipeline>>>,
+    settings: crate::config::Settings,
+    outlets: Arc<Outlets>,
+    stats: Arc<Stats>,
+    conversations: Mutex<HashMap<Arc<str>, mpsc::Sender<Msg>>>,
+    tasks: Mutex<JoinSet<()>>,
+    finished: AtomicBool,
+    run_ids: Arc<AtomicU64>,
+    released: Arc<Mutex<ReleasedBooks>>,
+}
+
+#[derive(Default)]
+struct ReleasedBooks {
+    order: VecDeque<Arc<str>>,
+    books: HashMap<Arc<str>, Book>,
+}
+
+impl Engine {
+    /// An engine over `pipelines`, delivering to `sinks` (each behind its own queue).
+    pub fn new(
+        pipelines: Vec<Pipeline>,
+        settings: Settings,
+        sinks: Vec<Box<dyn Sink>>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Engine {
+            pipelines: Arc::new(pipelines.into_iter().map(Arc::new).collect()),
+            settings,
+            outlets: Arc::new(Outlets::start(sinks)),
+            stats,
+            conversations: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(JoinSet::new()),
+            finished: AtomicBool::new(false),
+            run_ids: Arc::new(AtomicU64::new(0)),
+            released: Arc::default(),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// The sinks' queues (for their counters).
+    pub fn outlets(&self) -> &Outlets {
+        &self.outlets
+    }
+
+    /// Hands `event` to its conversation's task, starting one if needed. Waits when that
+    /// conversation's queue is full.
+    pub async fn dispatch(&self, event: Event) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        let mut msg = Msg::Event(event);
+        loop {
+            let id = match &msg {
+                Msg::Event(e) => e.conversation_id.clone(),
+                Msg::Snapshot(_) => return,
+            };
+            let Some(tx) = self.sender(&id, None) else {
+                tracing::error!(conversation = %id, "An event arrived after the engine finished; it is not handled.");
+                return;
+            };
+            match tx.send(msg).await {
+                Ok(()) => return,
+                // The task ended (completed or idle) between events: start a fresh one.
+                Err(mpsc::error::SendError(back)) => {
+                    let mut map = lock(&self.conversations);
+                    if map.get(&id).is_some_and(mpsc::Sender::is_closed) {
+                        map.remove(&id);
+                    }
+                    msg = back;
+                }
+            }
+        }
+    }
+
+    /// The whole state of live conversation `id`, taken once the events queued before this call
+    /// are folded and every run they started has finished.
+    ///
+    /// # Errors
+    /// When no live conversation has that id.
+    pub async fn snapshot(&self, id: &str) -> Result<ConversationSnapshot, EngineError> {
+        let tx = lock(&self.conversations)
+            .get(id)
+            .filter(|tx| !tx.is_closed())
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownConversation(id.to_owned()))?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Msg::Snapshot(reply))
+            .await
+            .map_err(|_| EngineError::UnknownConversation(id.to_owned()))?;
+        rx.await
+            .map_err(|_| EngineError::UnknownConversation(id.to_owned()))
+    }
+
+    /// Makes `snapshot`'s conversation live in this engine, to be continued by its next events.
+    ///
+    /// # Errors
+    /// When the conversation is already live here, or the engine has finished.
+    pub fn restore(&self, snapshot: ConversationSnapshot) -> Result<(), EngineError> {
+        let id: Arc<str> = Arc::from(snapshot.state.id.as_str());
+        if lock(&self.conversations)
+            .get(&id)
+            .is_some_and(|tx| !tx.is_closed())
+        {
+            return Err(EngineError::AlreadyLive(id.to_string()));
+        }
+        self.sender(&id, Some(snapshot))
+            .map(|_| ())
+            .ok_or(EngineError::Finished)
+    }
+
+    /// The queue of conversation `id`, opening its task (from `restored` when given) when there
+    /// is none.
+    fn sender(
+        &self,
+        id: &Arc<str>,
+        restored: Option<ConversationSnapshot>,
+    ) -> Option<mpsc::Sender<Msg>> {
+        let mut map = lock(&self.conversations);
+        if self.finished.load(Ordering::SeqCst) {
+            return None;
+        }
+        if restored.is_none()
+            && let Some(tx) = map.get(id)
+            && !tx.is_closed()
+        {
+            return Some(tx.clone());
+        }
+        // Drop the senders of tasks that have ended, so the map only holds live conversations.
+        if map.len() >= 64 && map.len().is_power_of_two() {
+            map.retain(|_, tx| !tx.is_closed());
+        }
+        let mut tasks = lock(&self.tasks);
+        while let Some(res) = tasks.try_join_next() {
+            if let Err(e) = res {
+                tracing::error!(error = %e, "A conversation task panicked.");
+            }
+        }
+        let (tx, rx) = mpsc::channel(self.settings.queue_capacity);
+        map.insert(id.clone(), tx.clone());
+        self.stats
+            .conversations_opened
+            .fetch_add(1, Ordering::Relaxed);
+        let (state, book) = match restored {
+            Some(mut s) => {
+                s.state.reindex();
+                (s.state, s.book)
+            }
+            None => (
+                ConversationState::new(id),
+                take_released(&self.released, id).unwrap_or_default(),
+            ),
+        };
+        let shared = Arc::new(Shared {
+            book: Mutex::new(book),
+            delivery: tokio::sync::Mutex::new(()),
+            outlets: self.outlets.clone(),
+            stats: self.stats.clone(),
+        });
+        let task = Conversation {
+            state,
+            shared,
+            pipelines: self.pipelines.clone(),
+            stats: self.stats.clone(),
+            idle: self.settings.conversation_idle,
+            run_ids: self.run_ids.clone(),
+            runs: JoinSet::new(),
+            queued: HashMap::new(),
+            latest: HashMap::new(),
+            released: self.released.clone(),
+        };
+        tasks.spawn(task.run(rx));
+        Some(tx)
+    }
+
+    /// Closes every conversation queue, waits until all queued events are handled and every
+    /// run has finished, then lets the sinks take every output. Events dispatched afterwards
+    /// are not handled (and logged as errors).
+    pub async fn finish(&self) {
+        {
+            let mut map = lock(&self.conversations);
+            self.finished.store(true, Ordering::SeqCst);
+            map.clear();
+        }
+        let mut tasks = std::mem::take(&mut *lock(&self.tasks));
+        while let Some(res) = tasks.join_next().await {
+            if let Err(e) = res {
+                tracing::error!(error = %e, "A conversation task panicked.");
+            }
+        }
+        self.outlets.close().await;
+    }
+}
+
+fn take_released(released: &Mutex<ReleasedBooks>, id: &str) -> Option<Book> {
+    let mut r = lock(released);
+    let book = r.books.remove(id)?;
+    r.order.retain(|k| &**k != id);
+    Some(book)
+}
+
+/// Locks a mutex; a poisoned one is still consistent here (every update is one insert/remove).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a conversation's runs share: its book and the way to the sinks.
+struct Shared {
+    book: Mutex<Book>,
+    /// Held while an output is stamped and queued, so sinks see one conversation's outputs in
+    /// sequence order.
+    delivery: tokio::sync::Mutex<()>,
+    outlets: Arc<Outlets>,
+    stats: Arc<Stats>,
+}
+
+#[prompter_core::async_trait]
+impl Host for Shared {
+    async fn deliver(&self, mut output: Output) -> Result<Output, PluginError> {
+        let _order = self.delivery.lock().await;
+        lock(&self.book).stamp(&mut output);
+        self.stats.outputs.fetch_add(1, Ordering::Relaxed);
+        let delivered = Arc::new(output);
+        self.outlets.push(delivered.clone()).await;
+        Ok(Arc::unwrap_or_clone(delivered))
+    }
+    fn claim(&self, run: u64, scope: &str, key: &str, at_ms: u64, cooldown_ms: u64) -> bool {
+        lock(&self.book).claim(run, scope, key, at_ms, cooldown_ms)
+    }
+    fn get(&self, scope: &str, key: &str) -> Option<String> {
+        lock(&self.book).get(scope, key)
+    }
+    fn set(&self, scope: &str, key: &str, value: Option<String>) {
+        lock(&self.book).set(scope, key, value);
+    }
+}
+
+struct Conversation {
+    state: ConversationState,
+    shared: Arc<Shared>,
+    pipelines: Arc<Vec<Arc<Pipeline>>>,
+    stats: Arc<Stats>,
+    idle: std::time::Duration,
+    run_ids: Arc<AtomicU64>,
+    runs: JoinSet<()>,
+    /// `queue` pipelines: the signal that the latest run started has finished.
+    queued: HashMap<usize, oneshot::Receiver<()>>,
+    /// `latest_wins` pipelines: (pipeline, supersede key) → the run in flight.
+    latest: HashMap<(usize, String), CancellationToken>,
+    released: Arc<Mutex<ReleasedBooks>>,
+}
+
+impl Conversation {
+    /// Folds `event` in and starts the runs it triggers; true when the conversation completed.
+    fn handle(&mut self, event: Event) -> bool {
+        let t0 = Instant::now();
+        self.state.apply(&event);
+        let completed = event.kind == EventKind::ConversationCompleted;
+        if self.pipelines.iter().any(|p| p.accepts(event.kind)) {
+            let event = Arc::new(event);
+            // One snapshot for every run of this event: a clone whose cost does not grow with
+            // the call.
+            let snapshot = Arc::new(self.state.clone());
+            for i in 0..self.pipelines.len() {
+                if self.pipelines[i].accepts(event.kind) {
+                    self.start(i, &event, &snapshot);
+                }
+            }
+        }
+        while let Some(r) = self.runs.try_join_next() {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "A pipeline run panicked.");
+            }
+        }
+        self.stats.sample(t0.elapsed().as_nanos() as u64);
+        completed
+    }
+
+    fn start(&mut self, i: usize, event: &Arc<Event>, snapshot: &Arc<ConversationState>) {
+        let pipeline = self.pipelines[i].clone();
+        let scope = RunScope::new(event.clone(), snapshot.clone());
+        if !pipeline.admits(&scope, &self.stats) {
+            return;
+        }
+        let id = self.run_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let run = Arc::new(Run::new(id, pipeline.output_id(&scope)));
+        let mut after = None;
+        let mut done = None;
+        match pipeline.concurrency {
+            Concurrency::Parallel => {}
+            Concurrency::Queue => {
+                let (tx, rx) = oneshot::channel();
+                after = self.queued.insert(i, rx);
+                done = Some(tx);
+            }
+            Concurrency::LatestWins => {
+                let key = pipeline.supersede_key(&scope, &run.output_id);
+                // Finished runs cancel their own token on the way out: forget them.
+                self.latest.retain(|_, t| !t.is_cancelled());
+                if let Some(older) = self.latest.insert((i, key), run.cancel.clone()) {
+                    older.cancel();
+                }
+            }
+        }
+        let shared = self.shared.clone();
+        let stats = self.stats.clone();
+        self.runs.spawn(async move {
+            if let Some(prev) = after {
+                // A closed channel means the previous run ended (or panicked): go on either way.
+                let _ = prev.await;
+            }
+            let t0 = Instant::now();
+            let ended = tokio::select! {
+                biased;
+                () = run.cancel.cancelled() => Ended::Superseded,
+                why = pipeline.run(&scope, &run, &*shared, &stats) => Ended::Ran(why),
+            };
+            close_open_drafts(&run, &*shared, ended).await;
+            lock(&shared.book).settle(run.id, run.delivered());
+            stats.sample_run(&pipeline.name, t0.elapsed().as_nanos() as u64);
+            run.cancel.cancel();
+            drop(done);
+        });
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        loop {
+            match tokio::time::timeout(self.idle, rx.recv()).await {
+                Ok(Some(Msg::Event(event))) => {
+                    if self.handle(event) {
+                        debug!(conversation = %self.state.id, "Conversation completed; releasing its state.");
+                        break;
+                    }
+                }
+                Ok(Some(Msg::Snapshot(reply))) => {
+                    self.settle_runs().await;
+                    let _ = reply.send(ConversationSnapshot {
+                        state: self.state.clone(),
+                        book: lock(&self.shared.book).clone(),
+                    });
+                }
+                Ok(None) => break,
+                // Idle: runs still in flight are waited for below, before the release.
+                Err(_) => {
+                    debug!(conversation = %self.state.id, "Conversation idle; releasing its state.");
+                    break;
+                }
+            }
+        }
+        // Refuse new events (the engine starts a fresh task for late ones), but handle every
+        // event already accepted into the queue: nothing accepted is dropped.
+        rx.close();
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Msg::Event(event) => {
+                    self.handle(event);
+                }
+                Msg::Snapshot(reply) => {
+                    self.settle_runs().await;
+                    let _ = reply.send(ConversationSnapshot {
+                        state: self.state.clone(),
+                        book: lock(&self.shared.book).clone(),
+                    });
+                }
+            }
+        }
+        self.settle_runs().await;
+        self.stats
+            .conversations_released
+            .fetch_add(1, Ordering::Relaxed);
+        let id: Arc<str> = Arc::from(self.state.id.as_str());
+        let book = std::mem::take(&mut *lock(&self.shared.book));
+        {
+            let mut r = lock(&self.released);
+            if r.order.len() >= RELEASED_BOOKS
+                && let Some(oldest) = r.order.pop_front()
+            {
+                r.books.remove(&oldest);
+            }
+            r.order.push_back(id.clone());
+            r.books.insert(id, book);
+        }
+        for p in self.pipelines.iter() {
+            for s in &p.stages {
+                s.plugin.conversation_ended(&self.state.id);
+            }
+        }
+    }
+
+    /// Waits for every run in flight.
+    async fn settle_runs(&mut self) {
+        while let Some(r) = self.runs.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "A pipeline run panicked.");
+            }
+        }
+        self.latest.clear();
+        self.queued.clear();
+    }
+}
+
+enum Ended {
+    /// The stages ran; why they stopped early, if they did.
+    Ran(Option<String>),
+    /// A newer trigger superseded the run.
+    Superseded,
+}
+
+/// Closes every draft a run left open, so no sink keeps showing a card "being written": a
+/// superseded run's drafts are withdrawn; otherwise the last text becomes final, `degraded`
+/// with why the run stopped.
+async fn close_open_drafts(run: &Run, host: &dyn Host, ended: Ended) {
+    for mut o in run.take_open_drafts() {
+        match &ended {
+            Ended::Superseded => {
+                o.status = Status::Withdrawn;
+                o.degraded = Some("superseded by a newer trigger".into());
+            }
+            Ended::Ran(why) => {
+                o.status = Status::Final;
+                let why = why
+                    .clone()
+                    .unwrap_or_else(|| "no stage delivered the complete answer".into());
+                o.degraded = Some(format!("the answer is incomplete: {why}"));
+            }
+        }
+        // A failure means the engine is stopping; nothing is left to tell.
+        let _ = host.deliver(o).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,397 @@
+//! Where outputs go: the [`Sink`] trait, and the bounded queue in front of every sink.
+//!
+//! The engine hands each delivered output (an upsert: a draft or final version, or a
+//! withdrawal) to every sink's [`SinkQueue`] and goes on; one task per sink drains its queue.
+//! So a slow or failing sink never holds back a conversation or another sink. A queue that
+//! coalesces keeps only the latest version of each output id waiting (a card updated ten times
+//! while a webhook is slow is sent once, at its latest version); when it is full it drops the
+//! oldest waiting draft first, then the oldest output, and counts what it dropped. A lossless
+//! queue (stdout, files) keeps every version in order and makes the producer wait instead.
+//!
+//! It does not own what a sink does with an output (each sink does), nor stamping versions
+//! (the engine does, before anything reaches a sink).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prompter_core::output::{Output, Status};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+/// Why a sink could not take an output.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+#[must_use]
+pub struct SinkError {
+    /// What went wrong.
+    pub message: String,
+}
+
+/// How a sink's queue behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePolicy {
+    /// Outputs waiting at most.
+    pub capacity: usize,
+    /// Keep only the latest waiting version of each id, and drop rather than wait when full.
+    pub coalesce: bool,
+}
+
+impl QueuePolicy {
+    /// Every version, in order; the producer waits when the queue is full (stdout, files).
+    pub const LOSSLESS: QueuePolicy = QueuePolicy {
+        capacity: 16_384,
+        coalesce: false,
+    };
+    /// Latest version per id; never makes the engine wait (network sinks).
+    pub const COALESCING: QueuePolicy = QueuePolicy {
+        capacity: 4_096,
+        coalesce: true,
+    };
+}
+
+/// A destination for outputs.
+#[prompter_core::async_trait]
+pub trait Sink: Send + 'static {
+    /// Its name, for logs and counters.
+    fn name(&self) -> &str;
+
+    /// How its queue behaves. Default: [`QueuePolicy::COALESCING`].
+    fn policy(&self) -> QueuePolicy {
+        QueuePolicy::COALESCING
+    }
+
+    /// Takes one output: an upsert (`draft` or `final`: show this version of the id) or a
+    /// withdrawal (`withdrawn`: remove the id).
+    ///
+    /// # Errors
+    /// When the output could not be delivered; it is logged and counted, and the sink goes on
+    /// with the next one (retrying is the sink's own business).
+    async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError>;
+
+    /// Called once after the last output, before the engine stops.
+    async fn close(&mut self) {}
+}
+
+/// A sink from a closure (replay printers, tests).
+pub struct FnSink<F> {
+    name: String,
+    policy: QueuePolicy,
+    f: F,
+}
+
+impl<F: FnMut(&Output) + Send + 'static> FnSink<F> {
+    /// A lossless sink calling `f` for every output.
+    pub fn new(name: &str, f: F) -> Self {
+        FnSink {
+            name: name.to_owned(),
+            policy: QueuePolicy::LOSSLESS,
+            f,
+        }
+    }
+
+    /// The same with another queue policy.
+    #[must_use]
+    pub fn with_policy(mut self, policy: QueuePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+}
+
+#[prompter_core::async_trait]
+impl<F: FnMut(&Output) + Send + 'static> Sink for FnSink<F> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn policy(&self) -> QueuePolicy {
+        self.policy
+    }
+    async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError> {
+        (self.f)(&output);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Waiting {
+    order: VecDeque<Arc<Output>>,
+    /// Coalescing queues: id → position-independent latest version waiting.
+    latest: HashMap<String, Arc<Output>>,
+    closed: bool,
+}
+
+/// The bounded queue in front of one sink.
+pub struct SinkQueue {
+    name: String,
+    policy: QueuePolicy,
+    waiting: Mutex<Waiting>,
+    ready: Notify,
+    space: Notify,
+    /// Outputs dropped because the queue was full (coalescing queues only).
+    pub dropped: AtomicU64,
+    /// Versions replaced by a later one before the sink took them.
+    pub coalesced: AtomicU64,
+    /// Deliveries the sink failed.
+    pub failed: AtomicU64,
+}
+
+impl SinkQueue {
+    fn new(name: &str, policy: QueuePolicy) -> Self {
+        SinkQueue {
+            name: name.to_owned(),
+            policy,
+            waiting: Mutex::default(),
+            ready: Notify::new(),
+            space: Notify::new(),
+            dropped: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `output`. A lossless queue waits for room; a coalescing one never waits.
+    pub async fn push(&self, output: Arc<Output>) {
+        loop {
+            let space = self.space.notified();
+            {
+                let mut w = self.lock();
+                if self.policy.coalesce {
+                    self.push_coalescing(&mut w, output);
+                    break;
+                }
+                if w.order.len() < self.policy.capacity || w.closed {
+                    w.order.push_back(output);
+                    break;
+                }
+            }
+            space.await;
+        }
+        self.ready.notify_one();
+    }
+
+    fn push_coalescing(&self, w: &mut Waiting, output: Arc<Output>) {
+        if let Some(slot) = w.latest.get_mut(&output.id) {
+            // A version of this id is already waiting: the sink will take this one instead.
+            *slot = output;
+            self.coalesced.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if w.latest.len() >= self.policy.capacity {
+            let victim = w
+                .order
+                .iter()
+                .position(|o| {
+                    w.latest
+                        .get(&o.id)
+                        .is_some_and(|l| l.status == Status::Draft)
+                })
+                .unwrap_or(0);
+            if let Some(gone) = w.order.remove(victim) {
+                w.latest.remove(&gone.id);
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::error!(sink = %self.name, dropped = n + 1, "A sink's queue is full; outputs were dropped.");
+                }
+            }
+        }
+        w.latest.insert(output.id.clone(), output.clone());
+        w.order.push_back(output);
+    }
+
+    /// The next output to deliver; `None` once closed and empty.
+    async fn pop(&self) -> Option<Arc<Output>> {
+        loop {
+            let ready = self.ready.notified();
+            {
+                let mut w = self.lock();
+                if let Some(o) = w.order.pop_front() {
+                    let o = if self.policy.coalesce {
+                        w.latest.remove(&o.id).unwrap_or(o)
+                    } else {
+                        o
+                    };
+                    drop(w);
+                    self.space.notify_one();
+                    return Some(o);
+                }
+                if w.closed {
+                    return None;
+                }
+            }
+            ready.await;
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+        self.space.notify_waiters();
+    }
+}
+
+/// Every sink of an engine, each behind its queue and drained by its own task.
+pub struct Outlets {
+    queues: Vec<Arc<SinkQueue>>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl Outlets {
+    /// Starts one task per sink.
+    pub fn start(sinks: Vec<Box<dyn Sink>>) -> Self {
+        let mut tasks = JoinSet::new();
+        let mut queues = Vec::with_capacity(sinks.len());
+        for mut sink in sinks {
+            let q = Arc::new(SinkQueue::new(sink.name(), sink.policy()));
+            queues.push(q.clone());
+            tasks.spawn(async move {
+                while let Some(o) = q.pop().await {
+                    if let Err(e) = sink.deliver(o).await {
+                        q.failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(sink = %q.name, error = %e, "A sink failed to deliver an output.");
+                    }
+                }
+                sink.close().await;
+            });
+        }
+        Outlets {
+            queues,
+            tasks: Mutex::new(tasks),
+        }
+    }
+
+    /// Hands `output` to every sink's queue.
+    pub async fn push(&self, output: Arc<Output>) {
+        for q in &self.queues {
+            q.push(output.clone()).await;
+        }
+    }
+
+    /// The queues, for counters.
+    pub fn queues(&self) -> &[Arc<SinkQueue>] {
+        &self.queues
+    }
+
+    /// Lets every sink take what is queued, then stops them.
+    pub async fn close(&self) {
+        for q in &self.queues {
+            q.close();
+        }
+        let mut tasks = std::mem::take(
+            &mut *self
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "A sink task panicked.");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn out(id: &str, version: u32, status: Status) -> Arc<Output> {
+        Arc::new(Output {
+            id: id.into(),
+            version,
+            status,
+            ..Output::default()
+        })
+    }
+
+    /// A sink that takes `delay` per output and records (id, version).
+    struct Slow {
+        delay: Duration,
+        seen: Arc<Mutex<Vec<(String, u32)>>>,
+        policy: QueuePolicy,
+    }
+
+    #[prompter_core::async_trait]
+    impl Sink for Slow {
+        fn name(&self) -> &str {
+            "slow"
+        }
+        fn policy(&self) -> QueuePolicy {
+            self.policy
+        }
+        async fn deliver(&mut self, o: Arc<Output>) -> Result<(), SinkError> {
+            tokio::time::sleep(self.delay).await;
+            self.seen.lock().unwrap().push((o.id.clone(), o.version));
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_sink_gets_the_latest_version_and_never_holds_back_another() {
+        let slow_seen = Arc::new(Mutex::new(Vec::new()));
+        let fast_seen = Arc::new(Mutex::new(Vec::new()));
+        let outlets = Outlets::start(vec![
+            Box::new(Slow {
+                delay: Duration::from_secs(10),
+                seen: slow_seen.clone(),
+                policy: QueuePolicy::COALESCING,
+            }),
+            Box::new(Slow {
+                delay: Duration::ZERO,
+                seen: fast_seen.clone(),
+                policy: QueuePolicy::LOSSLESS,
+            }),
+        ]);
+        let t0 = tokio::time::Instant::now();
+        outlets.push(out("a", 1, Status::Draft)).await;
+        tokio::task::yield_now().await;
+        for v in 2..=5 {
+            outlets.push(out("a", v, Status::Draft)).await;
+        }
+        outlets.push(out("a", 6, Status::Final)).await;
+        outlets.push(out("b", 1, Status::Final)).await;
+        assert!(
+            t0.elapsed() < Duration::from_millis(1),
+            "pushing never waits"
+        );
+        outlets.close().await;
+        assert_eq!(
+            fast_seen.lock().unwrap().len(),
+            7,
+            "the lossless sink saw every version"
+        );
+        let slow = slow_seen.lock().unwrap().clone();
+        assert_eq!(
+            slow,
+            [("a".into(), 1), ("a".into(), 6), ("b".into(), 1)],
+            "the slow sink got v1, then only the latest version of `a`"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_coalescing_queue_drops_drafts_first() {
+        let q = SinkQueue::new(
+            "q",
+            QueuePolicy {
+                capacity: 2,
+                coalesce: true,
+            },
+        );
+        q.push(out("final", 1, Status::Final)).await;
+        q.push(out("draft", 1, Status::Draft)).await;
+        q.push(out("new", 1, Status::Final)).await;
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 1);
+        q.close();
+        let mut ids = Vec::new();
+        while let Some(o) = q.pop().await {
+            ids.push(o.id.clone());
+        }
+        assert_eq!(ids, ["final", "new"]);
+    }
+}
