@@ -9,8 +9,12 @@
 //! # Layout
 //! - [`config`]: the engine config's `symbl:` section.
 //! - [`auth`]: the token, cached and refreshed before it expires.
-//! - [`subscribe`]: the Subscribe WebSocket client, reconnecting with jittered backoff.
+//! - [`subscribe`]: the Subscribe WebSocket client, reconnecting with jittered backoff and
+//!   dropping redelivered frames.
+//! - [`identity`]: what a frame is (its ids, else its canonical JSON), to recognise redeliveries.
 //! - [`updates`]: an integration server's `/symbl/updates` feed of live connections.
+//! - `socket` (crate-private): the reconnecting WebSocket loop those two share (backoff, retry
+//!   budget, pings, half-open detection, stop); its pacing is [`SocketOptions`].
 //! - [`streaming`]: the Streaming API client (audio in, events out).
 //! - [`management`]: trackers through the Management API.
 //! - [`conversation_api`]: a conversation's summary, action items, questions, topics, analytics.
@@ -20,14 +24,17 @@
 pub mod auth;
 pub mod config;
 pub mod conversation_api;
+pub mod identity;
 pub mod management;
 mod rest;
+mod socket;
 pub mod streaming;
 pub mod subscribe;
 pub mod updates;
 
 pub use auth::{AuthError, Credentials, SymblAuth};
 pub use config::SymblConfig;
+pub use socket::SocketOptions;
 
 /// An HTTP client with the process-wide rustls provider installed (reqwest panics without one).
 ///

@@ -4,19 +4,20 @@
 //! `connection_stopped` when the call completes.
 //!
 //! [`watch_updates`] keeps the feed open (reconnecting with jittered backoff, forever, until
-//! told to stop) and reports each connection change. It pings the feed every 30 s and takes a
-//! feed on which nothing arrived for 2 × 30 s + 15 s for half-open (dropped and reconnected).
+//! told to stop; the loop is the crate's `socket` module, shared with [`crate::subscribe`])
+//! and reports each connection change. It pings the feed every 30 s and takes a feed on which
+//! nothing arrived for 2 × 30 s + 15 s for half-open (dropped and reconnected).
 //! The feed URL may carry a token; logs and errors show it as `scheme://host/path` only
 //! ([`redact_url`]).
 
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use prompter_core::backoff::Backoff;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::socket::{self, Budget, Hangup, Peer, Step, Verdict, Ws};
 
 /// A change in the set of live connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,41 +59,11 @@ pub fn parse_update(frame: &Value) -> Option<ConnectionChange> {
     }
 }
 
-/// How [`watch_updates_with`] paces and watches the feed; [`watch_updates`] uses the defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FeedOptions {
-    /// Ping period that keeps the (often silent) feed open through proxies. Default 30 s.
-    pub ping_every: Duration,
-    /// A feed on which nothing at all (update, pong, ping) arrived for this long is taken for
-    /// half-open: it is dropped and reconnected. Default: 2 × `ping_every` + 15 s.
-    pub idle_timeout: Duration,
-    /// A feed that stayed up this long (or sent an update) worked: its drop restarts the backoff
-    /// from its first step. Default 30 s.
-    pub stable_after: Duration,
-    /// A connection attempt that takes longer than this has failed. Default 20 s.
-    pub handshake_timeout: Duration,
-}
-
-impl Default for FeedOptions {
-    fn default() -> Self {
-        FeedOptions::with_ping_every(Duration::from_secs(30))
-    }
-}
-
-impl FeedOptions {
-    /// The defaults, with pings every `ping_every` and the idle timeout that goes with it
-    /// (2 × `ping_every` + 15 s).
-    pub fn with_ping_every(ping_every: Duration) -> Self {
-        FeedOptions {
-            ping_every,
-            idle_timeout: ping_every
-                .saturating_mul(2)
-                .saturating_add(Duration::from_secs(15)),
-            stable_after: Duration::from_secs(30),
-            handshake_timeout: Duration::from_secs(20),
-        }
-    }
-}
+/// How [`watch_updates_with`] paces and watches the feed; [`watch_updates`] uses the defaults
+/// (pings every 30 s, a feed silent for 75 s is dropped, the backoff restarts after 30 s up,
+/// 20 s for a handshake). The same settings as the Subscribe socket's
+/// [`FollowOptions`](crate::subscribe::FollowOptions).
+pub type FeedOptions = socket::SocketOptions;
 
 /// `url` fit for a log or a message: `scheme://host[:port]/path`, without user-info, query or
 /// fragment (any of which may carry a token).
@@ -148,119 +119,73 @@ pub async fn watch_updates_with(
     tx: mpsc::Sender<ConnectionChange>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let shown = redact_url(&url);
-    let mut failures = 0u32;
-    loop {
-        let ended = tokio::select! {
-            r = feed(&options, &url, &shown, &tx) => r,
-            () = stopped(&mut stop) => return,
+    let mut feed = Feed {
+        shown: redact_url(&url),
+        url,
+        tx: &tx,
+    };
+    // The feed never ends by itself: only `stop` (or the engine dropping `tx`) ends this.
+    let _ = socket::run(&mut feed, &options, retry, Budget::Forever, &mut stop).await;
+}
+
+/// The update feed as a [`Peer`] of the reconnecting loop.
+struct Feed<'a> {
+    url: String,
+    /// `url` without anything that may carry a token.
+    shown: String,
+    tx: &'a mpsc::Sender<ConnectionChange>,
+}
+
+impl Peer for Feed<'_> {
+    async fn connect(&mut self, handshake_timeout: Duration) -> Result<Ws, Verdict> {
+        let request = self
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| Verdict::Retry(format!("cannot connect: {e}")))?;
+        socket::open(request, handshake_timeout)
+            .await
+            .map_err(|e| Verdict::Retry(e.to_string()))
+    }
+
+    async fn opened(&mut self, _reconnects: u32) {
+        tracing::info!(feed = %self.shown, "Following the update feed.");
+    }
+
+    async fn text(&mut self, text: &str) -> Step {
+        let Ok(frame) = serde_json::from_str::<Value>(text) else {
+            tracing::warn!(feed = %self.shown, "Skipped an update that is not JSON.");
+            return Step::Skipped;
         };
-        if tx.is_closed() {
-            return;
-        }
-        let FeedEnd { reason, worked } = ended;
-        if worked {
-            failures = 0;
-        }
-        let wait = retry.wait(failures.min(16), None);
-        tracing::warn!(feed = %shown, error = %reason, retry_in_ms = wait.as_millis() as u64, "Update feed dropped; reconnecting.");
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = stopped(&mut stop) => return,
-        }
-        failures = failures.saturating_add(1);
-    }
-}
-
-/// Why a feed socket ended; `worked` when it sent an update or stayed up long enough.
-struct FeedEnd {
-    reason: String,
-    worked: bool,
-}
-
-async fn feed(
-    options: &FeedOptions,
-    url: &str,
-    shown: &str,
-    tx: &mpsc::Sender<ConnectionChange>,
-) -> FeedEnd {
-    let failed = |reason: String| FeedEnd {
-        reason: scrub(&reason, url),
-        worked: false,
-    };
-    let connected = tokio::time::timeout(
-        options.handshake_timeout,
-        tokio_tungstenite::connect_async(url),
-    )
-    .await;
-    let mut socket = match connected {
-        Ok(Ok((s, _))) => s,
-        Ok(Err(e)) => return failed(format!("cannot connect: {e}")),
-        Err(_) => {
-            return failed(format!(
-                "no handshake within {}",
-                crate::subscribe::secs(options.handshake_timeout)
-            ));
-        }
-    };
-    tracing::info!(feed = %shown, "Following the update feed.");
-    let opened = Instant::now();
-    let mut delivered = false;
-    let dropped = |reason: String, delivered: bool| FeedEnd {
-        reason: scrub(&reason, url),
-        worked: delivered || opened.elapsed() >= options.stable_after,
-    };
-    let mut ping = tokio::time::interval_at(opened + options.ping_every, options.ping_every);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_heard = opened;
-    let no_data = || {
-        format!(
-            "no data for {}",
-            crate::subscribe::secs(options.idle_timeout)
-        )
-    };
-    loop {
-        let idle_at = last_heard + options.idle_timeout;
-        tokio::select! {
-            biased;
-            msg = socket.next() => {
-                last_heard = Instant::now();
-                match msg {
-                    Some(Ok(Message::Text(text))) => {
-                        let Ok(frame) = serde_json::from_str::<Value>(&text) else {
-                            tracing::warn!(feed = %shown, "Skipped an update that is not JSON.");
-                            continue;
-                        };
-                        if let Some(change) = parse_update(&frame) {
-                            if tx.send(change).await.is_err() {
-                                return dropped("the engine stopped listening".into(), delivered);
-                            }
-                            delivered = true;
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | None => return dropped("the feed closed".into(), delivered),
-                    // Pings (answered by tungstenite), pongs, binary: proof of life only.
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return dropped(format!("socket error: {e}"), delivered),
+        match parse_update(&frame) {
+            Some(change) => {
+                if self.tx.send(change).await.is_err() {
+                    Step::Stop
+                } else {
+                    Step::Delivered
                 }
             }
-            _ = ping.tick() => {
-                // A half-open socket may never finish a send: bound it by the idle timer.
-                match tokio::time::timeout_at(idle_at, socket.send(Message::Ping(Vec::new().into()))).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return dropped(format!("ping failed: {e}"), delivered),
-                    Err(_) => return dropped(no_data(), delivered),
-                }
-            }
-            () = tokio::time::sleep_until(idle_at) => return dropped(no_data(), delivered),
+            // Frames of other types do not show that the feed works.
+            None => Step::Skipped,
         }
     }
-}
 
-/// Resolves once `stop` turns true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is dropped at once: it must not live across an await.
-    let _ = stop.wait_for(|s| *s).await;
+    fn hangup(&self, _how: Hangup<'_>) -> Verdict {
+        // Even a normal closure is retried: the feed is followed for as long as the engine runs.
+        Verdict::Retry("the feed closed".into())
+    }
+
+    fn clean(&self, text: &str) -> String {
+        scrub(text, &self.url)
+    }
+
+    async fn retrying(&mut self, reason: &str, wait: Duration) {
+        tracing::warn!(feed = %self.shown, error = %reason, retry_in_ms = wait.as_millis() as u64, "Update feed dropped; reconnecting.");
+    }
+
+    fn abandoned(&self) -> bool {
+        self.tx.is_closed()
+    }
 }
 
 #[cfg(test)]

@@ -162,7 +162,13 @@ impl SymblFake {
 
     /// Sends `frame` to every subscriber of `connection_id` (and keeps it for redelivery).
     pub fn push(&self, connection_id: &str, frame: Value) {
-        let text = frame.to_string();
+        self.push_text(connection_id, &frame.to_string());
+    }
+
+    /// Sends `text` as it is (any spacing or key order, or not JSON at all) to every subscriber
+    /// of `connection_id`, and keeps it for redelivery.
+    pub fn push_text(&self, connection_id: &str, text: &str) {
+        let text = text.to_owned();
         let mut conns = lock(&self.state.connections);
         let c = conns.entry(connection_id.to_owned()).or_default();
         c.history.push(text.clone());

@@ -1,17 +1,20 @@
 //! Tests of the parent module.
 use super::*;
+use crate::socket::secs;
 
 #[test]
 fn redeliveries_are_dropped_within_the_window() {
     let mut seen = Seen::new();
-    assert!(seen.first_time("a"));
-    assert!(!seen.first_time("a"));
-    for i in 0..DEDUP_WINDOW {
-        assert!(seen.first_time(&i.to_string()));
+    let a = u64::MAX;
+    assert!(seen.first_time(a));
+    assert!(!seen.first_time(a));
+    for i in 0..DEDUP_WINDOW as u64 {
+        assert!(seen.first_time(i));
     }
-    // "a" fell out of the window.
-    assert!(seen.first_time("a"));
+    // `a` fell out of the window.
+    assert!(seen.first_time(a));
     assert!(seen.set.len() <= DEDUP_WINDOW);
+    assert!(seen.order.len() <= DEDUP_WINDOW);
 }
 
 #[test]
@@ -220,6 +223,63 @@ mod against_the_fake {
         let (reason, fake) = h.ended().await;
         assert_eq!(reason, EndReason::Completed);
         assert_eq!(fake.subscribes(ID), 2);
+    }
+
+    /// A finished sentence as Symbl sends it: with a message id.
+    fn sentence(id: &str, text: &str) -> Value {
+        json!({"type": "message_response", "sequenceNumber": 0,
+               "messages": [{"id": id, "payload": {"content": text, "contentType": "text/plain"}}]})
+    }
+
+    #[tokio::test]
+    async fn a_frame_redelivered_with_other_spacing_and_key_order_is_delivered_once() {
+        let mut h = start(tiny_backoff(), None).await;
+        // The fake also replays the last frame verbatim on reconnecting.
+        h.fake.set_redeliver_on_reconnect(1);
+        h.connected(0).await;
+        h.fake.push(ID, sentence("m1", "Hello world."));
+        assert_eq!(h.frame().await, sentence("m1", "Hello world."));
+        h.fake.drop_subscribers(ID);
+        h.dropped().await;
+        h.connected(1).await;
+        // After the reconnect Symbl sends the same sentence again, spelled differently (and
+        // with another sequence number), then a new one.
+        h.fake.push_text(
+            ID,
+            r#"{
+  "messages" : [ { "payload" : { "contentType" : "text/plain", "content" : "Hello world." },
+                   "id" : "m1" } ],
+  "sequenceNumber" : 1,
+  "type" : "message_response"
+}"#,
+        );
+        h.fake.push(ID, sentence("m2", "Hello world."));
+        h.fake.push(ID, completed());
+        // The redelivery is skipped: the next frame is the new sentence (same words, new id).
+        assert_eq!(h.frame().await, sentence("m2", "Hello world."));
+        assert_eq!(h.frame().await, completed());
+        let (reason, fake) = h.ended().await;
+        assert_eq!(reason, EndReason::Completed);
+        assert_eq!(fake.subscribes(ID), 2);
+    }
+
+    #[tokio::test]
+    async fn interim_captions_that_differ_all_come_through() {
+        let mut h = start(tiny_backoff(), None).await;
+        h.connected(0).await;
+        let caption = |text: &str| {
+            json!({"type": "message", "message": {"type": "recognition_result", "isFinal": false,
+                   "punctuated": {"transcript": text}}})
+        };
+        for text in ["Hel", "Hello", "Hello wor", "Hello world."] {
+            h.fake.push(ID, caption(text));
+        }
+        h.fake.push(ID, completed());
+        for text in ["Hel", "Hello", "Hello wor", "Hello world."] {
+            assert_eq!(h.frame().await, caption(text));
+        }
+        assert_eq!(h.frame().await, completed());
+        assert_eq!(h.ended().await.0, EndReason::Completed);
     }
 
     #[tokio::test]
