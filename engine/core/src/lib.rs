@@ -11,6 +11,7 @@
 //!   contexts.
 //! - [`resource`]: knowledge stores, chat providers and embedders that stages share.
 //! - [`backoff`]: retry pacing for clients of remote services.
+//! - [`retry`]: the retry loop those clients share, paced by [`backoff`].
 //! - [`output`]: what pipelines deliver.
 //! - [`secret`]: API keys that never reach logs or plugins.
 //! - [`template`]: the Jinja templates and filter expressions.
@@ -25,6 +26,7 @@ pub mod event;
 pub mod output;
 pub mod plugin;
 pub mod resource;
+pub mod retry;
 pub mod secret;
 pub mod template;
 pub mod test_util;
