@@ -11,6 +11,7 @@
 //!   contexts.
 //! - [`resource`]: knowledge stores, chat providers and embedders that stages share.
 //! - [`backoff`]: retry pacing for clients of remote services.
+//! - [`retry`]: the retry loop those clients share, paced by [`backoff`].
 //! - [`output`]: what pipelines deliver, and output ids.
 //! - [`book`]: engine-owned per-conversation bookkeeping (versions, stage state) and the
 //!   [`book::Host`] stages reach it through.
@@ -28,6 +29,7 @@ pub mod event;
 pub mod output;
 pub mod plugin;
 pub mod resource;
+pub mod retry;
 pub mod secret;
 pub mod template;
 pub mod test_util;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prompter_core::backoff::{Backoff, parse_retry_after};
+use prompter_core::retry::{Attempt, RetryError, retry_notify};
 use prompter_core::secret::Secret;
 use serde::Deserialize;
 use tokio::sync::Mutex;
@@ -215,73 +216,98 @@ impl SymblAuth {
             "appId": self.credentials.app_id.expose(),
             "appSecret": self.credentials.app_secret.expose(),
         });
-        let mut attempt = 0;
-        loop {
-            let sent = self
-                .client
-                .post(&self.url)
-                .header("Content-Type", "application/json")
-                .header("Accept", "application/json")
-                .body(body.to_string())
-                .send()
-                .await;
-            let (retry_after, reason) = match sent {
-                Ok(resp) if resp.status().is_success() => {
-                    let issued = Instant::now();
-                    let bytes = resp.bytes().await.map_err(|e| self.unavailable(e))?;
-                    let t: TokenResponse = serde_json::from_slice(&bytes)
-                        .map_err(|e| self.unavailable(format!("the answer is not a token: {e}")))?;
-                    if t.access_token.is_empty() {
-                        return Err(self.unavailable("the answer has an empty `accessToken`"));
-                    }
-                    let lifetime = Duration::from_secs_f64(
-                        t.expires_in
-                            .filter(|s| s.is_finite() && *s > 0.0)
-                            .unwrap_or(86_400.0)
-                            .min(1.0e9),
-                    );
-                    let margin = lifetime
-                        .mul_f64(REFRESH_FRACTION)
-                        .max(MIN_REFRESH_MARGIN)
-                        .min(lifetime / 2);
-                    tracing::debug!(
-                        expires_in_s = lifetime.as_secs(),
-                        "Got a Symbl access token."
-                    );
-                    return Ok(Token {
-                        value: Secret::new(t.access_token),
-                        refresh_at: issued + (lifetime - margin),
-                    });
-                }
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    if matches!(status, 400 | 401 | 403) {
-                        return Err(AuthError::Rejected {
-                            status,
-                            app_id_env: self.credentials.app_id_env.clone(),
-                            app_secret_env: self.credentials.app_secret_env.clone(),
-                        });
-                    }
-                    let retry_after = resp
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after);
-                    if status != 429 && status < 500 {
-                        return Err(self.unavailable(format!("answered {status}")));
-                    }
-                    (retry_after, format!("answered {status}"))
-                }
-                Err(e) => (None, e.to_string()),
-            };
-            if !self.retry.allows_retry(attempt) {
-                return Err(self.unavailable(format!("{reason} (after {} attempts)", attempt + 1)));
+        let body = &body;
+        let outcome = retry_notify(
+            &self.retry,
+            |_| async move { self.attempt(body).await },
+            |r| {
+                tracing::warn!(
+                    attempt = r.attempt,
+                    wait_ms = u64::try_from(r.wait.as_millis()).unwrap_or(u64::MAX),
+                    error = %r.error,
+                    "Symbl token request failed; retrying."
+                );
+            },
+        )
+        .await;
+        match outcome {
+            Ok(token) => Ok(token),
+            Err(RetryError::Final(e)) => Err(e),
+            Err(RetryError::Exhausted { last, attempts }) => {
+                Err(self.unavailable(format!("{last} (after {attempts} attempts)")))
             }
-            let wait = self.retry.wait(attempt, retry_after);
-            tracing::warn!(attempt = attempt + 1, wait_ms = wait.as_millis() as u64, error = %reason, "Symbl token request failed; retrying.");
-            tokio::time::sleep(wait).await;
-            attempt += 1;
         }
+    }
+
+    /// One token request, its answer classified; a retryable failure carries its reason.
+    async fn attempt(&self, body: &serde_json::Value) -> Attempt<Token, AuthError, String> {
+        let sent = self
+            .client
+            .post(&self.url)
+            .header("Content-Type", "application/json")
+            .header("Accept", "application/json")
+            .body(body.to_string())
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => return Attempt::retry(e.to_string()),
+        };
+        let status = resp.status().as_u16();
+        if resp.status().is_success() {
+            return match self.token_of(resp).await {
+                Ok(token) => Attempt::Done(token),
+                Err(e) => Attempt::Fail(e),
+            };
+        }
+        if matches!(status, 400 | 401 | 403) {
+            return Attempt::Fail(AuthError::Rejected {
+                status,
+                app_id_env: self.credentials.app_id_env.clone(),
+                app_secret_env: self.credentials.app_secret_env.clone(),
+            });
+        }
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        if status != 429 && status < 500 {
+            return Attempt::Fail(self.unavailable(format!("answered {status}")));
+        }
+        Attempt::Retry {
+            error: format!("answered {status}"),
+            retry_after,
+        }
+    }
+
+    /// The token in a 2xx answer, with the time to refresh it.
+    async fn token_of(&self, resp: reqwest::Response) -> Result<Token, AuthError> {
+        let issued = Instant::now();
+        let bytes = resp.bytes().await.map_err(|e| self.unavailable(e))?;
+        let t: TokenResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| self.unavailable(format!("the answer is not a token: {e}")))?;
+        if t.access_token.is_empty() {
+            return Err(self.unavailable("the answer has an empty `accessToken`"));
+        }
+        let lifetime = Duration::from_secs_f64(
+            t.expires_in
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .unwrap_or(86_400.0)
+                .min(1.0e9),
+        );
+        let margin = lifetime
+            .mul_f64(REFRESH_FRACTION)
+            .max(MIN_REFRESH_MARGIN)
+            .min(lifetime / 2);
+        tracing::debug!(
+            expires_in_s = lifetime.as_secs(),
+            "Got a Symbl access token."
+        );
+        Ok(Token {
+            value: Secret::new(t.access_token),
+            refresh_at: issued + (lifetime - margin),
+        })
     }
 
     fn unavailable(&self, reason: impl std::fmt::Display) -> AuthError {

@@ -3,9 +3,11 @@
 //! [`RestError`] into its own public error.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prompter_core::backoff::{Backoff, parse_retry_after};
+use prompter_core::retry::{Attempt, RetryError, retry_notify};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
@@ -89,71 +91,100 @@ impl Rest {
             None => None,
         };
         let url = format!("{}{path}", self.base);
-        let mut attempt = 0;
-        let mut refreshed = false;
-        loop {
-            let token = self.auth.token().await.map_err(RestError::Auth)?;
-            let mut req = self
-                .client
-                .request(method.clone(), &url)
-                .bearer_auth(token.expose())
-                .header("Accept", "application/json");
-            if let Some(b) = body {
-                req = req
-                    .header("Content-Type", "application/json")
-                    .body(b.to_string());
-            }
-            let (retry_after, reason) = match req.send().await {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let retry_after = resp
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after);
-                    let bytes = resp.bytes().await;
-                    match (status, bytes) {
-                        (200..=299, Ok(b)) => return parse_json(&b),
-                        (200..=299, Err(e)) => (None, format!("reading the answer failed: {e}")),
-                        (401, _) if !refreshed => {
-                            // The cached token may have been revoked: one fresh one, at once.
-                            refreshed = true;
+        // One fresh token per call, not per attempt: a second 401 is final.
+        let refreshed = AtomicBool::new(false);
+        let (method, url, refreshed) = (&method, &url, &refreshed);
+        let outcome = retry_notify(
+            &self.retry,
+            |_| async move {
+                loop {
+                    match self.attempt(method, url, body).await {
+                        Sent::Unauthorized if !refreshed.swap(true, Ordering::Relaxed) => {
+                            // The cached token may have been revoked: one fresh one, at once,
+                            // without using up an attempt.
                             self.auth.invalidate().await;
-                            continue;
                         }
-                        (401, _) => return Err(RestError::Unauthorized),
-                        (429, _) | (500..=599, _) => {
-                            (retry_after, format!("Symbl answered {status}"))
-                        }
-                        (_, b) => {
-                            let b = b.unwrap_or_default();
-                            return Err(RestError::Status {
-                                status,
-                                message: error_message(status, &b),
-                            });
-                        }
+                        Sent::Unauthorized => return Attempt::Fail(RestError::Unauthorized),
+                        Sent::Outcome(outcome) => return outcome,
                     }
                 }
-                Err(e) => (None, transport_reason(&e)),
-            };
-            if !self.retry.allows_retry(attempt) {
-                return Err(RestError::Unavailable(format!(
-                    "{reason} (after {} attempts)",
-                    attempt + 1
-                )));
-            }
-            let wait = self.retry.wait(attempt, retry_after);
-            tracing::warn!(
-                path,
-                attempt = attempt + 1,
-                wait_ms = wait.as_millis() as u64,
-                error = %reason,
-                "Symbl call failed; retrying."
-            );
-            tokio::time::sleep(wait).await;
-            attempt += 1;
+            },
+            |r| {
+                tracing::warn!(
+                    path,
+                    attempt = r.attempt,
+                    wait_ms = u64::try_from(r.wait.as_millis()).unwrap_or(u64::MAX),
+                    error = %r.error,
+                    "Symbl call failed; retrying."
+                );
+            },
+        )
+        .await;
+        match outcome {
+            Ok(value) => Ok(value),
+            Err(RetryError::Final(e)) => Err(e),
+            Err(RetryError::Exhausted { last, attempts }) => Err(RestError::Unavailable(format!(
+                "{last} (after {attempts} attempts)"
+            ))),
         }
     }
+
+    /// One request with a current token, its answer classified (a 401 is left to the caller,
+    /// which may fetch a fresh token and send it again).
+    async fn attempt(&self, method: &reqwest::Method, url: &str, body: Option<&Value>) -> Sent {
+        let token = match self.auth.token().await {
+            Ok(token) => token,
+            Err(e) => return Sent::Outcome(Attempt::Fail(RestError::Auth(e))),
+        };
+        let mut req = self
+            .client
+            .request(method.clone(), url)
+            .bearer_auth(token.expose())
+            .header("Accept", "application/json");
+        if let Some(b) = body {
+            req = req
+                .header("Content-Type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => return Sent::Outcome(Attempt::retry(transport_reason(&e))),
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let bytes = resp.bytes().await;
+        Sent::Outcome(match (status, bytes) {
+            (200..=299, Ok(b)) => match parse_json(&b) {
+                Ok(value) => Attempt::Done(value),
+                Err(e) => Attempt::Fail(e),
+            },
+            (200..=299, Err(e)) => Attempt::retry(format!("reading the answer failed: {e}")),
+            (401, _) => return Sent::Unauthorized,
+            (429, _) | (500..=599, _) => Attempt::Retry {
+                error: format!("Symbl answered {status}"),
+                retry_after,
+            },
+            (_, b) => {
+                let b = b.unwrap_or_default();
+                Attempt::Fail(RestError::Status {
+                    status,
+                    message: error_message(status, &b),
+                })
+            }
+        })
+    }
+}
+
+/// What one request came to.
+enum Sent {
+    /// A 401: the token was refused.
+    Unauthorized,
+    /// Anything else, classified for the retry loop (a retryable failure carries its reason).
+    Outcome(Attempt<Value, RestError, String>),
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, RestError> {

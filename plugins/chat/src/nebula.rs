@@ -31,9 +31,13 @@ use prompter_core::async_trait;
 use prompter_core::backoff::{Backoff, parse_retry_after};
 use prompter_core::error::PluginError;
 use prompter_core::resource::{ChatProvider, ChatReply, ChatRequest, Embedder, Role};
+use prompter_core::retry::{Attempt, RetryError, retry_notify};
 use prompter_core::secret::Secret;
 use serde::Deserialize;
 use tokio::sync::mpsc;
+
+use crate::openai::decimal_f64;
+use crate::openai::sse::{SseError, SseMessage, SseReader};
 
 /// Configuration of a `nebula` provider.
 #[derive(Debug, Clone, Deserialize)]
@@ -49,13 +53,13 @@ pub struct NebulaConfig {
     pub max_new_tokens: Option<u32>,
     /// Nucleus sampling. Default 0.95.
     #[serde(default = "default_top_p")]
-    pub top_p: f32,
+    pub top_p: f64,
     /// Top-k sampling. Default 1.
     #[serde(default = "default_top_k")]
     pub top_k: u32,
     /// Repetition penalty (the RTA guide uses 1.2); not sent when unset.
     #[serde(default)]
-    pub repetition_penalty: Option<f32>,
+    pub repetition_penalty: Option<f64>,
     /// Timeout of one attempt, in ms, never of a whole streamed answer. Connecting and the
     /// response headers must come within it (and, not streaming, the whole answer body);
     /// otherwise the attempt fails and is retried. Once a stream has started it may last any
@@ -74,7 +78,7 @@ pub struct NebulaConfig {
 fn default_base_url() -> String {
     "https://api-nebula.symbl.ai".into()
 }
-fn default_top_p() -> f32 {
+fn default_top_p() -> f64 {
     0.95
 }
 fn default_top_k() -> u32 {
@@ -96,15 +100,8 @@ enum Answer {
     Stream(reqwest::Response),
 }
 
-/// How one attempt ended.
-enum Outcome {
-    Done(Answer),
-    Fatal(PluginError),
-    Retry {
-        after: Option<Duration>,
-        why: String,
-    },
-}
+/// How one attempt ended; a retryable failure carries what to say if it was the last one.
+type Outcome = Attempt<Answer, PluginError, String>;
 
 /// The HTTP side shared by Nebula chat and embeddings: base URL, key, timeout and retries.
 #[derive(Debug, Clone)]
@@ -191,42 +188,37 @@ impl NebulaClient {
         let url = format!("{}{path}", self.base_url);
         let payload = serde_json::to_vec(body)
             .map_err(|e| PluginError::internal("request did not serialize").with_source(e))?;
-        let mut attempt = 0u32;
-        loop {
-            let outcome = match tokio::time::timeout(
-                self.timeout,
-                self.attempt(&url, path, &payload, stream),
-            )
-            .await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => Outcome::Retry {
-                    after: None,
-                    why: format!("no answer within {} ms", self.timeout.as_millis()),
-                },
-            };
-            let (retry_after, why) = match outcome {
-                Outcome::Done(answer) => return Ok(answer),
-                Outcome::Fatal(e) => return Err(e),
-                Outcome::Retry { after, why } => (after, why),
-            };
-            if !self.retry.allows_retry(attempt) {
-                return Err(PluginError::external(format!(
-                    "Nebula `{path}` failed after {} attempt(s): {why}",
-                    attempt + 1
-                )));
-            }
-            let wait = self.retry.wait(attempt, retry_after);
-            tracing::warn!(
-                resource = %self.name,
-                call = path,
-                attempt = attempt + 1,
-                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                error = %why,
-                "Nebula call failed; retrying."
-            );
-            tokio::time::sleep(wait).await;
-            attempt += 1;
+        let (url, payload) = (&url, &payload);
+        let answer = retry_notify(
+            &self.retry,
+            |_| async move {
+                match tokio::time::timeout(self.timeout, self.attempt(url, path, payload, stream))
+                    .await
+                {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        Outcome::retry(format!("no answer within {} ms", self.timeout.as_millis()))
+                    }
+                }
+            },
+            |r| {
+                tracing::warn!(
+                    resource = %self.name,
+                    call = path,
+                    attempt = r.attempt,
+                    wait_ms = u64::try_from(r.wait.as_millis()).unwrap_or(u64::MAX),
+                    error = %r.error,
+                    "Nebula call failed; retrying."
+                );
+            },
+        )
+        .await;
+        match answer {
+            Ok(answer) => Ok(answer),
+            Err(RetryError::Final(e)) => Err(e),
+            Err(RetryError::Exhausted { last, attempts }) => Err(PluginError::external(format!(
+                "Nebula `{path}` failed after {attempts} attempt(s): {last}"
+            ))),
         }
     }
 
@@ -249,17 +241,9 @@ impl NebulaClient {
         let resp = match sent {
             Ok(resp) => resp,
             Err(e) if e.is_timeout() => {
-                return Outcome::Retry {
-                    after: None,
-                    why: format!("no answer within {} ms", self.timeout.as_millis()),
-                };
+                return Outcome::retry(format!("no answer within {} ms", self.timeout.as_millis()));
             }
-            Err(e) => {
-                return Outcome::Retry {
-                    after: None,
-                    why: format!("request failed: {e}"),
-                };
-            }
+            Err(e) => return Outcome::retry(format!("request failed: {e}")),
         };
         let status = resp.status().as_u16();
         if resp.status().is_success() {
@@ -268,10 +252,7 @@ impl NebulaClient {
             }
             return match resp.bytes().await {
                 Ok(bytes) => Outcome::Done(Answer::Body(bytes.to_vec())),
-                Err(e) => Outcome::Retry {
-                    after: None,
-                    why: format!("reading the answer failed: {e}"),
-                },
+                Err(e) => Outcome::retry(format!("reading the answer failed: {e}")),
             };
         }
         let retry_after = resp
@@ -282,19 +263,19 @@ impl NebulaClient {
         let text = resp.text().await.unwrap_or_default();
         let detail: String = text.chars().take(200).collect();
         if status == 401 || status == 403 {
-            return Outcome::Fatal(PluginError::config(format!(
+            return Outcome::Fail(PluginError::config(format!(
                 "Nebula rejected the API key of {} `{}` ({status}); check the key in its `api_key`",
                 self.section, self.name
             )));
         }
         if status != 429 && status < 500 {
-            return Outcome::Fatal(PluginError::input(format!(
+            return Outcome::Fail(PluginError::input(format!(
                 "Nebula `{path}` answered {status}: {detail}"
             )));
         }
         Outcome::Retry {
-            after: retry_after,
-            why: format!("{status}: {detail}"),
+            error: format!("{status}: {detail}"),
+            retry_after,
         }
     }
 }
@@ -347,7 +328,7 @@ impl NebulaProvider {
             "max_new_tokens": self.config.max_new_tokens.unwrap_or(request.max_new_tokens),
             "top_p": self.config.top_p,
             "top_k": self.config.top_k,
-            "temperature": request.temperature,
+            "temperature": decimal_f64(request.temperature),
             "system_prompt": request.system_prompt,
             "messages": messages,
         });
@@ -505,12 +486,15 @@ impl NebulaProvider {
         tokens: &mpsc::Sender<String>,
     ) -> Result<ChatReply, PluginError> {
         let path = "/v1/model/chat/streaming";
-        let mut resp = self.http.post_stream(path, body).await?;
+        let resp = self.http.post_stream(path, body).await?;
         let mut text = String::new();
-        let mut lines = SseLines::default();
+        let mut events = SseReader::new(resp, self.http.timeout);
         loop {
-            let chunk = match tokio::time::timeout(self.http.timeout, resp.chunk()).await {
-                Err(_) => {
+            let data = match events.next().await {
+                Ok(Some(SseMessage::Data(data))) => data,
+                // Nebula is not known to send `[DONE]`; when a server does, the answer is over.
+                Ok(Some(SseMessage::Done) | None) => break,
+                Err(SseError::Stalled) => {
                     return Err(PluginError::external(format!(
                         "Nebula `{path}`: the answer stream stalled after {} characters \
                          (nothing for {} ms)",
@@ -518,21 +502,18 @@ impl NebulaProvider {
                         self.http.timeout.as_millis()
                     )));
                 }
-                Ok(Err(e)) => {
+                Err(SseError::Broken(e)) => {
                     return Err(PluginError::external(format!(
                         "Nebula `{path}`: the answer stream broke after {} characters: {e}",
                         text.chars().count()
                     )));
                 }
-                Ok(Ok(None)) => break,
-                Ok(Ok(Some(chunk))) => chunk,
             };
-            for line in lines.push(&chunk) {
-                take_line(&line, &mut text, tokens).await;
+            if let Some(delta) = delta_of(&data).filter(|d| !d.is_empty()) {
+                text.push_str(&delta);
+                // A closed receiver only means nobody is watching the stream.
+                let _ = tokens.send(delta).await;
             }
-        }
-        if let Some(line) = lines.rest() {
-            take_line(&line, &mut text, tokens).await;
         }
         if text.is_empty() {
             return Err(PluginError::external(format!(
@@ -547,47 +528,9 @@ impl NebulaProvider {
     }
 }
 
-/// Adds the `delta` of one SSE line, if any, to `text` and passes it on to `tokens`.
-async fn take_line(line: &str, text: &mut String, tokens: &mpsc::Sender<String>) {
-    if let Some(delta) = sse_delta(line).filter(|d| !d.is_empty()) {
-        text.push_str(&delta);
-        // A closed receiver only means nobody is watching the stream.
-        let _ = tokens.send(delta).await;
-    }
-}
-
-/// Splits an SSE byte stream into lines, however the network cut it (mid-line, mid-character):
-/// bytes are buffered and only complete lines are decoded.
-#[derive(Debug, Default)]
-struct SseLines {
-    pending: Vec<u8>,
-}
-
-impl SseLines {
-    /// The complete lines in `pending` + `chunk`; keeps the unfinished tail.
-    fn push(&mut self, chunk: &[u8]) -> Vec<String> {
-        self.pending.extend_from_slice(chunk);
-        let Some(last_newline) = self.pending.iter().rposition(|b| *b == b'\n') else {
-            return Vec::new();
-        };
-        let complete: Vec<u8> = self.pending.drain(..=last_newline).collect();
-        complete
-            .split(|b| *b == b'\n')
-            .map(|l| String::from_utf8_lossy(l).into_owned())
-            .collect()
-    }
-
-    /// The unfinished last line, when the stream ended without a newline.
-    fn rest(&mut self) -> Option<String> {
-        let rest = std::mem::take(&mut self.pending);
-        (!rest.is_empty()).then(|| String::from_utf8_lossy(&rest).into_owned())
-    }
-}
-
-/// The `delta` of one SSE line (`data: {"delta": "..."}`); anything else (comments, `[DONE]`,
-/// undecodable lines) is ignored, as the format beyond `delta` is unconfirmed.
-fn sse_delta(line: &str) -> Option<String> {
-    let data = line.trim().strip_prefix("data:")?.trim();
+/// The `delta` of one event's data (`{"delta": "..."}`); anything else (undecodable data, other
+/// shapes) is ignored, as the format beyond `delta` is unconfirmed.
+fn delta_of(data: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(data).ok()?;
     v.get("delta").and_then(|d| d.as_str()).map(str::to_owned)
 }

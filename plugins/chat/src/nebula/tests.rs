@@ -211,34 +211,47 @@ async fn embeds_one_text_per_call_with_retries() {
 }
 
 #[test]
-fn sse_lines_are_decoded_only_when_complete() {
-    let bytes = "data: {\"delta\": \"’é\"}\r\ndata: [DONE]".as_bytes();
-    let mut lines = SseLines::default();
-    // Cut inside the line, then inside `’` (bytes 17..20); the second line has no newline.
-    assert!(lines.push(&bytes[..7]).is_empty());
-    assert!(lines.push(&bytes[7..19]).is_empty());
-    let got = lines.push(&bytes[19..]);
+fn deltas_are_read_defensively() {
+    // Cutting the stream into lines and `data:` payloads is `crate::openai::sse`'s (tested there).
+    assert_eq!(delta_of("{\"delta\": \"’é\"}").as_deref(), Some("’é"));
     assert_eq!(
-        got.len(),
-        2,
-        "the line and the empty text after its newline: {got:?}"
+        delta_of("{\"delta\":\"x\",\"other\":1}").as_deref(),
+        Some("x")
     );
-    assert_eq!(sse_delta(&got[0]).as_deref(), Some("’é"));
-    assert_eq!(lines.rest().as_deref(), Some("data: [DONE]"));
-    assert_eq!(lines.rest(), None);
+    assert_eq!(delta_of("[DONE]"), None);
+    assert_eq!(delta_of("{not json"), None);
+    assert_eq!(delta_of("{\"text\": \"no delta\"}"), None);
 }
 
 #[test]
-fn sse_lines_are_parsed_defensively() {
+fn sampling_parameters_are_sent_exactly() {
+    let cfg: NebulaConfig = serde_json::from_value(serde_json::json!({
+        "api_key": "test-key", "repetition_penalty": 1.2}))
+    .unwrap();
+    let p = NebulaProvider::new("nebula", cfg).unwrap();
+    let mut req = request();
+    req.temperature = 0.7;
+    let body = serde_json::to_string(&p.body(&req)).unwrap();
+    // The number as written in the body: not `0.949999988079071` (an f32 widened to f64).
+    let raw = |key: &str| {
+        let start = body.find(&format!("\"{key}\":")).unwrap() + key.len() + 3;
+        let len = body[start..].find([',', '}']).unwrap();
+        body[start..start + len].to_owned()
+    };
     assert_eq!(
-        sse_delta("data: {\"delta\": \"hi\"}\n").as_deref(),
-        Some("hi")
+        (raw("top_p"), raw("repetition_penalty"), raw("temperature")),
+        ("0.95".into(), "1.2".into(), "0.7".into()),
+        "{body}"
     );
-    assert_eq!(
-        sse_delta("data:{\"delta\":\"x\",\"other\":1}").as_deref(),
-        Some("x")
-    );
-    assert_eq!(sse_delta("data: [DONE]"), None);
-    assert_eq!(sse_delta(": keep-alive"), None);
-    assert_eq!(sse_delta("data: {\"text\": \"no delta\"}"), None);
+}
+
+#[tokio::test]
+async fn the_server_receives_top_p_0_95() {
+    let f = fake().await;
+    provider(&f.url, "test-key")
+        .chat(&request(), None)
+        .await
+        .unwrap();
+    let sent = &f.chat_requests()[0];
+    assert_eq!(sent["top_p"], serde_json::json!(0.95));
 }

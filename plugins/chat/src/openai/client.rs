@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use prompter_core::backoff::{Backoff, parse_retry_after};
 use prompter_core::error::PluginError;
+use prompter_core::retry::{Attempt, RetryError, retry_notify};
 use prompter_core::secret::Secret;
 use serde::Serialize;
 
@@ -16,16 +17,20 @@ pub(super) enum Answer {
     Stream(reqwest::Response),
 }
 
-/// How one attempt ended.
-enum Outcome {
-    Done(Answer),
-    Fatal(PluginError),
-    Retry {
-        after: Option<Duration>,
-        why: String,
-        source: Option<reqwest::Error>,
-    },
+/// Why an attempt failed retryably: what to say if it was the last one, and the cause.
+struct Failure {
+    why: String,
+    source: Option<reqwest::Error>,
 }
+
+impl Failure {
+    fn new(why: String, source: Option<reqwest::Error>) -> Attempt<Answer, PluginError, Self> {
+        Attempt::retry(Failure { why, source })
+    }
+}
+
+/// How one attempt ended.
+type Outcome = Attempt<Answer, PluginError, Failure>;
 
 /// What to do with a non-2xx status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,49 +148,47 @@ impl OpenAiClient {
         let url = format!("{}{path}", self.base_url);
         let payload = serde_json::to_vec(body)
             .map_err(|e| PluginError::internal("request did not serialize").with_source(e))?;
-        let mut attempt = 0u32;
-        loop {
-            let outcome = match tokio::time::timeout(
-                self.timeout,
-                self.attempt(&url, path, &payload, stream),
-            )
-            .await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => Outcome::Retry {
-                    after: None,
-                    why: format!("no answer within {} ms", self.timeout.as_millis()),
-                    source: None,
-                },
-            };
-            let (after, why, source) = match outcome {
-                Outcome::Done(answer) => return Ok(answer),
-                Outcome::Fatal(e) => return Err(e),
-                Outcome::Retry { after, why, source } => (after, why, source),
-            };
-            if !self.retry.allows_retry(attempt) {
+        let (url, payload) = (&url, &payload);
+        let answer = retry_notify(
+            &self.retry,
+            |_| async move {
+                match tokio::time::timeout(self.timeout, self.attempt(url, path, payload, stream))
+                    .await
+                {
+                    Ok(outcome) => outcome,
+                    Err(_) => Failure::new(
+                        format!("no answer within {} ms", self.timeout.as_millis()),
+                        None,
+                    ),
+                }
+            },
+            |r| {
+                tracing::warn!(
+                    resource = %self.name,
+                    call = path,
+                    attempt = r.attempt,
+                    wait_ms = u64::try_from(r.wait.as_millis()).unwrap_or(u64::MAX),
+                    error = %r.error.why,
+                    "OpenAI-compatible call failed; retrying."
+                );
+            },
+        )
+        .await;
+        match answer {
+            Ok(answer) => Ok(answer),
+            Err(RetryError::Final(e)) => Err(e),
+            Err(RetryError::Exhausted { last, attempts }) => {
                 let err = PluginError::external(format!(
-                    "{}: `POST {path}` on `{}` failed after {} attempt(s): {why}",
+                    "{}: `POST {path}` on `{}` failed after {attempts} attempt(s): {}",
                     self.who(),
                     self.host,
-                    attempt + 1
+                    last.why
                 ));
-                return Err(match source {
+                Err(match last.source {
                     Some(s) => err.with_source(s),
                     None => err,
-                });
+                })
             }
-            let wait = self.retry.wait(attempt, after);
-            tracing::warn!(
-                resource = %self.name,
-                call = path,
-                attempt = attempt + 1,
-                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                error = %why,
-                "OpenAI-compatible call failed; retrying."
-            );
-            tokio::time::sleep(wait).await;
-            attempt += 1;
         }
     }
 
@@ -212,11 +215,7 @@ impl OpenAiClient {
                 } else {
                     "request failed"
                 };
-                return Outcome::Retry {
-                    after: None,
-                    why: format!("{what}: {}", root_cause(&e)),
-                    source: Some(e),
-                };
+                return Failure::new(format!("{what}: {}", root_cause(&e)), Some(e));
             }
         };
         let status = resp.status().as_u16();
@@ -226,18 +225,17 @@ impl OpenAiClient {
             }
             return match resp.bytes().await {
                 Ok(bytes) => Outcome::Done(Answer::Body(bytes.to_vec())),
-                Err(e) => Outcome::Retry {
-                    after: None,
-                    why: format!("reading the answer failed: {}", root_cause(&e)),
-                    source: Some(e),
-                },
+                Err(e) => Failure::new(
+                    format!("reading the answer failed: {}", root_cause(&e)),
+                    Some(e),
+                ),
             };
         }
         let after = retry_after(resp.headers());
         let text = resp.text().await.unwrap_or_default();
         match classify(status) {
             // The body is left out on purpose: OpenAI's 401 echoes part of the key.
-            Class::Auth => Outcome::Fatal(PluginError::config(match self.api_key {
+            Class::Auth => Outcome::Fail(PluginError::config(match self.api_key {
                 Some(_) => format!(
                     "{}: `{}` rejected the API key ({status}); check its `api_key`",
                     self.who(),
@@ -251,9 +249,11 @@ impl OpenAiClient {
                 ),
             })),
             Class::Retry => Outcome::Retry {
-                after,
-                why: format!("{status}: {}", self.detail(&text)),
-                source: None,
+                error: Failure {
+                    why: format!("{status}: {}", self.detail(&text)),
+                    source: None,
+                },
+                retry_after: after,
             },
             Class::Reject => {
                 let hint = if status == 404 {
@@ -261,7 +261,7 @@ impl OpenAiClient {
                 } else {
                     ""
                 };
-                Outcome::Fatal(PluginError::input(format!(
+                Outcome::Fail(PluginError::input(format!(
                     "{}: `POST {path}` on `{}` answered {status}: {}{hint}",
                     self.who(),
                     self.host,

@@ -27,10 +27,10 @@ pub struct OpenAiConfig {
     pub max_tokens: Option<u32>,
     /// Sampling temperature (0 to 2); overrides the prompt stage's `temperature` when set.
     #[serde(default)]
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
     /// Nucleus sampling (0 to 1); not sent when unset (the server's default applies).
     #[serde(default)]
-    pub top_p: Option<f32>,
+    pub top_p: Option<f64>,
     /// Per-attempt timeout: until the answer is complete, or for a streamed answer until it
     /// starts and then between two pieces of it. Default 10,000 ms.
     #[serde(default = "default_timeout_ms")]
@@ -188,6 +188,16 @@ fn common_problems(base_url: &str, api_key: Option<&Secret>, model: &str) -> Vec
         });
     }
     out
+}
+
+/// `value` as the `f64` with the same shortest decimal form: `0.7f32` becomes `0.7`, where
+/// `f64::from` would give `0.699999988079071` and put that in the request body.
+///
+/// For sampling values that still arrive as `f32` (the prompt stage's `temperature`, carried by
+/// [`prompter_core::resource::ChatRequest`]); everything this crate reads itself is `f64`.
+pub(crate) fn decimal_f64(value: f32) -> f64 {
+    // `Display` of an `f32` is the shortest decimal that reads back as the same `f32`.
+    value.to_string().parse().unwrap_or(f64::from(value))
 }
 
 /// The key to send: none when unset or empty (an unset `${OPENAI_API_KEY:-}`).

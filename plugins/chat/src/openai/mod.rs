@@ -43,10 +43,13 @@ mod client;
 mod config;
 mod embedder;
 mod provider;
-mod sse;
+/// Shared with [`crate::nebula`]; see the module's note on where it belongs.
+pub(crate) mod sse;
+mod stream;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use config::decimal_f64;
 pub use config::{ConfigProblem, OpenAiConfig, OpenAiEmbedConfig};
 pub use embedder::OpenAiEmbedder;
 pub use provider::OpenAiProvider;

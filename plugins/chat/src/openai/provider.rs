@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::client::{Answer, OpenAiClient, root_cause};
-use super::config::{OpenAiConfig, first_problem};
-use super::sse::{SseLines, StreamedReply};
+use super::config::{OpenAiConfig, decimal_f64, first_problem};
+use super::sse::{SseError, SseMessage, SseReader};
+use super::stream::StreamedReply;
 
 /// One message on the wire.
 #[derive(Debug, Serialize)]
@@ -19,15 +20,15 @@ struct WireMessage<'a> {
 
 /// The body of `POST /chat/completions`.
 #[derive(Debug, Serialize)]
-struct ChatBody<'a> {
+pub(super) struct ChatBody<'a> {
     model: &'a str,
     messages: Vec<WireMessage<'a>>,
     /// Left out when zero (the server's default then applies).
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
-    temperature: f32,
+    temperature: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    top_p: Option<f32>,
+    top_p: Option<f64>,
     stream: bool,
 }
 
@@ -58,7 +59,7 @@ impl OpenAiProvider {
         Ok(OpenAiProvider { config, http })
     }
 
-    fn body<'a>(&'a self, request: &'a ChatRequest, stream: bool) -> ChatBody<'a> {
+    pub(super) fn body<'a>(&'a self, request: &'a ChatRequest, stream: bool) -> ChatBody<'a> {
         let system = request.system_prompt.trim();
         let mut messages = Vec::with_capacity(request.messages.len() + 1);
         if !system.is_empty() {
@@ -82,7 +83,10 @@ impl OpenAiProvider {
                 .max_tokens
                 .or(Some(request.max_new_tokens))
                 .filter(|n| *n > 0),
-            temperature: self.config.temperature.unwrap_or(request.temperature),
+            temperature: self
+                .config
+                .temperature
+                .unwrap_or_else(|| decimal_f64(request.temperature)),
             top_p: self.config.top_p,
             stream,
         }
@@ -169,7 +173,7 @@ impl OpenAiProvider {
         tokens: mpsc::Sender<String>,
     ) -> Result<ChatReply, PluginError> {
         let path = "/chat/completions";
-        let mut resp = match self
+        let resp = match self
             .http
             .call(path, &self.body(request, true), true)
             .await?
@@ -182,11 +186,17 @@ impl OpenAiProvider {
             }
         };
         let who = self.http.who();
-        let mut lines = SseLines::default();
+        let mut events = SseReader::new(resp, self.http.timeout);
         let mut reply = StreamedReply::default();
-        while !reply.done {
-            let chunk = match tokio::time::timeout(self.http.timeout, resp.chunk()).await {
-                Err(_) => {
+        loop {
+            let data = match events.next().await {
+                Ok(Some(SseMessage::Data(data))) => data,
+                Ok(Some(SseMessage::Done)) => {
+                    reply.done = true;
+                    break;
+                }
+                Ok(None) => break,
+                Err(SseError::Stalled) => {
                     return Err(PluginError::external(format!(
                         "{who}: the answer stream of `POST {path}` stalled: nothing for {} ms \
                          after {} characters",
@@ -194,7 +204,7 @@ impl OpenAiProvider {
                         reply.text.chars().count()
                     )));
                 }
-                Ok(Err(e)) => {
+                Err(SseError::Broken(e)) => {
                     return Err(PluginError::external(format!(
                         "{who}: the answer stream of `POST {path}` broke after {} characters: {}",
                         reply.text.chars().count(),
@@ -202,17 +212,8 @@ impl OpenAiProvider {
                     ))
                     .with_source(e));
                 }
-                Ok(Ok(None)) => break,
-                Ok(Ok(Some(chunk))) => chunk,
             };
-            for line in lines.push(&chunk) {
-                reply.take(&who, &line, &tokens).await?;
-            }
-        }
-        if !reply.done {
-            if let Some(line) = lines.rest() {
-                reply.take(&who, &line, &tokens).await?;
-            }
+            reply.take(&who, &data, &tokens).await?;
         }
         if !reply.done && reply.finish_reason.is_none() {
             return Err(PluginError::external(format!(

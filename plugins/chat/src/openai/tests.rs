@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::client::{Class, classify, retry_after};
-use super::sse::{SseLines, sse_event};
+use super::stream::chunk_event;
 use super::*;
 
 const KEY: &str = "sk-test-0123456789";
@@ -520,46 +520,53 @@ fn configs_have_defaults_and_refuse_what_cannot_work() {
 }
 
 #[test]
-fn sse_lines_are_parsed_defensively() {
+fn stream_chunks_are_parsed_defensively() {
+    // Cutting the stream into lines, `data:` payloads and `[DONE]` is `super::sse`'s (tested
+    // there); this is what one payload says.
     let chunk = |delta: &str, finish: &str| {
         format!(
-            r#"data: {{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]}}"#
+            r#"{{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]}}"#
         )
     };
-    let text = sse_event(&chunk(r#"{"content":"Hi"}"#, "null")).unwrap();
+    let text = chunk_event(&chunk(r#"{"content":"Hi"}"#, "null")).unwrap();
     assert_eq!(
         (text.delta.as_deref(), text.model.as_deref()),
         (Some("Hi"), Some("m"))
     );
     // The role-only first chunk and empty contents carry nothing.
-    assert_eq!(sse_event(&chunk(r#"{"role":"assistant"}"#, "null")), None);
-    assert_eq!(sse_event(&chunk(r#"{"content":""}"#, "null")), None);
-    let last = sse_event(&chunk("{}", r#""stop""#)).unwrap();
+    assert_eq!(chunk_event(&chunk(r#"{"role":"assistant"}"#, "null")), None);
+    assert_eq!(chunk_event(&chunk(r#"{"content":""}"#, "null")), None);
+    let last = chunk_event(&chunk("{}", r#""stop""#)).unwrap();
     assert_eq!(
         (last.delta, last.finish_reason.as_deref()),
         (None, Some("stop"))
     );
-    assert!(sse_event("data: [DONE]\r").unwrap().done);
-    assert!(sse_event("data:[DONE]").unwrap().done);
-    for ignored in [
-        ": keep-alive",
-        "",
-        "event: ping",
-        "data: {not json",
-        "data: {}",
-    ] {
-        assert_eq!(sse_event(ignored), None, "{ignored}");
+    for ignored in ["", "[DONE]", "{not json", "{}"] {
+        assert_eq!(chunk_event(ignored), None, "{ignored}");
     }
-    let err = sse_event(r#"data: {"error": {"message": "overloaded", "type": "server_error"}}"#);
+    let err = chunk_event(r#"{"error": {"message": "overloaded", "type": "server_error"}}"#);
     assert_eq!(err.unwrap().error.as_deref(), Some("overloaded"));
+}
 
-    let mut lines = SseLines::default();
-    let bytes = "data: é\n\ndata: [DO".as_bytes();
-    // Split inside the two-byte `é`.
-    assert!(lines.push(&bytes[..7]).is_empty());
-    assert_eq!(lines.push(&bytes[7..]), ["data: é", "", ""]);
-    assert_eq!(lines.push(b"NE]").len(), 0);
-    assert_eq!(lines.rest().as_deref(), Some("data: [DONE]"));
+#[tokio::test]
+async fn sampling_parameters_are_sent_exactly() {
+    let f = fake().await;
+    let cfg = config(&f.url, json!({"api_key": KEY, "top_p": 0.95}));
+    let p = OpenAiProvider::new("gpt", cfg).unwrap();
+    let mut req = request();
+    req.temperature = 0.7;
+    // The exact bytes: not `0.949999988079071` (an f32 widened to f64).
+    let body = serde_json::to_string(&p.body(&req, false)).unwrap();
+    assert!(
+        body.contains(r#""temperature":0.7,"top_p":0.95,"#),
+        "{body}"
+    );
+    p.chat(&req, None).await.unwrap();
+    let sent = &f.chat_requests()[0];
+    assert_eq!(
+        (&sent["temperature"], &sent["top_p"]),
+        (&json!(0.7), &json!(0.95))
+    );
 }
 
 #[test]
