@@ -1,5 +1,6 @@
 //! Top-k search in the engine's knowledge stores (the ones under `knowledge:` in the engine
-//! config); the engine embeds the query, so no model runs in the plugin.
+//! config) that the stage was granted (`allow_knowledge: [sales]`); the engine embeds the query,
+//! so no model runs in the plugin.
 //!
 //! ```no_run
 //! use prompter_sdk::knowledge;
@@ -28,7 +29,8 @@ impl Document {
 /// The `k` documents of `store` closest to `query`, best first.
 ///
 /// # Errors
-/// The engine's reason: an unknown store, an embedding failure, ...
+/// The engine's reason: a store the stage has no grant for (the message names the missing
+/// `allow_knowledge` entry), an embedding failure, ...
 pub fn search(store: &str, query: &str, k: u32) -> Result<Vec<Document>, String> {
     crate::sys::knowledge_search(store, query, k)
 }

@@ -130,13 +130,16 @@
 //!       phrase: price
 //!     allow_hosts: [api.example.com] # hosts http::fetch may reach (`host:port`, `*.domain`);
 //!                                    # none by default
+//!     allow_knowledge: [sales]       # knowledge stores knowledge::search may query; none by default
+//!     allow_llm: [nebula]            # LLM providers llm::chat may ask; none by default
 //!     limits: { max_memory_mb: 32, max_output_kb: 256 }
 //!     timeout_ms: 200                # per event; the instance is interrupted past it
 //! ```
 //!
 //! `limits:` takes `max_memory_mb` (linear memory cap, default 64), `max_output_kb` (largest
 //! output plus notices, default 256), `recycle_after_calls`, `recycle_memory_mb`,
-//! `max_idle_instances` (the instance pool) and `fuel` (a deterministic budget, for tests).
+//! `max_idle_instances` (the instance pool), `transcript_lines` (the latest transcript lines each
+//! call receives, default 32) and `fuel` (a deterministic budget, for tests).
 //! A config the plugin rejects is reported at the offending line of `config:`.
 //!
 //! ## Things to know
@@ -155,7 +158,9 @@
 //! * **Grants.** A plugin reaches nothing by itself: no files, no sockets, no clock beyond what
 //!   WASI grants. [`http::fetch`] goes through the engine and only to hosts listed in the
 //!   stage's `allow_hosts`; [`knowledge::search`] and [`llm::chat`] use the engine's configured
-//!   stores and providers, so keys and credentials never enter the plugin.
+//!   stores and providers, only those listed in the stage's `allow_knowledge` and `allow_llm`,
+//!   so keys and credentials never enter the plugin. A call to one the stage was not granted
+//!   returns an error naming the missing grant (the plugin may carry on without it).
 
 #![warn(missing_docs)]
 

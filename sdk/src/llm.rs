@@ -1,5 +1,5 @@
-//! Asks one of the engine's LLM providers (the ones under `providers:` in the engine config);
-//! keys stay in the engine.
+//! Asks one of the engine's LLM providers (the ones under `llm:` in the engine config) that the
+//! stage was granted (`allow_llm: [nebula]`); keys stay in the engine.
 //!
 //! ```no_run
 //! use prompter_sdk::llm::{self, ChatMessage};
@@ -37,7 +37,8 @@ impl ChatMessage {
 /// Sends `messages` with `system_prompt` to `provider`; returns the answer text.
 ///
 /// # Errors
-/// The engine's reason: an unknown provider, a provider failure, a timeout, ...
+/// The engine's reason: a provider the stage has no grant for (the message names the missing
+/// `allow_llm` entry), a provider failure, a timeout, ...
 pub fn chat(
     provider: &str,
     system_prompt: &str,

@@ -11,4 +11,6 @@ mod kb;
 mod plugin_tool;
 mod replay;
 mod wasm;
+mod wasm_config;
+mod wasm_grants;
 mod wasm_pipelines;

@@ -16,7 +16,7 @@ pub(crate) fn module(name: &str) -> PathBuf {
 }
 
 /// A spec for `module_name` with the defaults the tests start from.
-fn spec(stage: &str, module_name: &str) -> WasmSpec {
+pub(crate) fn spec(stage: &str, module_name: &str) -> WasmSpec {
     WasmSpec {
         stage: stage.into(),
         module: module(module_name),
@@ -42,7 +42,7 @@ async fn hostile(
     .await
 }
 
-fn said(conv: &str, text: &str) -> prompter_core::event::Event {
+pub(crate) fn said(conv: &str, text: &str) -> prompter_core::event::Event {
     event(
         conv,
         1000,

@@ -645,6 +645,8 @@ const STAGE_KEYS: &[&str] = &[
     "on_error",
     "module",
     "allow_hosts",
+    "allow_knowledge",
+    "allow_llm",
     "limits",
 ];
 

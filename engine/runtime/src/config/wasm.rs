@@ -1,6 +1,6 @@
-//! `plugin: wasm` stages: `module:`, `allow_hosts:`, `limits:` and the `config:` handed to the
-//! component's `init` (run in the sandbox at load time, so bad config is reported with its
-//! position like any other).
+//! `plugin: wasm` stages: `module:`, the grants (`allow_hosts:`, `allow_knowledge:`,
+//! `allow_llm:`), `limits:` and the `config:` handed to the component's `init` (run in the
+//! sandbox at load time, so bad config is reported with its position like any other).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,14 +8,21 @@ use std::time::Duration;
 
 use marked_yaml::Node;
 use marked_yaml::types::MarkedMappingNode;
+use prompter_core::diagnostic::did_you_mean;
 use prompter_core::plugin::{Plugin, Resources};
 
 use super::diagnostics::{Diagnostics, WithHelp};
 use super::yaml::{check_keys, expect_map, expect_scalar, expect_seq, locate, opt_u64, required};
-use crate::wasm::{Limits, WasmPlugin, WasmSpec};
+use crate::wasm::{Grants, Limits, WasmPlugin, WasmSpec};
 
 /// Keys only `plugin: wasm` stages take.
-pub(crate) const WASM_KEYS: &[&str] = &["module", "allow_hosts", "limits"];
+pub(crate) const WASM_KEYS: &[&str] = &[
+    "module",
+    "allow_hosts",
+    "allow_knowledge",
+    "allow_llm",
+    "limits",
+];
 
 const LIMIT_KEYS: &[&str] = &[
     "max_memory_mb",
@@ -23,6 +30,7 @@ const LIMIT_KEYS: &[&str] = &[
     "recycle_after_calls",
     "recycle_memory_mb",
     "max_idle_instances",
+    "transcript_lines",
     "fuel",
 ];
 
@@ -69,6 +77,30 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
             }
         }
     }
+    let grants = Grants {
+        knowledge: granted_names(
+            file,
+            stage,
+            Grant {
+                key: "allow_knowledge",
+                what: "knowledge store",
+                section: "knowledge",
+            },
+            resources.knowledge.keys().map(String::as_str),
+            diags,
+        ),
+        llm: granted_names(
+            file,
+            stage,
+            Grant {
+                key: "allow_llm",
+                what: "llm provider",
+                section: "llm",
+            },
+            resources.chat.keys().map(String::as_str),
+            diags,
+        ),
+    };
     let mut limits = Limits::default();
     if let Some(lnode) = stage.get_node("limits") {
         if let Some(lmap) = expect_map(file, lnode, "`limits`", diags) {
@@ -131,7 +163,7 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
         timeout,
         resources: resources.clone(),
     };
-    match block_on(WasmPlugin::build(spec)) {
+    match block_on(WasmPlugin::build_with_grants(spec, grants)) {
         Ok(Ok(plugin)) => Some(Arc::new(plugin)),
         Ok(Err(e)) => {
             // Point at the field the plugin blamed when it named one, else at `config:` (or the
@@ -162,6 +194,64 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
             None
         }
     }
+}
+
+/// One resource grant key of a wasm stage, for messages.
+struct Grant {
+    /// The stage key (`allow_knowledge`).
+    key: &'static str,
+    /// What an entry names (`knowledge store`).
+    what: &'static str,
+    /// The engine config section declaring them (`knowledge`).
+    section: &'static str,
+}
+
+/// The names listed under `grant.key`, each checked against what the engine config declares
+/// (an unknown name is reported at its position with a "did you mean" hint).
+fn granted_names<'a>(
+    file: &Path,
+    stage: &MarkedMappingNode,
+    grant: Grant,
+    declared: impl Iterator<Item = &'a str> + Clone,
+    diags: &mut Diagnostics,
+) -> Vec<String> {
+    let Some(node) = stage.get_node(grant.key) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    let what = format!("an `{}` entry", grant.key);
+    for item in expect_seq(file, node, &format!("`{}`", grant.key), diags)
+        .into_iter()
+        .flat_map(|s| s.iter())
+    {
+        let Some(s) = expect_scalar(file, item, &what, diags) else {
+            continue;
+        };
+        let name = s.as_str().trim();
+        if declared.clone().any(|d| d == name) {
+            names.push(name.to_owned());
+            continue;
+        }
+        let help = match did_you_mean(name, declared.clone()) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None => {
+                let all: Vec<String> = declared.clone().map(|n| format!("`{n}`")).collect();
+                if all.is_empty() {
+                    format!("the engine config declares no `{}:` entries", grant.section)
+                } else {
+                    format!(
+                        "declared in the engine config's `{}:`: {}",
+                        grant.section,
+                        all.join(", ")
+                    )
+                }
+            }
+        };
+        diags
+            .error_node(file, item, format!("unknown {} `{name}`", grant.what))
+            .help(Some(help));
+    }
+    names
 }
 
 /// Runs a future to completion on a private runtime in a scoped thread, so loading works both

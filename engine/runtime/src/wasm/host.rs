@@ -2,7 +2,8 @@
 //! per-conversation scratch space, mediated HTTP, knowledge search and chat.
 //!
 //! Secrets never cross into the guest: HTTP goes through the engine's client (only to granted
-//! hosts), and knowledge stores and LLM providers keep their keys on the host side.
+//! hosts), and knowledge stores and LLM providers (only the granted ones) keep their keys on the
+//! host side.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::host::{
     self, ChatMessage as WitChatMessage, Document, HttpRequest, HttpResponse, LogLevel,
 };
+use super::plugin::{Grants, Metrics};
 
 /// Scratch space limits per stage and conversation.
 const KV_MAX_KEYS: usize = 256;
@@ -92,6 +94,9 @@ pub struct HostState {
     pub(crate) stage: Arc<str>,
     pub(crate) scratch: Arc<Scratch>,
     pub(crate) allow_hosts: Arc<Vec<String>>,
+    pub(crate) grants: Arc<Grants>,
+    /// The stage's metrics (refused host calls are counted here).
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) resources: Resources,
     pub(crate) http: reqwest::Client,
     pub(crate) call: CallInfo,
@@ -124,6 +129,49 @@ pub(crate) fn host_allowed(allow: &[String], host: &str, port: Option<u16>) -> b
             _ => a == host,
         }
     })
+}
+
+/// A grant key of a wasm stage, for refusals.
+#[derive(Debug, Clone, Copy)]
+enum Grant {
+    Knowledge,
+    Llm,
+}
+
+impl Grant {
+    fn key(self) -> &'static str {
+        match self {
+            Grant::Knowledge => "allow_knowledge",
+            Grant::Llm => "allow_llm",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Grant::Knowledge => "knowledge store",
+            Grant::Llm => "llm provider",
+        }
+    }
+}
+
+impl HostState {
+    /// Refuses a call to `name`, which the stage was not granted: counts and logs it (the name
+    /// only; never the query or the prompt) and returns the error the guest gets.
+    ///
+    /// The name is checked against the grant before anything else, so an ungranted plugin
+    /// learns nothing about which stores or providers exist.
+    fn deny(&self, grant: Grant, name: &str) -> String {
+        let name: String = name.chars().take(64).collect();
+        let stage = &*self.stage;
+        let conversation = &self.call.conversation;
+        let (key, what) = (grant.key(), grant.what());
+        if self.metrics.grant_denied() {
+            tracing::warn!(stage, conversation, grant = key, name = %name, "Refused a plugin call to a {what} the stage is not granted; later refusals are logged at debug.");
+        } else {
+            tracing::debug!(stage, conversation, grant = key, name = %name, "Refused a plugin call to a {what} the stage is not granted.");
+        }
+        format!("stage `{stage}` has no grant for {what} `{name}`: add it to the stage's `{key}`")
+    }
 }
 
 impl host::Host for HostState {
@@ -253,6 +301,9 @@ impl host::Host for HostState {
         query: String,
         k: u32,
     ) -> Result<Vec<Document>, String> {
+        if !self.grants.knowledge.contains(&store) {
+            return Err(self.deny(Grant::Knowledge, &store));
+        }
         let s = self
             .resources
             .knowledge
@@ -280,6 +331,9 @@ impl host::Host for HostState {
         system_prompt: String,
         messages: Vec<WitChatMessage>,
     ) -> Result<String, String> {
+        if !self.grants.llm.contains(&provider) {
+            return Err(self.deny(Grant::Llm, &provider));
+        }
         let p = self
             .resources
             .chat

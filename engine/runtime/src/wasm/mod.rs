@@ -8,13 +8,16 @@
 //! - [`runtime`]: the process-wide engine (pooling allocator, epoch interruption, disk cache),
 //!   component loading and the contract-version check.
 //! - [`host`]: the store's data and the host functions (log, kv, http, knowledge, chat).
-//! - [`plugin`]: [`WasmPlugin`], the stage: instance pool, deadlines, limits, error mapping,
-//!   metrics.
+//! - [`plugin`]: [`WasmPlugin`], the stage: instance pool, deadlines, limits, grants, error
+//!   mapping, metrics.
+//! - `slots`: the process-wide bound on live instances; a call waits (until its deadline) for a
+//!   free one.
 
 mod bindings;
 pub mod host;
 pub mod plugin;
 pub mod runtime;
+mod slots;
 
 pub use bindings::CONTRACT_VERSION;
-pub use plugin::{Cause, InitError, Limits, Metrics, WasmPlugin, WasmSpec};
+pub use plugin::{Cause, Grants, InitError, Limits, Metrics, WasmPlugin, WasmSpec};

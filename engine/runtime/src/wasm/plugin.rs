@@ -1,13 +1,14 @@
 //! `WasmPlugin`: a pipeline stage backed by a component instance pool.
 //!
-//! Each call takes a warm instance (or instantiates one from the pre-linked component and runs
-//! its `init`), sets the call's epoch deadline, runs `process`, and maps whatever happened to a
-//! result or a stage error that names the plugin and the cause. An instance that trapped is
-//! dropped; a healthy one goes back to the pool until it has served `recycle_after_calls` calls
-//! or its memory passed `recycle_memory_mb`.
+//! Each call takes a warm instance (or waits for a free slot, bounded by its deadline, and
+//! instantiates one from the pre-linked component and runs its `init`), sets the call's epoch
+//! deadline, runs `process`, and maps whatever happened to a result or a stage error that names
+//! the plugin and the cause. An instance that trapped is dropped; a healthy one goes back to the
+//! pool until it has served `recycle_after_calls` calls or its memory passed
+//! `recycle_memory_mb`.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,8 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use super::bindings::types;
 use super::bindings::{Stage, StagePre};
 use super::host::{CallInfo, HostState, Limiter, STDERR_CAPACITY, Scratch};
-use super::runtime::{EPOCH_TICK, MAX_MEMORY_BYTES, runtime};
+use super::runtime::{EPOCH_TICK, MAX_MEMORY_BYTES, WasmRuntime, runtime};
+use super::slots::{IdlePool, Slot};
 
 /// Resource limits of a Wasm stage (`limits:` in YAML).
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +62,16 @@ impl Default for Limits {
     }
 }
 
+/// What a Wasm stage may use of the engine's resources (`allow_knowledge:`, `allow_llm:`);
+/// nothing by default. Hosts are granted separately, by [`WasmSpec::allow_hosts`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// Knowledge stores `knowledge-search` may query.
+    pub knowledge: Vec<String>,
+    /// LLM providers `chat` may ask.
+    pub llm: Vec<String>,
+}
+
 /// Why calls failed, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
@@ -79,9 +91,11 @@ pub enum Cause {
     Plugin,
     /// Could not be instantiated or initialized.
     Instantiate,
+    /// No instance slot became free within `timeout_ms`.
+    Busy,
 }
 
-const CAUSES: [Cause; 8] = [
+const CAUSES: [Cause; 9] = [
     Cause::Timeout,
     Cause::Memory,
     Cause::Fuel,
@@ -90,6 +104,7 @@ const CAUSES: [Cause; 8] = [
     Cause::Output,
     Cause::Plugin,
     Cause::Instantiate,
+    Cause::Busy,
 ];
 
 impl Cause {
@@ -104,6 +119,7 @@ impl Cause {
             Cause::Output => "output",
             Cause::Plugin => "plugin_error",
             Cause::Instantiate => "instantiate",
+            Cause::Busy => "busy",
         }
     }
 }
@@ -113,13 +129,18 @@ impl Cause {
 pub struct Metrics {
     /// Calls made.
     pub calls: AtomicU64,
-    errors: [AtomicU64; 8],
+    errors: [AtomicU64; 9],
     /// Total call time, ns.
     pub total_ns: AtomicU64,
     /// Slowest call, ns.
     pub max_ns: AtomicU64,
     /// Instances created.
     pub instances: AtomicU64,
+    /// Host calls refused because the stage lacks the grant (`allow_knowledge`, `allow_llm`).
+    /// The guest gets an error and may go on, so these are not call errors.
+    pub denied: AtomicU64,
+    /// Whether a refusal was already logged at warn (later ones are logged at debug).
+    warned_denial: AtomicBool,
 }
 
 impl Metrics {
@@ -127,6 +148,12 @@ impl Metrics {
         if let Some(i) = CAUSES.iter().position(|c| *c == cause) {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a refused host call; true for the stage's first one (log it loudly).
+    pub(crate) fn grant_denied(&self) -> bool {
+        self.denied.fetch_add(1, Ordering::Relaxed);
+        !self.warned_denial.swap(true, Ordering::Relaxed)
     }
 
     /// Errors by cause (only causes that happened).
@@ -144,9 +171,25 @@ struct Instance {
     store: Store<HostState>,
     stage: Stage,
     calls: u64,
+    /// Declared after `store` so the store (and its pooling allocator slot) is gone before the
+    /// slot is handed to a waiter.
+    _slot: Slot,
 }
 
-/// What a Wasm stage needs to be built.
+/// A stage's idle instances. The process-wide slots may take one back for a waiting call of any
+/// stage.
+#[derive(Default)]
+struct Idle(Mutex<Vec<Instance>>);
+
+impl IdlePool for Idle {
+    fn evict_one(&self) -> bool {
+        let evicted = self.0.lock().ok().and_then(|mut idle| idle.pop());
+        evicted.is_some()
+    }
+}
+
+/// What a Wasm stage needs to be built. Its knowledge and LLM grants go beside it, to
+/// [`WasmPlugin::build_with_grants`].
 pub struct WasmSpec {
     /// The stage id.
     pub stage: String,
@@ -168,17 +211,19 @@ pub struct WasmSpec {
 pub struct WasmPlugin {
     stage: Arc<str>,
     module: PathBuf,
+    runtime: Arc<WasmRuntime>,
     pre: StagePre<HostState>,
     config_json: String,
     allow_hosts: Arc<Vec<String>>,
+    grants: Arc<Grants>,
     limits: Limits,
     timeout: Duration,
     resources: Resources,
     scratch: Arc<Scratch>,
     http: reqwest::Client,
-    pool: Mutex<Vec<Instance>>,
+    idle: Arc<Idle>,
     /// Host-side metrics.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A failure while building a Wasm stage: a message, and the config field the plugin blamed.
@@ -192,11 +237,24 @@ pub struct InitError {
 
 impl WasmPlugin {
     /// Loads the component and runs `init` with the config in the sandbox, so bad config is
-    /// found at load time.
+    /// found at load time. The stage may use no knowledge store and no LLM provider.
     ///
     /// # Errors
     /// The module cannot be loaded, or its `init` rejected the config.
     pub async fn build(spec: WasmSpec) -> Result<WasmPlugin, InitError> {
+        Self::build_with_grants(spec, Grants::default()).await
+    }
+
+    /// As [`WasmPlugin::build`], with the knowledge stores and LLM providers the stage may use.
+    /// Names are not checked against `spec.resources` here (config loading does that, with
+    /// positions); a granted name that is missing is "unknown" to the guest at call time.
+    ///
+    /// # Errors
+    /// The module cannot be loaded, or its `init` rejected the config.
+    pub async fn build_with_grants(
+        spec: WasmSpec,
+        grants: Grants,
+    ) -> Result<WasmPlugin, InitError> {
         let plain = |message: String| InitError {
             message,
             field: None,
@@ -205,24 +263,33 @@ impl WasmPlugin {
         let pre = rt
             .load(&spec.module, spec.limits.fuel.is_some())
             .map_err(|e| plain(e.to_string()))?;
+        let idle = Arc::new(Idle::default());
+        let as_pool: Arc<dyn IdlePool> = idle.clone();
+        rt.slots.register(Arc::downgrade(&as_pool));
         let plugin = WasmPlugin {
             stage: Arc::from(spec.stage.as_str()),
             module: spec.module,
+            runtime: rt,
             pre,
             config_json: spec.config_json,
             allow_hosts: Arc::new(spec.allow_hosts),
+            grants: Arc::new(grants),
             limits: spec.limits,
             timeout: spec.timeout,
             resources: spec.resources,
             scratch: Arc::default(),
             http: http_client(),
-            pool: Mutex::default(),
-            metrics: Metrics::default(),
+            idle,
+            metrics: Arc::default(),
         };
-        let instance = plugin.instantiate().await.map_err(|(e, field)| InitError {
-            message: e.message,
-            field,
-        })?;
+        let deadline = Instant::now() + plugin.timeout;
+        let instance = plugin
+            .instantiate(deadline)
+            .await
+            .map_err(|(e, field)| InitError {
+                message: e.message,
+                field,
+            })?;
         plugin.give_back(instance);
         Ok(plugin)
     }
@@ -238,12 +305,34 @@ impl WasmPlugin {
             .min(MAX_MEMORY_BYTES)
     }
 
-    fn ticks(&self) -> u64 {
-        (self.timeout.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64
+    /// Epoch ticks left until `deadline` (at least one).
+    fn ticks_until(deadline: Instant) -> u64 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        (left.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64
     }
 
-    /// A fresh instance with `init` run; on failure the error and the config field blamed.
-    async fn instantiate(&self) -> Result<Instance, (PluginError, Option<String>)> {
+    /// A fresh instance with `init` run, once a slot is free (waiting until `deadline` at most);
+    /// on failure the error and the config field blamed.
+    async fn instantiate(
+        &self,
+        deadline: Instant,
+    ) -> Result<Instance, (PluginError, Option<String>)> {
+        // Stop waiting a moment before the deadline, so this error (which says why) wins over
+        // the pipeline's own timeout of the stage, which started a little earlier.
+        let wait_until = deadline.checked_sub(EPOCH_TICK).unwrap_or(deadline);
+        let slot = match self.runtime.slots.acquire(wait_until).await {
+            Ok(slot) => slot,
+            Err(busy) => {
+                self.metrics.error(Cause::Busy);
+                let msg = format!(
+                    "plugin `{}` got no WebAssembly instance within its `timeout_ms` of {} ms: all {} instances the engine allows are in use",
+                    self.stage,
+                    self.timeout.as_millis(),
+                    busy.capacity
+                );
+                return Err((PluginError::timeout(msg), None));
+            }
+        };
         self.metrics.instances.fetch_add(1, Ordering::Relaxed);
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         // No environment, arguments, files, clocks beyond WASI defaults, or sockets: the only
@@ -267,6 +356,8 @@ impl WasmPlugin {
             stage: self.stage.clone(),
             scratch: self.scratch.clone(),
             allow_hosts: self.allow_hosts.clone(),
+            grants: self.grants.clone(),
+            metrics: self.metrics.clone(),
             resources: self.resources.clone(),
             http: self.http.clone(),
             call: CallInfo::default(),
@@ -275,7 +366,7 @@ impl WasmPlugin {
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.ticks());
+        store.set_epoch_deadline(Self::ticks_until(deadline));
         if let Some(fuel) = self.limits.fuel {
             let _ = store.set_fuel(fuel);
         }
@@ -292,6 +383,7 @@ impl WasmPlugin {
                 store,
                 stage,
                 calls: 0,
+                _slot: slot,
             }),
             Ok(Err(pe)) => {
                 self.metrics.error(Cause::Instantiate);
@@ -320,11 +412,19 @@ impl WasmPlugin {
         {
             return;
         }
-        if let Ok(mut pool) = self.pool.lock() {
-            if pool.len() < self.limits.max_idle_instances {
-                pool.push(instance);
+        // Checked under the pool's lock, so a call that starts waiting for a slot either sees
+        // this instance idle (and takes its slot) or makes it free its slot here.
+        let dropped = match self.idle.0.lock() {
+            Ok(mut idle)
+                if idle.len() < self.limits.max_idle_instances
+                    && !self.runtime.slots.contended() =>
+            {
+                idle.push(instance);
+                None
             }
-        }
+            _ => Some(instance),
+        };
+        drop(dropped);
     }
 
     /// Names the cause of a failed call.
@@ -394,10 +494,13 @@ impl WasmPlugin {
     }
 
     async fn call(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
-        let taken = self.pool.lock().ok().and_then(|mut p| p.pop());
+        // Waiting for an instance counts against the stage's `timeout_ms`, like the pipeline's
+        // own timeout of the stage does.
+        let deadline = Instant::now() + self.timeout;
+        let taken = self.idle.0.lock().ok().and_then(|mut p| p.pop());
         let mut inst = match taken {
             Some(i) => i,
-            None => self.instantiate().await.map_err(|(e, _)| e)?,
+            None => self.instantiate(deadline).await.map_err(|(e, _)| e)?,
         };
         let event = wit_event(cx.event());
         let conversation = wit_conversation(cx.conversation(), self.limits.transcript_lines);
@@ -405,13 +508,13 @@ impl WasmPlugin {
             let data = inst.store.data_mut();
             data.call = CallInfo {
                 conversation: cx.event().conversation_id.to_string(),
-                deadline: Some(Instant::now() + self.timeout),
+                deadline: Some(deadline),
             };
             data.violation = None;
             data.limiter.denied = false;
             data.stderr_mark = data.stderr.contents().len();
         }
-        inst.store.set_epoch_deadline(self.ticks());
+        inst.store.set_epoch_deadline(Self::ticks_until(deadline));
         if let Some(fuel) = self.limits.fuel {
             let _ = inst.store.set_fuel(fuel);
         }

@@ -1,5 +1,6 @@
 //! The process-wide wasmtime engine: one `Engine` (pooling allocator, epoch interruption,
-//! on-disk compilation cache), one `Linker`, and compiled components cached by content.
+//! on-disk compilation cache), one `Linker`, compiled components cached by content, and the
+//! instance slots every live instance holds (see `slots`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,13 +13,15 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::bindings::{CONTRACT_PACKAGE, CONTRACT_VERSION, Stage, StagePre};
 use super::host::HostState;
+use super::slots::Slots;
 
 /// How often the epoch advances; stage deadlines are counted in these ticks.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// The largest linear memory any plugin may be given (`limits.max_memory_mb` is capped here).
 pub(crate) const MAX_MEMORY_BYTES: usize = 512 << 20;
-/// Concurrent instances the pooling allocator reserves room for.
-const POOL_INSTANCES: u32 = 128;
+/// Concurrent instances the pooling allocator reserves room for; as many [`Slots`] bound the
+/// live instances of the process, so a call waits for one rather than failing to instantiate.
+pub(crate) const POOL_INSTANCES: u32 = 128;
 
 /// A problem loading a module.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,9 @@ pub struct WasmRuntime {
     linker: Linker<HostState>,
     fuel: OnceLock<Result<(Engine, Linker<HostState>), String>>,
     compiled: Mutex<HashMap<CompiledKey, StagePre<HostState>>>,
+    /// One per live instance, of any stage. The fuel engine (tests) allocates on demand, but
+    /// its instances take slots too: one bound for the whole process is simpler to reason about.
+    pub(crate) slots: Slots,
     /// Whether the pooling allocator is in use (false when the machine refused its reservation).
     pub pooling: bool,
 }
@@ -157,6 +163,7 @@ impl WasmRuntime {
             linker,
             fuel: OnceLock::new(),
             compiled: Mutex::default(),
+            slots: Slots::new(POOL_INSTANCES as usize),
             pooling,
         })
     }

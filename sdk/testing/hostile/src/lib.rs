@@ -11,12 +11,15 @@
 //! | `fetch URL` | fetches URL and returns `{"fetched", "status", "body"}` or the error (grants) |
 //! | `huge`   | returns an 8 MiB output (output size limit) |
 //! | `kv`     | increments kv `count` and returns `{"count": n}` |
+//! | `search STORE` | searches knowledge store STORE; returns `{"searched", "texts"}` or the error (grants) |
+//! | `ask PROVIDER` | asks LLM provider PROVIDER; returns `{"asked", "answer"}` or the error (grants) |
 //! | other    | returns `{"ok": true, "text": text}` |
 //!
 //! Config `{}`; `{"reject": true}` makes `init` fail with a config error at field `mode`.
 
 use prompter_sdk::http::{self, Request};
 use prompter_sdk::prelude::*;
+use prompter_sdk::{knowledge, llm};
 use serde_json::json;
 
 /// `{}`, or `{"reject": true}` to fail `init`.
@@ -85,6 +88,21 @@ impl Plugin for Hostile {
                     Err(e) => Outcome::next(json!({ "fetched": false, "error": e })),
                 }
             }
+            search if search.starts_with("search ") => {
+                match knowledge::search(search.trim_start_matches("search ").trim(), "budget", 2) {
+                    Ok(docs) => {
+                        let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
+                        Outcome::next(json!({ "searched": true, "texts": texts }))
+                    }
+                    Err(e) => Outcome::next(json!({ "searched": false, "error": e })),
+                }
+            }
+            ask if ask.starts_with("ask ") => {
+                match llm::ask(ask.trim_start_matches("ask ").trim(), "Be brief.", "Hello?") {
+                    Ok(answer) => Outcome::next(json!({ "asked": true, "answer": answer })),
+                    Err(e) => Outcome::next(json!({ "asked": false, "error": e })),
+                }
+            }
             "huge" => Outcome::next(json!({ "blob": "x".repeat(8 * 1024 * 1024) })),
             "kv" => {
                 let n = kv::get_json::<u64>("count").unwrap_or(0) + 1;
@@ -123,6 +141,32 @@ mod tests {
         assert_eq!(
             out.output().unwrap()["blob"].as_str().unwrap().len(),
             8 << 20
+        );
+    }
+
+    #[test]
+    fn knowledge_and_chat_answers_and_errors_reach_the_output() {
+        let mut h = Harness::<Hostile>::new(json!({})).unwrap();
+        testing::mock_knowledge(|store, _query, _k| match store {
+            "sales" => Ok(vec![knowledge::Document::new(
+                "1",
+                "No budget: offer a pilot.",
+                0.9,
+            )]),
+            other => Err(format!("no grant for `{other}`")),
+        });
+        testing::mock_chat(|provider, _system, _messages| Ok(format!("hi from {provider}")));
+        assert_eq!(
+            say(&mut h, "search sales").output(),
+            Some(&json!({"searched": true, "texts": ["No budget: offer a pilot."]}))
+        );
+        assert_eq!(
+            say(&mut h, "search hr").output(),
+            Some(&json!({"searched": false, "error": "no grant for `hr`"}))
+        );
+        assert_eq!(
+            say(&mut h, "ask nebula").output(),
+            Some(&json!({"asked": true, "answer": "hi from nebula"}))
         );
     }
 
