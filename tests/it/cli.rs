@@ -62,20 +62,66 @@ pub(crate) fn at(rel: &str) -> String {
 fn plugins_lists_every_builtin() {
     let r = prompter(&["plugins"]);
     assert_eq!(r.code, 0);
-    for name in [
-        "dedupe", "retrieve", "prompt", "chat", "notify", "embedded", "offline",
-    ] {
-        assert!(
-            r.stdout.contains(&format!("  {name} ")),
-            "{name} missing from:\n{}",
-            r.stdout
-        );
+    assert_eq!(r.stderr, "");
+    // Each section's heading, then one `  <name padded to 18> <description>` line per entry.
+    let mut sections: Vec<(&str, Vec<&str>)> = Vec::new();
+    for line in r.stdout.lines() {
+        match line.strip_prefix("  ") {
+            Some(entry) => {
+                let (name, description) = entry.split_at(18.min(entry.len()));
+                assert!(
+                    !description.trim().is_empty() && description.starts_with(' '),
+                    "entry without a description: {line:?}"
+                );
+                sections.last_mut().unwrap().1.push(name.trim_end());
+            }
+            None => sections.push((line, Vec::new())),
+        }
     }
+    assert_eq!(
+        sections,
+        [
+            (
+                "stage plugins (`plugin:` in a pipeline stage):",
+                vec![
+                    "dedupe",
+                    "retrieve",
+                    "prompt",
+                    "chat",
+                    "notify",
+                    "symbl_conversation",
+                    "wasm"
+                ]
+            ),
+            (
+                "knowledge stores (`store:` under `knowledge:`):",
+                vec!["embedded", "atlas"]
+            ),
+            (
+                "llm providers (`provider:` under `llm:`):",
+                vec!["offline", "nebula", "openai"]
+            ),
+            (
+                "embedders (`provider:` under `embedders:`):",
+                vec!["hashing", "nebula", "openai"]
+            ),
+        ]
+    );
 }
 
 #[test]
 fn bad_arguments_exit_2_with_usage() {
     let r = prompter(&["replay"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("Usage"), "{}", r.stderr);
+    assert_eq!(r.stdout, "");
+    assert_eq!(
+        r.stderr,
+        "error: the following required arguments were not provided:
+  <RECORDINGS>...
+
+Usage: prompter replay <RECORDINGS>...
+
+For more information, try '--help'.
+"
+    );
 }

@@ -7,6 +7,8 @@
 
 mod cli;
 mod config_ui;
+#[cfg(unix)] // The examples sandbox links `pipelines/` and `target/` into a temp folder.
+mod docs_yaml;
 mod kb;
 mod plugin_tool;
 mod replay;

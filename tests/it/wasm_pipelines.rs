@@ -16,7 +16,11 @@ fn outputs(stdout: &str) -> Vec<Output> {
 fn shipped_wasm_pipelines_validate() {
     let r = prompter(&["validate", &at("prompter-plugins.yaml")]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("rta_redacted"), "{}", r.stdout);
+    assert_eq!(
+        r.stdout,
+        "ok: 1 file(s) valid; pipelines: call_recap, open_questions, rta, compliance, escalation, \
+         rta_redacted; knowledge stores: sales; llm providers: offline\n"
+    );
 }
 
 #[test]
@@ -103,11 +107,28 @@ fn escalation_and_compliance_plugins_alert_once_each() {
         [("escalation", 28_000), ("compliance", 35_000)],
         "{outs:#?}"
     );
-    let escalation = outs.iter().find(|o| o.pipeline == "escalation").unwrap();
-    assert!(
-        escalation.text.contains("Honestly this is ridiculous"),
-        "{}",
-        escalation.text
+    let alert = |pipeline: &str| {
+        let o = outs.iter().find(|o| o.pipeline == pipeline).unwrap();
+        (o.title.as_deref().unwrap(), o.text.as_str())
+    };
+    assert_eq!(
+        alert("escalation"),
+        (
+            "Escalate: customer frustrated",
+            "Tom Becker has been negative for 3 sentences in a row. Consider stepping in.\n\
+             > I was charged twice this month and nobody answered my last three emails.\n\
+             > It's tom.becker@example.org, and you can call me back on +1 415 555 0187 if this \
+             drops.\n\
+             > Honestly this is ridiculous, I've been a customer for six years."
+        )
+    );
+    assert_eq!(
+        alert("compliance"),
+        (
+            "Compliance: recording disclosure missing",
+            "The agent has not said a required phrase (\"this call is recorded\" or \"this call may \
+             be recorded\" or \"this call is being recorded\") within the first 30 s."
+        )
     );
 }
 
@@ -126,13 +147,19 @@ fn a_plugin_rejecting_its_config_is_reported_at_the_field() {
         &at("prompter.yaml"),
         file.to_str().unwrap(),
     ]);
-    assert_ne!(r.code, 0);
+    assert_eq!(r.code, 1);
+    assert_eq!(r.stdout, "");
     let f = file.display().to_string();
-    assert!(
-        r.stderr.contains(&format!(
-            "{f}:8:23: error: plugin `disclosure` rejected its config"
-        )),
-        "{}",
-        r.stderr
+    assert_eq!(
+        r.stderr,
+        format!(
+            "{f}:8:23: error: plugin `disclosure` rejected its config: invalid type: integer `3`, \
+             expected a string
+  |
+8 |       phrases: [\"ok\", 3]
+  |                       ^
+error: 1 problem(s) found
+"
+        )
     );
 }

@@ -338,14 +338,52 @@ pub enum ParseError {
     /// The type is not one Symbl is known to send.
     #[error("unknown event type `{0}`")]
     UnknownType(String),
+    /// A `tracker_response` whose `trackers` are all malformed (a frame with some usable
+    /// trackers keeps those and logs a warning about the rest instead).
+    #[error(
+        "`tracker_response` has no usable tracker: `trackers[{index}]` {defect}{}",
+        more_note(*.malformed)
+    )]
+    MalformedTrackers {
+        /// The first malformed item's index in `trackers`.
+        index: usize,
+        /// What is wrong with it.
+        defect: TrackerDefect,
+        /// How many items of `trackers` are malformed (all of them).
+        malformed: usize,
+    },
+}
+
+/// What makes one item of a `tracker_response`'s `trackers` malformed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TrackerDefect {
+    /// The item is not a JSON object.
+    #[error("is not a JSON object")]
+    NotAnObject,
+    /// The item has no `name`, or a `name` that is not a string.
+    #[error("has no string `name` field")]
+    MissingName,
+}
+
+/// `, and N more are malformed` when the first malformed tracker is not the only one.
+fn more_note(malformed: usize) -> String {
+    match malformed {
+        0 | 1 => String::new(),
+        2 => ", and 1 more is malformed".to_owned(),
+        n => format!(", and {} more are malformed", n - 1),
+    }
 }
 
 /// Parses one Symbl frame into its events (one per tracker/insight/topic/message it carries).
 ///
-/// A result frame that carries no items (an empty `trackers` list, say) gives no events.
+/// A result frame that carries no items (an empty `trackers` list, say) gives no events. A
+/// `tracker_response` item without a string `name` is dropped with a warning when the frame has
+/// other, usable trackers.
 ///
 /// # Errors
-/// Returns [`ParseError`] when the frame has no recognizable type; unknown *fields* are ignored.
+/// Returns [`ParseError`] when the frame has no recognizable type, or when every item of a
+/// `tracker_response`'s `trackers` is malformed ([`ParseError::MalformedTrackers`] names the
+/// first one and what it lacks); unknown *fields* are ignored.
 ///
 /// # Examples
 /// ```
@@ -389,12 +427,30 @@ pub fn parse_frame(
             }
         }
         "tracker_response" => {
-            let is_final = obj.get("isFinal").and_then(Value::as_bool).unwrap_or(true);
-            for t in array(obj.get("trackers")) {
-                if let Some(hit) = parse_tracker(t, is_final) {
-                    items.push((EventKind::TrackerResponse, Detail::Tracker(hit)));
-                }
+            let (hits, defects) = parse_trackers(obj);
+            if hits.is_empty()
+                && let Some(&(index, defect)) = defects.first()
+            {
+                return Err(ParseError::MalformedTrackers {
+                    index,
+                    defect,
+                    malformed: defects.len(),
+                });
             }
+            for (index, defect) in &defects {
+                // Only the item's index and defect are logged (no call text), so warn level is
+                // safe; the frame's good trackers still run.
+                tracing::warn!(
+                    conversation = %conversation_id,
+                    offset_ms,
+                    error = %format_args!("`trackers[{index}]` {defect}"),
+                    "Dropped a malformed tracker from a `tracker_response`."
+                );
+            }
+            items.extend(
+                hits.into_iter()
+                    .map(|hit| (EventKind::TrackerResponse, Detail::Tracker(hit))),
+            );
         }
         "insight_response" => {
             for i in array(obj.get("insights")) {
@@ -502,8 +558,27 @@ fn parse_message(m: &Value) -> TranscriptMessage {
     }
 }
 
-fn parse_tracker(t: &Value, is_final: bool) -> Option<TrackerHit> {
-    let name = string(t.get("name"))?;
+/// The usable trackers of a `tracker_response`, and the index and defect of every other item.
+fn parse_trackers(
+    obj: &serde_json::Map<String, Value>,
+) -> (Vec<TrackerHit>, Vec<(usize, TrackerDefect)>) {
+    let is_final = obj.get("isFinal").and_then(Value::as_bool).unwrap_or(true);
+    let mut hits = Vec::new();
+    let mut defects = Vec::new();
+    for (index, t) in array(obj.get("trackers")).enumerate() {
+        match parse_tracker(t, is_final) {
+            Ok(hit) => hits.push(hit),
+            Err(defect) => defects.push((index, defect)),
+        }
+    }
+    (hits, defects)
+}
+
+fn parse_tracker(t: &Value, is_final: bool) -> Result<TrackerHit, TrackerDefect> {
+    if !t.is_object() {
+        return Err(TrackerDefect::NotAnObject);
+    }
+    let name = string(t.get("name")).ok_or(TrackerDefect::MissingName)?;
     let matches = array(t.get("matches"))
         .map(|m| TrackerMatch {
             kind: string(m.get("type")),
@@ -517,7 +592,7 @@ fn parse_tracker(t: &Value, is_final: bool) -> Option<TrackerHit> {
                 .collect(),
         })
         .collect();
-    Some(TrackerHit {
+    Ok(TrackerHit {
         id: string(t.get("id")),
         name,
         is_final,
@@ -689,6 +764,63 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_tracker_response_with_only_malformed_trackers_is_an_error_naming_the_first() {
+        let nameless = json!({"type": "tracker_response", "isFinal": true, "trackers": [
+            {"id": "t1", "matches": [{"type": "vocabulary", "value": "too pricey"}]}]});
+        let err = parse_frame("c", 0, nameless).unwrap_err();
+        assert_eq!(
+            err,
+            ParseError::MalformedTrackers {
+                index: 0,
+                defect: TrackerDefect::MissingName,
+                malformed: 1
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "`tracker_response` has no usable tracker: `trackers[0]` has no string `name` field"
+        );
+
+        let all_bad = json!({"type": "tracker_response", "trackers": ["Budget", {"name": 7}, {}]});
+        assert_eq!(
+            parse_frame("c", 0, all_bad).unwrap_err().to_string(),
+            "`tracker_response` has no usable tracker: `trackers[0]` is not a JSON object, \
+             and 2 more are malformed"
+        );
+        let two_bad = json!({"type": "tracker_response", "trackers": [{"name": null}, {}]});
+        assert_eq!(
+            parse_frame("c", 0, two_bad).unwrap_err().to_string(),
+            "`tracker_response` has no usable tracker: `trackers[0]` has no string `name` field, \
+             and 1 more is malformed"
+        );
+    }
+
+    #[test]
+    fn a_tracker_response_keeps_its_good_trackers_and_names_the_malformed_ones() {
+        let frame = json!({"type": "tracker_response", "isFinal": true, "trackers": [
+            {"matches": [{"type": "vocabulary", "value": "no budget"}]},
+            {"name": "Budget Constraints", "matches": [{"type": "vocabulary", "value": "too pricey"}]},
+            42]});
+        let obj = frame.as_object().unwrap();
+        let (hits, defects) = parse_trackers(obj);
+        assert_eq!(
+            hits.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+            ["Budget Constraints"]
+        );
+        assert_eq!(
+            defects,
+            [
+                (0, TrackerDefect::MissingName),
+                (2, TrackerDefect::NotAnObject)
+            ]
+        );
+        let events = parse_frame("c", 0, frame).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].tracker().unwrap().name, "Budget Constraints");
+        assert_eq!(events[0].tracker().unwrap().phrases(), ["too pricey"]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!     documents: retrieve          # stage whose `documents` are the context (default: the latest)
 //!     transcript_lines: 8          # how many transcript lines `transcript` holds
 //!     transcript_from: redact      # optional: a stage whose `transcript` output replaces the state's
+//!     max_line_chars: 1000         # longest `Speaker: text` line; longer ones are cut, ending in `…`
 //!     system: "Be brief. Context: {% for d in documents %}{{ d.data }} {% endfor %}"
 //!     messages:
 //!       - { role: human, text: "{{ event.tracker.name }}" }
@@ -19,7 +20,8 @@
 //!
 //! Templates see the usual context (`event`, `conversation`, `stages`, `pipeline`) plus
 //! `documents` (the context documents) and `transcript` (the last `transcript_lines` lines as
-//! `Speaker: text`). The defaults are the Real-Time Assist prompt of Symbl's RTA guide.
+//! `Speaker: text`, each at most `max_line_chars` characters, so one runaway sentence cannot fill
+//! the model's context). The defaults are the Real-Time Assist prompt of Symbl's RTA guide.
 
 use std::sync::Arc;
 
@@ -61,6 +63,10 @@ pub struct PromptConfig {
     /// How many recent transcript lines `transcript` holds. Default 8.
     #[serde(default = "default_transcript_lines")]
     pub transcript_lines: usize,
+    /// Longest line `transcript` holds, in characters, `Speaker: ` included; a longer line keeps
+    /// its beginning and ends with `…` (cut on a character boundary). At least 2. Default 1000.
+    #[serde(default = "default_max_line_chars")]
+    pub max_line_chars: usize,
     /// Maximum tokens the model may generate. Default 1024.
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: u32,
@@ -102,6 +108,9 @@ fn default_messages() -> Vec<MessageTemplate> {
 fn default_transcript_lines() -> usize {
     8
 }
+fn default_max_line_chars() -> usize {
+    1000
+}
 fn default_max_new_tokens() -> u32 {
     1024
 }
@@ -136,6 +145,14 @@ impl PluginFactory for PromptFactory {
         if let Some(id) = &cfg.transcript_from {
             cx.check_stage_ref("transcript_from", id);
         }
+        if cfg.max_line_chars < MIN_LINE_CHARS {
+            cx.report(BuildError::at(
+                "max_line_chars",
+                format!(
+                    "`max_line_chars` must be at least {MIN_LINE_CHARS} (a character and the `…`)"
+                ),
+            ));
+        }
         if cfg.messages.is_empty() {
             cx.report(BuildError::at(
                 "messages",
@@ -156,6 +173,7 @@ impl PluginFactory for PromptFactory {
             documents: cfg.documents,
             transcript_from: cfg.transcript_from,
             transcript_lines: cfg.transcript_lines,
+            max_line_chars: cfg.max_line_chars,
             max_new_tokens: cfg.max_new_tokens,
             temperature: cfg.temperature,
         }))
@@ -170,8 +188,36 @@ pub struct Prompt {
     documents: Option<String>,
     transcript_from: Option<String>,
     transcript_lines: usize,
+    max_line_chars: usize,
     max_new_tokens: u32,
     temperature: f32,
+}
+
+/// The smallest useful `max_line_chars`: one character of the line and the ellipsis.
+const MIN_LINE_CHARS: usize = 2;
+
+/// What ends a line that was cut.
+const ELLIPSIS: char = '…';
+
+/// `speaker: text`, cut to at most `max_chars` characters (the ellipsis included).
+///
+/// Walks characters, not bytes, so the cut falls on a char boundary, and stops at the limit, so
+/// a megabyte-long sentence costs no more than a short one.
+fn bounded_line(speaker: &str, text: &str, max_chars: usize) -> String {
+    let mut chars = speaker.chars().chain(": ".chars()).chain(text.chars());
+    let mut line = String::new();
+    for _ in 0..max_chars.saturating_sub(1) {
+        match chars.next() {
+            Some(c) => line.push(c),
+            None => return line,
+        }
+    }
+    match (chars.next(), chars.next()) {
+        (None, _) => {}
+        (Some(last), None) => line.push(last),
+        (Some(_), Some(_)) => line.push(ELLIPSIS),
+    }
+    line
 }
 
 #[async_trait]
@@ -198,7 +244,7 @@ impl Plugin for Prompt {
                             .and_then(|v| v.as_str())
                             .unwrap_or("Unknown");
                         let text = l.get("text").and_then(|v| v.as_str()).unwrap_or_default();
-                        format!("{speaker}: {text}")
+                        bounded_line(speaker, text, self.max_line_chars)
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
@@ -207,7 +253,7 @@ impl Plugin for Prompt {
                 .conversation()
                 .last_lines(self.transcript_lines)
                 .iter()
-                .map(|l| format!("{}: {}", l.speaker, l.text))
+                .map(|l| bounded_line(&l.speaker, &l.text, self.max_line_chars))
                 .collect::<Vec<_>>()
                 .join("\n"),
         };
@@ -333,6 +379,102 @@ mod tests {
                 .unwrap_err()
                 .message
                 .contains("stage `redact` did not output a `transcript` list")
+        );
+    }
+
+    fn said(text: &str) -> prompter_core::event::Event {
+        event(
+            "c1",
+            4000,
+            json!({"type": "message_response", "messages": [
+            {"from": {"name": "Dana"}, "payload": {"content": text}}]}),
+        )
+    }
+
+    fn system_prompt(r: prompter_core::test_util::RunResult) -> String {
+        let Ok(Flow::Continue(v)) = r.flow else {
+            panic!("{:?}", r.flow)
+        };
+        v["system_prompt"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_one_megabyte_sentence_is_cut_to_max_line_chars() {
+        let p = build(
+            &PromptFactory,
+            "system: \"{{ transcript }}\"",
+            &Resources::default(),
+            &["kb"],
+        )
+        .unwrap();
+        let mut state = ConversationState::new("c1");
+        state.apply(&said("Short one."));
+        state.apply(&said(&"blah ".repeat(200_000)));
+        state.apply(&said("After it."));
+        let docs = json!({"documents": []});
+        let prompt =
+            system_prompt(run(p.as_ref(), &tracker_event(), &state, &[("kb".into(), docs)]).await);
+        let lines: Vec<&str> = prompt.lines().collect();
+        assert_eq!(lines.len(), 3, "{}", &prompt[..200]);
+        assert_eq!(lines[0], "Dana: Short one.");
+        let expected = format!("Dana: {}…", &"blah ".repeat(200)[..993]);
+        assert_eq!(lines[1], expected);
+        assert_eq!(lines[1].chars().count(), 1000);
+        assert_eq!(lines[2], "Dana: After it.");
+    }
+
+    #[tokio::test]
+    async fn lines_from_an_earlier_stage_are_bounded_too() {
+        let p = build(
+            &PromptFactory,
+            "transcript_from: redact\nmax_line_chars: 12\nsystem: \"{{ transcript }}\"",
+            &Resources::default(),
+            &["kb", "redact"],
+        )
+        .unwrap();
+        let state = ConversationState::new("c1");
+        let redacted = json!({"transcript": [
+            {"speaker": "Dana", "text": "Ça coûte très cher."},
+            {"speaker": "Al", "text": "Pas à ça"},
+            {"speaker": "Al", "text": "Pas à ça!"}]});
+        let prompt = system_prompt(
+            run(
+                p.as_ref(),
+                &tracker_event(),
+                &state,
+                &[
+                    ("kb".into(), json!({"documents": []})),
+                    ("redact".into(), redacted),
+                ],
+            )
+            .await,
+        );
+        // 12 characters (not bytes) each; a line of exactly 12 is kept whole.
+        assert_eq!(prompt, "Dana: Ça co…\nAl: Pas à ça\nAl: Pas à ç…");
+    }
+
+    #[test]
+    fn bounded_line_counts_characters_and_keeps_short_lines() {
+        assert_eq!(bounded_line("A", "hi", 1000), "A: hi");
+        assert_eq!(bounded_line("A", "hi", 5), "A: hi");
+        assert_eq!(bounded_line("A", "hi!", 5), "A: h…");
+        assert_eq!(bounded_line("A", "😀😀😀", 5), "A: 😀…");
+        assert_eq!(bounded_line("A", "", 2), "A…");
+    }
+
+    #[test]
+    fn max_line_chars_below_two_is_a_config_error() {
+        let errs = build_errors(
+            &PromptFactory,
+            "max_line_chars: 1",
+            &Resources::default(),
+            &[],
+        );
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "max_line_chars");
+        assert_eq!(
+            errs[0].message,
+            "`max_line_chars` must be at least 2 (a character and the `…`)"
         );
     }
 
