@@ -112,7 +112,7 @@ fn misspelt_plugin_and_unknown_key_are_both_reported_with_positions() {
 {retries_line} |     retries: 3
    |     ^^^^^^^^
    = help: a stage accepts: `id`, `plugin`, `config`, `timeout_ms`, `on_error`, `module`, \
-`allow_hosts`, `limits`
+`allow_hosts`, `allow_knowledge`, `allow_llm`, `limits`
 error: 2 problem(s) found
 "
     );

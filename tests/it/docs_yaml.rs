@@ -18,7 +18,7 @@
 //! A block that is none of these, or cannot be loaded here, is listed in [`NOT_VALIDATED`] with
 //! the reason; one that needs what a test cannot have (an ingested remote index) is loaded with
 //! the change listed in [`ADJUSTED`]; one that fails because of a known bug is listed in
-//! [`EXPECTED_TO_FAIL`] until the fix lands. Any other block that does not load fails the test,
+//! [`EXPECTED_TO_FAIL`] (empty today) until the fix lands. Any other block that does not load fails the test,
 //! and so does a list entry that no longer matches exactly one block (so the lists cannot go
 //! stale).
 
@@ -81,13 +81,7 @@ struct ExpectedToFail {
     reason: &'static str,
 }
 
-const EXPECTED_TO_FAIL: &[ExpectedToFail] = &[ExpectedToFail {
-    file: "README.md",
-    contains: "transcript_lines: 32 }",
-    error: "unknown key `transcript_lines` in `limits`",
-    reason: "known bug: `limits.transcript_lines` of a wasm stage is not accepted yet (fix under \
-             way elsewhere)",
-}];
+const EXPECTED_TO_FAIL: &[ExpectedToFail] = &[];
 
 /// Stages ahead of every example stage: the ids the docs' examples refer to (`documents:
 /// retrieve`, `transcript_from: redact`, `prompt: render`, `stages.answer.text`). An example
