@@ -438,6 +438,8 @@ pub struct Run {
     pub cancel: tokio_util::sync::CancellationToken,
     drafts: std::sync::Mutex<HashMap<String, Output>>,
     delivered: AtomicBool,
+    /// The older run this one supersedes once it has something to deliver.
+    supersedes: std::sync::Mutex<Option<Arc<Run>>>,
 }
 
 impl Run {
@@ -449,7 +451,19 @@ impl Run {
             cancel: tokio_util::sync::CancellationToken::new(),
             drafts: std::sync::Mutex::default(),
             delivered: AtomicBool::new(false),
+            supersedes: std::sync::Mutex::default(),
         }
+    }
+
+    /// Makes this run supersede `older` (`concurrency: latest_wins`) as soon as it delivers its
+    /// first output: then `older` is cancelled and its open drafts withdrawn. Until then the
+    /// older run goes on, so a newer trigger that ends quietly (a dedupe repeat) or fails before
+    /// it has anything to show takes nothing away from the agent.
+    pub fn supersede(&self, older: Arc<Run>) {
+        *self
+            .supersedes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(older);
     }
 
     /// True once the run delivered a final output.
@@ -617,6 +631,26 @@ impl<'a> StageContext<'a> {
     /// # Errors
     /// When the engine is shutting down and no longer takes outputs.
     pub async fn emit(&self, output: Output) -> Result<Output, PluginError> {
+        let older = self
+            .run
+            .supersedes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(older) = older {
+            // Silence the older run first, so none of its drafts follow the withdrawal.
+            older.cancel.cancel();
+            for mut draft in older.take_open_drafts() {
+                draft.status = Status::Withdrawn;
+                draft.degraded = Some("superseded by a newer trigger".into());
+                self.host.deliver(draft).await?;
+            }
+        }
+        if self.run.cancel.is_cancelled() {
+            return Err(PluginError::internal(
+                "this run was superseded by a newer trigger",
+            ));
+        }
         let delivered = self.host.deliver(output).await?;
         self.run.track(&delivered);
         Ok(delivered)

@@ -52,6 +52,7 @@ pub struct NebulaState {
     chat_requests: Mutex<Vec<Value>>,
     embedded: Mutex<Vec<String>>,
     completions: Mutex<Vec<std::time::Instant>>,
+    streams_cut: AtomicU32,
 }
 
 /// A running fake Nebula.
@@ -144,6 +145,12 @@ impl NebulaFake {
     /// ready), in order: the engine's outputs can be ordered against them.
     pub fn completions(&self) -> Vec<std::time::Instant> {
         lock(&self.state.completions).clone()
+    }
+
+    /// Streamed answers whose client went away before the answer was complete (the engine
+    /// cancelled the call).
+    pub fn streams_cut(&self) -> u32 {
+        self.state.streams_cut.load(Ordering::SeqCst)
     }
 
     /// The texts embedded (answered 200), in order.
@@ -337,8 +344,11 @@ async fn chat_streaming(
                 true
             }
         };
+        let cut = || {
+            s.streams_cut.fetch_add(1, Ordering::SeqCst);
+        };
         if !send(first).await {
-            return;
+            return cut();
         }
         tokio::time::sleep(delay).await;
         for chunk in rest {
@@ -346,7 +356,7 @@ async fn chat_streaming(
                 tokio::time::sleep(interval).await;
             }
             if !send(chunk).await {
-                return;
+                return cut();
             }
         }
         lock(&s.completions).push(std::time::Instant::now());

@@ -23,7 +23,6 @@ use prompter_core::error::PluginError;
 use prompter_core::event::{Event, EventKind};
 use prompter_core::output::{Output, Status};
 use prompter_core::plugin::{Run, RunScope};
-use prompter_core::tokio_util::sync::CancellationToken;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -325,8 +324,8 @@ struct Conversation {
     runs: JoinSet<()>,
     /// `queue` pipelines: the signal that the latest run started has finished.
     queued: HashMap<usize, oneshot::Receiver<()>>,
-    /// `latest_wins` pipelines: (pipeline, supersede key) → the run in flight.
-    latest: HashMap<(usize, String), CancellationToken>,
+    /// `latest_wins` pipelines: (pipeline, supersede key) → the latest run started.
+    latest: HashMap<(usize, String), Arc<Run>>,
     released: Arc<Mutex<ReleasedBooks>>,
 }
 
@@ -376,9 +375,9 @@ impl Conversation {
             Concurrency::LatestWins => {
                 let key = pipeline.supersede_key(&scope, &run.output_id);
                 // Finished runs cancel their own token on the way out: forget them.
-                self.latest.retain(|_, t| !t.is_cancelled());
-                if let Some(older) = self.latest.insert((i, key), run.cancel.clone()) {
-                    older.cancel();
+                self.latest.retain(|_, r| !r.cancel.is_cancelled());
+                if let Some(older) = self.latest.insert((i, key), run.clone()) {
+                    run.supersede(older);
                 }
             }
         }
