@@ -9,6 +9,7 @@ mod cli;
 mod config_ui;
 #[cfg(unix)] // The examples sandbox links `pipelines/` and `target/` into a temp folder.
 mod docs_yaml;
+mod engine_api;
 mod kb;
 mod plugin_tool;
 mod replay;
