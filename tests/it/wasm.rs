@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use prompter_core::conversation::ConversationState;
 use prompter_core::error::ErrorKind;
-use prompter_core::plugin::{Flow, Plugin, Resources};
-use prompter_core::test_util::{event, run};
+use prompter_core::plugin::{Flow, Resources};
+use prompter_core::test_util::{TestHost, event, run_on};
 use prompter_engine::wasm::{Limits, WasmPlugin, WasmSpec};
 use serde_json::json;
 
@@ -55,10 +55,20 @@ async fn call(
     conv: &str,
     text: &str,
 ) -> Result<Flow, prompter_core::error::PluginError> {
+    call_on(&TestHost::default(), p, conv, text).await
+}
+
+/// A call in the conversation whose engine-owned state `host` keeps.
+async fn call_on(
+    host: &TestHost,
+    p: &WasmPlugin,
+    conv: &str,
+    text: &str,
+) -> Result<Flow, prompter_core::error::PluginError> {
     let e = said(conv, text);
     let mut state = ConversationState::new(conv);
     state.apply(&e);
-    run(p, &e, &state, &[]).await.flow
+    run_on(host, p, &e, &state, &[], None).await.flow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,32 +145,41 @@ async fn hostile_plugins_are_stopped_and_the_next_event_is_served() {
 }
 
 #[tokio::test]
-async fn scratch_space_is_per_conversation_and_survives_recycling() {
-    // Recycle after every call: the count must still grow, because kv lives in the host.
-    let p = hostile(
-        json!({}),
-        Limits {
-            recycle_after_calls: 1,
-            ..Limits::default()
-        },
-    )
-    .await
-    .unwrap();
+async fn kv_lives_in_the_engine_per_conversation_and_survives_recycling_and_reloads() {
+    // Recycle after every call: the count must still grow, because kv lives in the engine's
+    // per-conversation state (one host per conversation, as the engine keeps one book each).
+    let limits = Limits {
+        recycle_after_calls: 1,
+        ..Limits::default()
+    };
+    let p = hostile(json!({}), limits.clone()).await.unwrap();
     let count = |r: Result<Flow, _>| match r {
         Ok(Flow::Continue(v)) => v["count"].as_u64().unwrap(),
         other => panic!("{other:?}"),
     };
-    assert_eq!(count(call(&p, "a", "kv").await), 1);
-    assert_eq!(count(call(&p, "a", "kv").await), 2);
-    assert_eq!(count(call(&p, "b", "kv").await), 1);
-    p.conversation_ended("a");
-    assert_eq!(count(call(&p, "a", "kv").await), 1);
+    let (a, b) = (TestHost::default(), TestHost::default());
+    assert_eq!(count(call_on(&a, &p, "a", "kv").await), 1);
+    assert_eq!(count(call_on(&a, &p, "a", "kv").await), 2);
+    assert_eq!(count(call_on(&b, &p, "b", "kv").await), 1);
     assert!(
         p.metrics
             .instances
             .load(std::sync::atomic::Ordering::Relaxed)
-            >= 4
+            >= 3
     );
+    // A reload builds a new plugin from the same module: the conversation's count goes on.
+    drop(p);
+    let reloaded = hostile(json!({}), limits).await.unwrap();
+    assert_eq!(count(call_on(&a, &reloaded, "a", "kv").await), 3);
+    assert_eq!(count(call_on(&b, &reloaded, "b", "kv").await), 2);
+    // A released conversation's state goes with its book: a fresh one starts over.
+    assert_eq!(
+        count(call_on(&TestHost::default(), &reloaded, "a", "kv").await),
+        1
+    );
+    // A trapped call (its instance discarded) does not disturb it.
+    assert!(call_on(&a, &reloaded, "a", "trap").await.is_err());
+    assert_eq!(count(call_on(&a, &reloaded, "a", "kv").await), 4);
 }
 
 #[tokio::test]

@@ -263,3 +263,36 @@ async fn fill_the_pool() {
     );
     assert!(p.metrics.errors().is_empty(), "{:?}", p.metrics.errors());
 }
+
+#[test]
+fn plugin_test_prints_the_refused_host_calls() {
+    // `prompter plugin test` grants nothing, so both calls are refused; the guest carries on.
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let line = |offset_ms: u64, text: &str| {
+        json!({"conversation": "c1", "offset_ms": offset_ms, "event": {"type": "message_response", "messages": [{"from": {"name": "Eve", "userId": "+15550100"}, "payload": {"content": text}}]}})
+            .to_string()
+    };
+    let recording = [
+        line(1000, "search sales"),
+        line(2000, "ask nebula"),
+        line(3000, "hello"),
+    ]
+    .join("\n");
+    std::fs::write(&events, recording).unwrap();
+    let module = crate::wasm::module("hostile_plugin");
+    let r = crate::cli::prompter(&[
+        "plugin",
+        "test",
+        module.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("3 call(s), 0 error(s), 2 denied host call(s); mean"),
+        "{}",
+        r.stderr
+    );
+}

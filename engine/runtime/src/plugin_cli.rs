@@ -183,13 +183,14 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
     say(
         err,
         &format!(
-            "{} call(s), {failures} error(s){}; mean {:.1} us, max {:.1} us per call; {} instance(s) created",
+            "{} call(s), {failures} error(s){}, {} denied host call(s); mean {:.1} us, max {:.1} us per call; {} instance(s) created",
             calls,
             if errors.is_empty() {
                 String::new()
             } else {
                 format!(" ({})", errors.join(", "))
             },
+            m.denied.load(Ordering::Relaxed),
             m.total_ns.load(Ordering::Relaxed) as f64 / n as f64 / 1000.0,
             m.max_ns.load(Ordering::Relaxed) as f64 / 1000.0,
             m.instances.load(Ordering::Relaxed)
@@ -373,7 +374,7 @@ impl Plugin for KeywordAlert {
         for keyword in &self.config.keywords {
             if text.contains(&keyword.to_lowercase()) {
                 outcome_matches.push(keyword.clone());
-                // Per-conversation state lives in the host's scratch space (instances are pooled).
+                // Per-conversation state lives in kv, kept by the engine (instances are pooled).
                 let key = format!("alerted:{keyword}");
                 if kv::get(&key).is_none() {
                     let _ = kv::set(&key, "1");

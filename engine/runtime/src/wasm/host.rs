@@ -1,12 +1,12 @@
 //! What a plugin instance's store holds, and the host functions plugins import: logging, the
-//! per-conversation scratch space, mediated HTTP, knowledge search and chat.
+//! per-conversation key-value space (kept by the engine: see `kv.rs`), mediated HTTP,
+//! knowledge search and chat.
 //!
 //! Secrets never cross into the guest: HTTP goes through the engine's client (only to granted
 //! hosts), and knowledge stores and LLM providers (only the granted ones) keep their keys on the
 //! host side.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use prompter_core::plugin::Resources;
@@ -18,30 +18,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::host::{
     self, ChatMessage as WitChatMessage, Document, HttpRequest, HttpResponse, LogLevel,
 };
+use super::kv::Kv;
 use super::plugin::{Grants, Metrics};
 
-/// Scratch space limits per stage and conversation.
-const KV_MAX_KEYS: usize = 256;
-const KV_MAX_VALUE_BYTES: usize = 64 * 1024;
 /// Largest HTTP response body handed to a plugin.
 const HTTP_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// What a guest may write to stderr (panic messages) before it is cut.
 pub(crate) const STDERR_CAPACITY: usize = 16 * 1024;
-
-/// Per-stage, per-conversation key-value scratch space shared by the stage's instances.
-#[derive(Debug, Default)]
-pub struct Scratch {
-    map: Mutex<HashMap<String, HashMap<String, String>>>,
-}
-
-impl Scratch {
-    /// Forgets a conversation.
-    pub fn forget(&self, conversation: &str) {
-        if let Ok(mut m) = self.map.lock() {
-            m.remove(conversation);
-        }
-    }
-}
 
 /// What the host knows about the call in progress.
 #[derive(Debug, Default, Clone)]
@@ -92,7 +75,9 @@ pub struct HostState {
     /// How much of `stderr` was written before the current call.
     pub(crate) stderr_mark: usize,
     pub(crate) stage: Arc<str>,
-    pub(crate) scratch: Arc<Scratch>,
+    /// The key-value space of the call in progress; `None` outside `process` (during `init`
+    /// there is no conversation).
+    pub(crate) kv: Option<Kv>,
     pub(crate) allow_hosts: Arc<Vec<String>>,
     pub(crate) grants: Arc<Grants>,
     /// The stage's metrics (refused host calls are counted here).
@@ -199,37 +184,19 @@ impl host::Host for HostState {
     }
 
     async fn kv_get(&mut self, key: String) -> Option<String> {
-        let map = self.scratch.map.lock().ok()?;
-        map.get(&self.call.conversation)?.get(&key).cloned()
+        self.kv.as_ref()?.get(&key)
     }
 
     async fn kv_set(&mut self, key: String, value: String) -> Result<(), String> {
-        if value.len() > KV_MAX_VALUE_BYTES {
-            return Err(format!(
-                "value for `{key}` is {} bytes; the limit is {KV_MAX_VALUE_BYTES}",
-                value.len()
-            ));
-        }
-        let mut map = self
-            .scratch
-            .map
-            .lock()
-            .map_err(|_| "scratch space unavailable".to_owned())?;
-        let conv = map.entry(self.call.conversation.clone()).or_default();
-        if !conv.contains_key(&key) && conv.len() >= KV_MAX_KEYS {
-            return Err(format!(
-                "scratch space full: at most {KV_MAX_KEYS} keys per conversation"
-            ));
-        }
-        conv.insert(key, value);
-        Ok(())
+        self.kv
+            .as_mut()
+            .ok_or_else(|| "kv is only available while processing an event".to_owned())?
+            .set(key, value)
     }
 
     async fn kv_delete(&mut self, key: String) {
-        if let Ok(mut map) = self.scratch.map.lock() {
-            if let Some(conv) = map.get_mut(&self.call.conversation) {
-                conv.remove(&key);
-            }
+        if let Some(kv) = self.kv.as_mut() {
+            kv.delete(key);
         }
     }
 

@@ -8,6 +8,8 @@
 //! - [`runtime`]: the process-wide engine (pooling allocator, epoch interruption, disk cache),
 //!   component loading and the contract-version check.
 //! - [`host`]: the store's data and the host functions (log, kv, http, knowledge, chat).
+//! - `kv`: a call's view of the stage's key-value space, which the engine keeps per
+//!   conversation (limits, read-your-writes, committed when the guest returns).
 //! - [`plugin`]: [`WasmPlugin`], the stage: instance pool, deadlines, limits, grants, error
 //!   mapping, metrics.
 //! - `slots`: the process-wide bound on live instances; a call waits (until its deadline) for a
@@ -15,6 +17,7 @@
 
 mod bindings;
 pub mod host;
+mod kv;
 pub mod plugin;
 pub mod runtime;
 mod slots;

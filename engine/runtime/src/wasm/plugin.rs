@@ -2,9 +2,10 @@
 //!
 //! Each call takes a warm instance (or waits for a free slot, bounded by its deadline, and
 //! instantiates one from the pre-linked component and runs its `init`), sets the call's epoch
-//! deadline, runs `process`, and maps whatever happened to a result or a stage error that names
-//! the plugin and the cause. An instance that trapped is dropped; a healthy one goes back to the
-//! pool until it has served `recycle_after_calls` calls or its memory passed
+//! deadline, runs `process` with the stage's kv for the conversation (read from the engine,
+//! written back when the guest returns), and maps whatever happened to a result or a stage error
+//! that names the plugin and the cause. An instance that trapped is dropped; a healthy one goes
+//! back to the pool until it has served `recycle_after_calls` calls or its memory passed
 //! `recycle_memory_mb`.
 
 use std::path::PathBuf;
@@ -24,7 +25,8 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 use super::bindings::types;
 use super::bindings::{Stage, StagePre};
-use super::host::{CallInfo, HostState, Limiter, STDERR_CAPACITY, Scratch};
+use super::host::{CallInfo, HostState, Limiter, STDERR_CAPACITY};
+use super::kv::Kv;
 use super::runtime::{EPOCH_TICK, MAX_MEMORY_BYTES, WasmRuntime, runtime};
 use super::slots::{IdlePool, Slot};
 
@@ -219,7 +221,6 @@ pub struct WasmPlugin {
     limits: Limits,
     timeout: Duration,
     resources: Resources,
-    scratch: Arc<Scratch>,
     http: reqwest::Client,
     idle: Arc<Idle>,
     /// Host-side metrics.
@@ -277,7 +278,6 @@ impl WasmPlugin {
             limits: spec.limits,
             timeout: spec.timeout,
             resources: spec.resources,
-            scratch: Arc::default(),
             http: http_client(),
             idle,
             metrics: Arc::default(),
@@ -354,7 +354,7 @@ impl WasmPlugin {
             stderr,
             stderr_mark: 0,
             stage: self.stage.clone(),
-            scratch: self.scratch.clone(),
+            kv: None,
             allow_hosts: self.allow_hosts.clone(),
             grants: self.grants.clone(),
             metrics: self.metrics.clone(),
@@ -510,6 +510,7 @@ impl WasmPlugin {
                 conversation: cx.event().conversation_id.to_string(),
                 deadline: Some(deadline),
             };
+            data.kv = Some(Kv::load(cx));
             data.violation = None;
             data.limiter.denied = false;
             data.stderr_mark = data.stderr.contents().len();
@@ -531,6 +532,11 @@ impl WasmPlugin {
             }
             Ok(r) => r,
         };
+        // The guest returned: its kv writes reach the engine (a trapped call's go with its
+        // instance). Taken out of the store, so an idle instance holds no conversation's data.
+        if let Some(kv) = inst.store.data_mut().kv.take() {
+            kv.commit(cx, &self.stage);
+        }
         if let Some(v) = inst.store.data().violation.clone() {
             self.metrics.error(Cause::Grant);
             self.give_back(inst);
@@ -628,10 +634,6 @@ impl Plugin for WasmPlugin {
         self.metrics.total_ns.fetch_add(ns, Ordering::Relaxed);
         self.metrics.max_ns.fetch_max(ns, Ordering::Relaxed);
         r
-    }
-
-    fn conversation_ended(&self, conversation_id: &str) {
-        self.scratch.forget(conversation_id);
     }
 }
 
