@@ -505,7 +505,7 @@ async fn replay(
         pace,
         Arc::new(Stats::default()),
         |_| {},
-        |p| say(&err2, &format!("warning: {p}")),
+        move |p| say(&err2, &format!("warning: {p}")),
         move |o| match serde_json::to_string(&o) {
             Ok(line) => say(&printer, &line),
             Err(e) => tracing::error!(error = %e, "An output did not serialize."),

@@ -158,7 +158,7 @@ pub async fn run(
                 say(&out_events, &line);
             }
         },
-        |p| say(&err2, &format!("warning: {p}")),
+        move |p| say(&err2, &format!("warning: {p}")),
         move |o| say(&out_cards, &card(&o, style)),
     )
     .await;

@@ -120,13 +120,13 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
         };
         for event in events {
             let state = states
-                .entry(line.conversation.clone())
+                .entry(line.conversation.to_string())
                 .or_insert_with(|| ConversationState::new(&line.conversation));
             state.apply(&event);
             if !opts.on.is_empty() && !opts.on.iter().any(|k| k == event.kind.as_str()) {
                 continue;
             }
-            let host = hosts.entry(line.conversation.clone()).or_default();
+            let host = hosts.entry(line.conversation.to_string()).or_default();
             run_id += 1;
             let out_id = output_id(
                 &event.conversation_id,

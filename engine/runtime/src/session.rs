@@ -9,18 +9,13 @@ use prompter_core::output::Output;
 
 use crate::config::Loaded;
 use crate::engine::Engine;
-use crate::recording::{self, LineProblem, RecordedLine};
+use crate::recording::{LineProblem, RecordedLine};
 use crate::sink::FnSink;
+use crate::source::Source;
+use crate::source::recording::RecordingSource;
 use crate::stats::Stats;
 
-/// How to pace a replay.
-#[derive(Debug, Clone, Copy)]
-pub enum Pace {
-    /// As fast as possible (virtual time).
-    Fast,
-    /// Follow `offset_ms`, sped up by the factor (1.0 = real time).
-    Realtime(f64),
-}
+pub use crate::source::recording::Pace;
 
 /// What a run did.
 #[derive(Debug, Default, Clone)]
@@ -54,8 +49,8 @@ pub async fn run(
     paths: &[PathBuf],
     pace: Pace,
     stats: Arc<Stats>,
-    mut on_event: impl FnMut(&Event),
-    mut on_problem: impl FnMut(&LineProblem),
+    on_event: impl FnMut(&Event) + Send + 'static,
+    on_problem: impl FnMut(&LineProblem) + Send + 'static,
     mut on_output: impl FnMut(Output) + Send + 'static,
 ) -> Summary {
     let started = Instant::now();
@@ -65,39 +60,27 @@ pub async fn run(
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         on_output(o.clone());
     });
-    let router = Engine::new(
+    let engine = Arc::new(Engine::new(
         loaded.pipelines,
         loaded.settings,
         vec![Box::new(printer)],
         stats.clone(),
-    );
-    let mut skipped = 0u64;
-    let mut conversations = std::collections::HashSet::new();
-    for line in &lines {
-        if let Pace::Realtime(speed) = pace {
-            let due = started
-                + Duration::from_secs_f64(line.offset_ms as f64 / 1000.0 / speed.max(0.001));
-            tokio::time::sleep_until(due.into()).await;
-        }
-        match recording::events(line, &paths[line.file]) {
-            Ok(events) => {
-                conversations.insert(line.conversation.clone());
-                for e in events {
-                    on_event(&e);
-                    router.dispatch(e).await;
-                }
-            }
-            Err(p) => {
-                skipped += 1;
-                on_problem(&p);
-            }
-        }
+    ));
+    let source = RecordingSource::new(lines, paths.to_vec(), pace)
+        .on_event(on_event)
+        .on_problem(on_problem);
+    let report = source.report();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    if let Err(e) = Box::new(source).run(engine.clone(), shutdown).await {
+        tracing::error!(error = %e, "The recording source stopped.");
     }
-    router.finish().await;
+    engine.finish().await;
     let outputs = delivered.load(std::sync::atomic::Ordering::Relaxed);
+    let report = report.lock().map(|r| r.clone()).unwrap_or_default();
+    let (conversations, skipped) = (report.conversations, report.skipped_lines);
     Summary {
         events: stats.events.load(std::sync::atomic::Ordering::Relaxed),
-        conversations: conversations.len() as u64,
+        conversations,
         outputs,
         skipped_lines: skipped,
         stage_errors: stats

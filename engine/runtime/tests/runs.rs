@@ -70,7 +70,10 @@ async fn three_trackers_300_ms_apart_all_complete_and_a_question_card_is_not_hel
     let (code, stderr, outputs) = engine.interrupt();
     assert_eq!(code, 0, "{stderr}");
     let finals = final_suggestions(&outputs);
-    let mut titles: Vec<&str> = finals.iter().map(|v| v["title"].as_str().unwrap()).collect();
+    let mut titles: Vec<&str> = finals
+        .iter()
+        .map(|v| v["title"].as_str().unwrap())
+        .collect();
     titles.sort_unstable();
     assert_eq!(
         titles,
@@ -98,9 +101,7 @@ async fn a_tracker_that_fires_again_while_its_answer_streams_takes_over_its_card
     f.symbl
         .push(c, tracker("Budget Constraints", "no budget", 2));
     let (_, done) = engine
-        .output("the newer answer", |v| {
-            is(v, c, "rta_live") && complete(v)
-        })
+        .output("the newer answer", |v| is(v, c, "rta_live") && complete(v))
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (code, stderr, outputs) = engine.interrupt();
@@ -140,7 +141,11 @@ async fn a_tracker_that_fires_again_while_its_answer_streams_takes_over_its_card
     );
     assert_eq!(done["id"], first["id"]);
     assert!(done.get("degraded").is_none(), "{done}");
-    assert_eq!(f.nebula.streams_cut(), 1, "the first answer's stream was closed early");
+    assert_eq!(
+        f.nebula.streams_cut(),
+        1,
+        "the first answer's stream was closed early"
+    );
     assert_eq!(final_suggestions(&outputs).len(), 1);
 }
 
@@ -164,9 +169,7 @@ async fn a_frame_redelivered_with_other_spacing_is_counted_once() {
         c,
         json!({"type": "message", "message": {"type": "conversation_completed"}}),
     );
-    let (_, recap) = engine
-        .output("the recap", |v| is(v, c, "call_recap"))
-        .await;
+    let (_, recap) = engine.output("the recap", |v| is(v, c, "call_recap")).await;
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(300) {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -196,4 +199,29 @@ async fn a_frame_redelivered_with_other_spacing_is_counted_once() {
             (2, "Questions asked (2)".to_owned())
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_connections_given_at_start_are_all_followed() {
+    let f = fakes().await;
+    f.ingest();
+    let ids: Vec<String> = (0..300).map(|i| format!("conn-{i:03}")).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for id in &ids {
+        args.extend(["--connection", id.as_str()]);
+    }
+    let engine = f.run(&args, &[]);
+    engine.said("following connection conn-299").await;
+    assert!(
+        f.symbl.wait_subscribed("conn-299", 1, WAIT).await,
+        "{}",
+        engine.stderr()
+    );
+    let (code, stderr, _) = engine.interrupt();
+    assert_eq!(code, 0, "{stderr}");
+    let followed = stderr
+        .lines()
+        .filter(|l| l.starts_with("following connection "))
+        .count();
+    assert_eq!(followed, 300, "{stderr}");
 }

@@ -63,6 +63,8 @@ pub struct Settings {
     pub default_stage_timeout: Duration,
     /// The `symbl:` section (credentials by variable name, live sources, trackers), when given.
     pub symbl: Option<prompter_symbl::SymblConfig>,
+    /// The `server:` section: the engine's one HTTP server.
+    pub server: crate::server::ServerConfig,
 }
 
 impl Default for Settings {
@@ -72,6 +74,7 @@ impl Default for Settings {
             queue_capacity: 64,
             default_stage_timeout: Duration::from_secs(10),
             symbl: None,
+            server: crate::server::ServerConfig::default(),
         }
     }
 }
@@ -237,6 +240,7 @@ const ENGINE_KEYS: &[&str] = &[
     "knowledge",
     "llm",
     "symbl",
+    "server",
     "engine",
 ];
 
@@ -316,6 +320,11 @@ fn engine_config(
         && let Some(cfg) = typed_config::<prompter_symbl::SymblConfig>(file, symbl, diags)
     {
         settings.symbl = Some(cfg);
+    }
+    if let Some(server) = map.get_node("server")
+        && let Some(cfg) = typed_config::<crate::server::ServerConfig>(file, server, diags)
+    {
+        settings.server = cfg;
     }
     // Embedders first: stores name theirs.
     open_embedders(file, map, &base, registry, resources, diags);

@@ -8,8 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-
-
 use prompter_fakes::{NebulaFake, SymblFake};
 use serde_json::{Value, json};
 
@@ -134,7 +132,11 @@ impl Engine {
     }
 
     /// Waits until an output matches `pred`; returns it with when it was read.
-    pub(crate) async fn output(&self, what: &str, pred: impl Fn(&Value) -> bool) -> (Instant, Value) {
+    pub(crate) async fn output(
+        &self,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> (Instant, Value) {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(found) = self
@@ -251,4 +253,3 @@ pub(crate) async fn http(method: &str, addr: &str, path: &str) -> String {
     s.read_to_string(&mut resp).await.unwrap();
     resp
 }
-
