@@ -127,6 +127,7 @@ const ENGINE_SECTIONS: &[&str] = &[
     "knowledge",
     "llm",
     "symbl",
+    "server",
     "engine",
 ];
 
