@@ -4,7 +4,7 @@
 //! transcript from `message_response`, the live caption from `recognition_result`, and the
 //! trackers, insights and topics seen so far. Templates read it as `conversation`.
 //!
-//! It does not own *when* state is released (completion, idle timeout): the engine's router does.
+//! It does not own *when* state is released (completion, idle timeout): the engine does.
 //!
 //! The growing parts (transcript, insights, topics) are persistent vectors, so a snapshot that a
 //! pipeline run reads while the conversation goes on is a clone that costs the same at the

@@ -9,7 +9,7 @@
 //! that stop it.
 //!
 //! Outputs are printed as JSON lines on stdout, like `prompter replay`; a streamed answer
-//! appears as `partial` drafts followed by its complete version under the same id.
+//! appears as `draft` versions followed by its `final` version under the same id.
 
 use std::path::PathBuf;
 use std::sync::Arc;

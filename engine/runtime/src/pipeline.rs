@@ -211,7 +211,7 @@ mod tests {
         Fail,
         /// Emits an output whose text lists the earlier stages' outputs.
         Report,
-        /// Emits a `partial` draft, as a streaming chat stage does.
+        /// Emits a `draft` output, as a streaming chat stage does.
         Draft,
     }
 

@@ -3,7 +3,7 @@
 //! It owns speaking Symbl's wire formats (see `../shared/reference/...` in the docs): getting
 //! and refreshing the OAuth token, following a live conversation on the Subscribe WebSocket,
 //! streaming audio on the Streaming WebSocket, managing trackers and reading a finished
-//! conversation. It does not own what happens to the events (the engine's router and
+//! conversation. It does not own what happens to the events (the engine and
 //! pipelines).
 //!
 //! # Layout
