@@ -15,14 +15,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use prompter_core::output::Output;
 use prompter_symbl::SymblAuth;
 use tokio::sync::watch;
 
 use crate::cli::{Stream, say};
 use crate::engine::Engine;
 use crate::registry::Registry;
-use crate::sink::FnSink;
+use crate::sink::JsonLines;
 use crate::source::symbl::SymblSource;
 use crate::source::{Notices, Source};
 use crate::stats::Stats;
@@ -87,16 +86,9 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     }
 
     let stats = Arc::new(Stats::default());
-    let printed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counter = printed.clone();
     let printer_out = out.clone();
-    let printer = FnSink::new("stdout", move |o: &Output| {
-        counter.fetch_add(1, Ordering::Relaxed);
-        match serde_json::to_string(o) {
-            Ok(line) => say(&printer_out, &line),
-            Err(e) => tracing::error!(error = %e, "An output did not serialize."),
-        }
-    });
+    let printer = JsonLines::new(move |line| say(&printer_out, line));
+    let printed = printer.written();
     let engine = Arc::new(Engine::new(
         loaded.pipelines,
         loaded.settings,

@@ -112,6 +112,46 @@ impl<F: FnMut(&Output) + Send + 'static> Sink for FnSink<F> {
     }
 }
 
+/// Outputs as JSON lines (stdout for `replay` and `run`), lossless and in order; counts what
+/// it wrote.
+pub struct JsonLines {
+    write: Box<dyn Fn(&str) + Send>,
+    written: Arc<AtomicU64>,
+}
+
+impl JsonLines {
+    /// A sink handing each output's JSON line to `write`.
+    pub fn new(write: impl Fn(&str) + Send + 'static) -> Self {
+        JsonLines {
+            write: Box::new(write),
+            written: Arc::default(),
+        }
+    }
+
+    /// How many lines it wrote, readable while it runs.
+    pub fn written(&self) -> Arc<AtomicU64> {
+        self.written.clone()
+    }
+}
+
+#[prompter_core::async_trait]
+impl Sink for JsonLines {
+    fn name(&self) -> &str {
+        "json-lines"
+    }
+    fn policy(&self) -> QueuePolicy {
+        QueuePolicy::LOSSLESS
+    }
+    async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError> {
+        let line = serde_json::to_string(&*output).map_err(|e| SinkError {
+            message: format!("output `{}` did not serialize: {e}", output.id),
+        })?;
+        (self.write)(&line);
+        self.written.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 struct Waiting {
     order: VecDeque<Arc<Output>>,
