@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use prompter_core::event::{Detail, Event};
-use prompter_core::output::Output;
+use prompter_core::output::{Output, Status};
 
 use crate::bundle;
 use crate::cli::{Stream, load_for_run, read_recordings, say};
@@ -200,8 +200,11 @@ pub fn card(o: &Output, style: Style) -> String {
     if let Some(t) = &o.title {
         heading = format!("{heading} | {t}");
     }
-    if o.version > 1 {
-        heading = format!("{heading} (update {})", o.version);
+    match o.status {
+        Status::Withdrawn => heading = format!("{heading} (withdrawn: superseded)"),
+        Status::Draft => heading = format!("{heading} (being written)"),
+        Status::Final if o.version > 1 => heading = format!("{heading} (update {})", o.version),
+        Status::Final => {}
     }
     let rule = |left: &str| {
         let used = left.chars().count();
