@@ -113,7 +113,10 @@ impl ConversationState {
             Detail::Caption(c) => self.caption = Some(c.clone()),
             Detail::Tracker(t) => {
                 let phrases = t.phrases();
-                match self.trackers.iter_mut().find(|s| s.name == t.name) {
+                // Found by reading first: a mutable walk would copy every node a snapshot
+                // shares, even when the tracker is new.
+                let known = self.trackers.iter().position(|s| s.name == t.name);
+                match known.and_then(|i| self.trackers.get_mut(i)) {
                     Some(seen) => {
                         seen.count += 1;
                         for p in phrases {

@@ -400,9 +400,20 @@ pub fn parse_frame(
     offset_ms: u64,
     frame: Value,
 ) -> Result<Vec<Event>, ParseError> {
+    parse_shared_frame(Arc::from(conversation), offset_ms, Arc::new(frame))
+}
+
+/// [`parse_frame`] for a frame and a conversation id that are shared already (a replayed
+/// recording line): the events point at them instead of copying them.
+///
+/// # Errors
+/// As [`parse_frame`].
+pub fn parse_shared_frame(
+    conversation_id: Arc<str>,
+    offset_ms: u64,
+    raw: Arc<Value>,
+) -> Result<Vec<Event>, ParseError> {
     let received = std::time::Instant::now();
-    let raw = Arc::new(frame);
-    let conversation_id: Arc<str> = Arc::from(conversation);
     let obj = raw.as_object().ok_or(ParseError::NotAnObject)?;
     let ty = obj
         .get("type")

@@ -3,22 +3,46 @@
 //! Each recording is replayed `iterations` times, each copy as its own conversation, all
 //! interleaved by offset and run as fast as possible through the configured pipelines (the
 //! offline LLM, so the figures are the engine's own cost, not a model's). Reported:
-//! - throughput: events routed per second of wall time;
-//! - per-event engine time: from the conversation task taking the event to every pipeline
-//!   having finished with it (state update, filters, stages, delivery), p50/p99/max;
-//! - per-suggestion pipeline time: the `total_us` that RTA outputs carry.
+//! - throughput: events routed per second of wall time (reading the frames included);
+//! - per-event engine time: the conversation task's own work per event, folding it into the
+//!   state and starting the runs it triggers, p50/p99/max (the runs go on in their own tasks,
+//!   so they are reported separately);
+//! - per-suggestion pipeline time: the `total_us` that RTA outputs carry;
+//! - per-run time of each pipeline: from a run's first stage to its end, p50/p99.
+//!
+//! With `PROMPTER_BENCH_LONG_CALL=250,4000` it measures long calls instead ([`long_call`]): per
+//! call length, a synthetic call of that many sentences followed by trackers that trigger the
+//! RTA pipeline one at a time, so the per-suggestion cost at 4,000 sentences can be set against
+//! the cost at 250.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prompter_core::event::{Detail, Event, parse_frame};
+use prompter_core::output::{Output, Status};
 
 use crate::cli::{Stream, load_for_run, read_recordings, say};
+use crate::engine::Engine;
 use crate::recording::RecordedLine;
 use crate::registry::Registry;
 use crate::session::{self, Pace};
+use crate::sink::FnSink;
 use crate::stats::Stats;
 
-/// Runs the benchmark.
+/// Environment variable that switches `prompter bench` to long calls: comma-separated
+/// sentence counts (`250,4000`).
+pub const LONG_CALL_ENV: &str = "PROMPTER_BENCH_LONG_CALL";
+
+/// Suggestions measured per call length in [`long_call`]: enough for a stable p99.
+pub const LONG_CALL_SUGGESTIONS: usize = 1_000;
+
+/// Suggestions of the unmeasured warm-up call that [`long_call`] runs first (caches, the
+/// allocator's first pages), so the first size measured is not the one that pays for them.
+const LONG_CALL_WARM_UP: usize = 100;
+
+/// Runs the benchmark (or the long-call benchmark when [`LONG_CALL_ENV`] is set).
 pub async fn run(
     registry: &Registry,
     config: Option<PathBuf>,
@@ -28,29 +52,27 @@ pub async fn run(
     err: &Stream,
 ) -> u8 {
     let config = config.unwrap_or_else(|| PathBuf::from("prompter.yaml"));
+    if let Ok(sizes) = std::env::var(LONG_CALL_ENV) {
+        let Some(sizes) = parse_sizes(&sizes) else {
+            say(
+                err,
+                &format!(
+                    "error: `{LONG_CALL_ENV}` must be comma-separated sentence counts, like `250,4000`"
+                ),
+            );
+            return 1;
+        };
+        let Some(recordings) = recordings_or_default(&config, recordings, err) else {
+            return 1;
+        };
+        return long_call(registry, &config, &recordings, &sizes, out, err).await;
+    }
     let Some(loaded) = load_for_run(registry, &config, err) else {
         return 1;
     };
-    let recordings = if recordings.is_empty() {
-        let dir = config
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("pipelines/recordings/*.jsonl");
-        let mut found: Vec<PathBuf> = glob::glob(&dir.to_string_lossy())
-            .map(|g| g.filter_map(Result::ok).collect())
-            .unwrap_or_default();
-        found.sort();
-        found
-    } else {
-        recordings
-    };
-    if recordings.is_empty() {
-        say(
-            err,
-            "error: no recordings to run (pass some, or keep pipelines/recordings/*.jsonl next to the config)",
-        );
+    let Some(recordings) = recordings_or_default(&config, recordings, err) else {
         return 1;
-    }
+    };
     let Some((lines, _)) = read_recordings(&recordings, err) else {
         return 1;
     };
@@ -59,7 +81,7 @@ pub async fn run(
     for i in 0..iterations {
         for l in &lines {
             let mut c = l.clone();
-            c.conversation = format!("{}#{i}", l.conversation);
+            c.conversation = format!("{}#{i}", l.conversation).into();
             copies.push(c);
         }
     }
@@ -76,19 +98,15 @@ pub async fn run(
         |_| {},
         |_| {},
         move |o| {
-            if o.kind == "suggestion" {
-                if let Ok(mut v) = rta_sink.lock() {
-                    v.push(o.timings.total_us);
-                }
+            if o.kind == "suggestion"
+                && let Ok(mut v) = rta_sink.lock()
+            {
+                v.push(o.timings.total_us);
             }
         },
     )
     .await;
-    let mut samples = stats
-        .samples
-        .as_ref()
-        .and_then(|s| s.lock().ok().map(|v| v.clone()))
-        .unwrap_or_default();
+    let mut samples = taken(stats.samples.as_ref());
     samples.sort_unstable();
     let mut rta = rta_us.lock().map(|v| v.clone()).unwrap_or_default();
     rta.sort_unstable();
@@ -119,9 +137,9 @@ pub async fn run(
         out,
         &format!(
             "per-event engine time: p50 {:.1} us, p99 {:.1} us, max {:.1} us ({} events)",
-            pct(&samples, 50.0) as f64 / 1000.0,
-            pct(&samples, 99.0) as f64 / 1000.0,
-            samples.last().copied().unwrap_or(0) as f64 / 1000.0,
+            us(pct(&samples, 50.0)),
+            us(pct(&samples, 99.0)),
+            us(samples.last().copied().unwrap_or(0)),
             samples.len()
         ),
     );
@@ -134,7 +152,275 @@ pub async fn run(
             rta.len()
         ),
     );
+    for (pipeline, runs) in runs_by_pipeline(&stats) {
+        say(
+            out,
+            &format!(
+                "per-run time, pipeline `{pipeline}`: p50 {:.1} us, p99 {:.1} us ({} runs)",
+                us(pct(&runs, 50.0)),
+                us(pct(&runs, 99.0)),
+                runs.len()
+            ),
+        );
+    }
     0
+}
+
+/// `recordings`, else `pipelines/recordings/*.jsonl` next to the config; `None` (said on
+/// `err`) when there are none.
+fn recordings_or_default(
+    config: &Path,
+    recordings: Vec<PathBuf>,
+    err: &Stream,
+) -> Option<Vec<PathBuf>> {
+    if !recordings.is_empty() {
+        return Some(recordings);
+    }
+    let dir = config
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("pipelines/recordings/*.jsonl");
+    let mut found: Vec<PathBuf> = glob::glob(&dir.to_string_lossy())
+        .map(|g| g.filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    found.sort();
+    if found.is_empty() {
+        say(
+            err,
+            "error: no recordings to run (pass some, or keep pipelines/recordings/*.jsonl next to the config)",
+        );
+        return None;
+    }
+    Some(found)
+}
+
+/// `250,4000` → `[250, 4000]`; `None` when empty or not numbers.
+fn parse_sizes(text: &str) -> Option<Vec<usize>> {
+    let sizes: Option<Vec<usize>> = text
+        .split(',')
+        .map(|s| s.trim().parse::<usize>().ok())
+        .collect();
+    sizes.filter(|s| !s.is_empty())
+}
+
+/// The samples collected so far (empty when sampling is off).
+fn taken<T: Clone>(samples: Option<&Mutex<Vec<T>>>) -> Vec<T> {
+    samples
+        .and_then(|s| s.lock().ok().map(|v| v.clone()))
+        .unwrap_or_default()
+}
+
+/// Per-run times by pipeline, each sorted, pipelines by name.
+fn runs_by_pipeline(stats: &Stats) -> std::collections::BTreeMap<String, Vec<u64>> {
+    let mut by: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for (pipeline, nanos) in taken(stats.run_samples.as_ref()) {
+        by.entry(pipeline).or_default().push(nanos);
+    }
+    for v in by.values_mut() {
+        v.sort_unstable();
+    }
+    by
+}
+
+/// Nanoseconds as microseconds.
+fn us(nanos: u64) -> f64 {
+    nanos as f64 / 1000.0
+}
+
+/// The sentences and tracker detections of the recordings, the material of synthetic calls.
+struct Material {
+    /// (speaker, sentence).
+    sentences: Vec<(String, String)>,
+    /// (tracker name, matched phrase).
+    trackers: Vec<(String, String)>,
+}
+
+impl Material {
+    fn from_recordings(lines: &[RecordedLine]) -> Material {
+        let mut sentences = Vec::new();
+        let mut trackers = Vec::new();
+        for line in lines {
+            let frame = line.frame.as_ref().clone();
+            for e in parse_frame("material", 0, frame).unwrap_or_default() {
+                match &e.detail {
+                    Detail::Message(m) => {
+                        sentences.push((m.speaker.label().to_owned(), m.text.clone()));
+                    }
+                    Detail::Tracker(t) if t.is_final => {
+                        for p in t.phrases() {
+                            if !trackers.contains(&(t.name.clone(), p.clone())) {
+                                trackers.push((t.name.clone(), p));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Material {
+            sentences,
+            trackers,
+        }
+    }
+
+    /// Sentence `i` of a synthetic call, as a `message_response` frame.
+    fn sentence(&self, i: usize) -> serde_json::Value {
+        let (speaker, text) = &self.sentences[i % self.sentences.len()];
+        serde_json::json!({"type": "message_response", "messages": [{
+            "id": format!("m{i}"),
+            "from": {"name": speaker},
+            "payload": {"content": text, "contentType": "text/plain"}}]})
+    }
+
+    /// Detection `j` of a synthetic call: a recorded tracker with a phrase made distinct (so
+    /// the RTA pipeline's dedupe lets every one through), as a final `tracker_response` frame.
+    fn tracker(&self, j: usize) -> serde_json::Value {
+        let (name, phrase) = &self.trackers[j % self.trackers.len()];
+        serde_json::json!({"type": "tracker_response", "isFinal": true, "trackers": [{
+            "name": name,
+            "matches": [{"type": "vocabulary", "value": format!("{phrase} ({j})"),
+                "messageRefs": []}]}]})
+    }
+}
+
+/// What one long call measured.
+struct LongCall {
+    sentences: usize,
+    /// Sorted `total_us` of the suggestions.
+    suggestion_us: Vec<u64>,
+    /// Sorted per-event engine time of the sentences, in nanoseconds.
+    sentence_ns: Vec<u64>,
+    /// Suggestions that did not arrive.
+    missing: usize,
+}
+
+/// The long-call benchmark: for each size, one call of that many sentences, then
+/// [`LONG_CALL_SUGGESTIONS`] trackers sent one at a time (each waits for its suggestion, so a
+/// suggestion's time is its own, not a queue's), through the configured pipelines.
+pub async fn long_call(
+    registry: &Registry,
+    config: &Path,
+    recordings: &[PathBuf],
+    sizes: &[usize],
+    out: &Stream,
+    err: &Stream,
+) -> u8 {
+    let Some((lines, _)) = read_recordings(recordings, err) else {
+        return 1;
+    };
+    let material = Material::from_recordings(&lines);
+    if material.sentences.is_empty() || material.trackers.is_empty() {
+        say(
+            err,
+            "error: the long-call bench needs recordings with sentences and final tracker detections",
+        );
+        return 1;
+    }
+    let Some(loaded) = load_for_run(registry, config, err) else {
+        return 1;
+    };
+    let warm_up = sizes.first().copied().unwrap_or(0).min(100);
+    one_long_call(loaded, &material, warm_up, LONG_CALL_WARM_UP).await;
+    let mut calls = Vec::with_capacity(sizes.len());
+    for &n in sizes {
+        let Some(loaded) = load_for_run(registry, config, err) else {
+            return 1;
+        };
+        calls.push(one_long_call(loaded, &material, n, LONG_CALL_SUGGESTIONS).await);
+    }
+    for c in &calls {
+        say(
+            out,
+            &format!(
+                "long call, {} sentences: per-suggestion engine time p50 {} us, p99 {} us ({} suggestions, {} missing); per-sentence engine time p50 {:.1} us, p99 {:.1} us",
+                c.sentences,
+                pct(&c.suggestion_us, 50.0),
+                pct(&c.suggestion_us, 99.0),
+                c.suggestion_us.len(),
+                c.missing,
+                us(pct(&c.sentence_ns, 50.0)),
+                us(pct(&c.sentence_ns, 99.0)),
+            ),
+        );
+    }
+    if let (Some(short), Some(long)) = (calls.first(), calls.last())
+        && calls.len() > 1
+    {
+        let ratio = |p: f64| {
+            pct(&long.suggestion_us, p) as f64 / pct(&short.suggestion_us, p).max(1) as f64
+        };
+        say(
+            out,
+            &format!(
+                "long-call ratio, {} vs {} sentences: p50 {:.2}x, p99 {:.2}x",
+                long.sentences,
+                short.sentences,
+                ratio(50.0),
+                ratio(99.0)
+            ),
+        );
+    }
+    if calls.iter().any(|c| c.missing > 0) {
+        return 1;
+    }
+    0
+}
+
+/// One synthetic call of `sentences` sentences and then `suggestions` trackers.
+async fn one_long_call(
+    loaded: crate::config::Loaded,
+    material: &Material,
+    sentences: usize,
+    suggestions: usize,
+) -> LongCall {
+    let stats = Arc::new(Stats::sampling());
+    // At most one suggestion is in flight (each tracker waits for its own), so the channel
+    // holds at most one value.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let sink = FnSink::new("bench", move |o: &Output| {
+        if o.kind == "suggestion" && o.status == Status::Final {
+            let _ = tx.send(o.timings.total_us);
+        }
+    });
+    let engine = Engine::new(
+        loaded.pipelines,
+        loaded.settings,
+        vec![Box::new(sink)],
+        stats.clone(),
+    );
+    let id = format!("long-call-{sentences}");
+    let event = |offset_ms: u64, frame: serde_json::Value| -> Vec<Event> {
+        parse_frame(&id, offset_ms, frame).unwrap_or_default()
+    };
+    for i in 0..sentences {
+        for e in event(i as u64 * 4_000, material.sentence(i)) {
+            engine.dispatch(e).await;
+        }
+    }
+    let start = sentences as u64 * 4_000;
+    let mut suggestion_us = Vec::with_capacity(suggestions);
+    let mut missing = 0;
+    for j in 0..suggestions {
+        for e in event(start + j as u64 * 1_000, material.tracker(j)) {
+            engine.dispatch(e).await;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(t)) => suggestion_us.push(t),
+            _ => missing += 1,
+        }
+    }
+    engine.finish().await;
+    // One conversation, folded in order: the first samples are the sentences'.
+    let mut sentence_ns = taken(stats.samples.as_ref());
+    sentence_ns.truncate(sentences);
+    sentence_ns.sort_unstable();
+    suggestion_us.sort_unstable();
+    LongCall {
+        sentences,
+        suggestion_us,
+        sentence_ns,
+        missing,
+    }
 }
 
 /// The `p`th percentile (nearest rank) of sorted `v`; 0 when empty.

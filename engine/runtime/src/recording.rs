@@ -6,8 +6,9 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use prompter_core::event::{Event, parse_frame};
+use prompter_core::event::{Event, parse_shared_frame};
 use serde::Deserialize;
 
 /// One good line of a recording.
@@ -17,12 +18,13 @@ pub struct RecordedLine {
     pub file: usize,
     /// 1-based line number.
     pub line: usize,
-    /// Conversation id.
-    pub conversation: String,
+    /// Conversation id (shared by the line's events).
+    pub conversation: Arc<str>,
     /// Milliseconds since the call started.
     pub offset_ms: u64,
-    /// The Symbl frame.
-    pub frame: serde_json::Value,
+    /// The Symbl frame (shared by the line's events as their `raw`, so replaying a line copies
+    /// no JSON).
+    pub frame: Arc<serde_json::Value>,
 }
 
 /// A line that was skipped.
@@ -79,9 +81,9 @@ pub fn parse(path: &Path, file: usize, text: &str) -> (Vec<RecordedLine>, Vec<Li
             Ok(l) => lines.push(RecordedLine {
                 file,
                 line: line_no,
-                conversation: l.conversation,
+                conversation: l.conversation.into(),
                 offset_ms: l.offset_ms,
-                frame: l.event,
+                frame: Arc::new(l.event),
             }),
             Err(e) => problems.push(problem(e.to_string())),
         }
@@ -114,7 +116,12 @@ pub fn read_all(
 /// # Errors
 /// The frame's [`prompter_core::event::ParseError`], as a [`LineProblem`].
 pub fn events(line: &RecordedLine, path: &Path) -> Result<Vec<Event>, LineProblem> {
-    parse_frame(&line.conversation, line.offset_ms, line.frame.clone()).map_err(|e| LineProblem {
+    parse_shared_frame(
+        line.conversation.clone(),
+        line.offset_ms,
+        line.frame.clone(),
+    )
+    .map_err(|e| LineProblem {
         file: path.to_path_buf(),
         line: line.line,
         message: e.to_string(),

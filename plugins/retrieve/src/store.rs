@@ -32,7 +32,7 @@ use prompter_core::resource::{CachedEmbedder, Embedder, KnowledgeStore, ScoredDo
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::embedder::{HashingEmbedder, LocalEmbedder, MAX_DIMS, cosine};
+use crate::embedder::{HashingEmbedder, LocalEmbedder, MAX_DIMS, cosine_with_norms, norm};
 
 /// Version of the index file layout; part of the validity check.
 const INDEX_FORMAT: u32 = 2;
@@ -204,10 +204,16 @@ pub struct EmbeddedStore {
     documents: Vec<Document>,
     index_path: PathBuf,
     embedded_on_open: usize,
-    /// Lexical vectors of the documents, for remote embedders only: when the embedder fails or
-    /// is too slow, the store still ranks by words (and says so).
-    lexical: Option<(HashingEmbedder, Vec<Vec<f32>>)>,
+    /// The L2 norm of each document's embedding, computed once so a search does one pass per
+    /// document, not three.
+    norms: Vec<f32>,
+    /// Lexical vectors of the documents and their norms, for remote embedders only: when the
+    /// embedder fails or is too slow, the store still ranks by words (and says so).
+    lexical: Option<(HashingEmbedder, Vec<Normed>)>,
 }
+
+/// A vector and its L2 norm.
+type Normed = (Vec<f32>, f32);
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -259,6 +265,7 @@ impl EmbeddedStore {
             return Ok(EmbeddedStore {
                 name: name.to_owned(),
                 embedder,
+                norms: norms(&indexed),
                 documents: indexed,
                 index_path,
                 embedded_on_open: 0,
@@ -318,6 +325,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             name: name.to_owned(),
             embedder,
+            norms: norms(&documents),
             documents,
             index_path,
             embedded_on_open: embedded,
@@ -352,22 +360,28 @@ impl EmbeddedStore {
 
     /// The `k` documents most similar to the query vector, best first, ties in index order.
     fn rank(&self, q: &[f32], k: usize) -> Vec<ScoredDocument> {
-        let vectors = self.documents.iter().map(|d| d.embedding.as_slice());
+        let vectors = self
+            .documents
+            .iter()
+            .zip(&self.norms)
+            .map(|(d, n)| (d.embedding.as_slice(), *n));
         self.rank_by(q, vectors, k)
     }
 
+    /// Ranks the documents by the cosine of `q` with their `(vector, norm)`, in document order.
     fn rank_by<'a>(
         &self,
         q: &[f32],
-        vectors: impl Iterator<Item = &'a [f32]>,
+        vectors: impl Iterator<Item = (&'a [f32], f32)>,
         k: usize,
     ) -> Vec<ScoredDocument> {
-        if k == 0 || q.iter().all(|x| *x == 0.0) {
+        let q_norm = norm(q);
+        if k == 0 || q_norm == 0.0 {
             return Vec::new();
         }
         let mut scored: Vec<(usize, f32)> = vectors
             .enumerate()
-            .map(|(i, v)| (i, cosine(q, v)))
+            .map(|(i, (v, n))| (i, cosine_with_norms(q, q_norm, v, n)))
             .collect();
         // A stable sort keeps CSV order among equal scores.
         scored.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -455,7 +469,7 @@ impl KnowledgeStore for EmbeddedStore {
         };
         tracing::warn!(store = %self.name, reason = %why, "Ranking by words: the embedder is unavailable.");
         let q = lexical.embed(query);
-        let docs = self.rank_by(&q, vectors.iter().map(Vec::as_slice), k);
+        let docs = self.rank_by(&q, vectors.iter().map(|(v, n)| (v.as_slice(), *n)), k);
         Ok((
             docs,
             Some(format!("{why}; documents ranked by shared words")),
@@ -463,16 +477,29 @@ impl KnowledgeStore for EmbeddedStore {
     }
 }
 
-/// Lexical vectors of `documents` when `embedder` is remote (local ones never fail).
+/// The L2 norm of every document's embedding, in order.
+fn norms(documents: &[Document]) -> Vec<f32> {
+    documents.iter().map(|d| norm(&d.embedding)).collect()
+}
+
+/// Lexical vectors of `documents`, with their norms, when `embedder` is remote (local ones never
+/// fail).
 fn lexical_index(
     embedder: &dyn Embedder,
     documents: &[Document],
-) -> Option<(HashingEmbedder, Vec<Vec<f32>>)> {
+) -> Option<(HashingEmbedder, Vec<Normed>)> {
     if embedder.embed_local("probe").is_some() {
         return None;
     }
     let lexical = HashingEmbedder::default();
-    let vectors = documents.iter().map(|d| lexical.embed(&d.text)).collect();
+    let vectors = documents
+        .iter()
+        .map(|d| {
+            let v = lexical.embed(&d.text);
+            let n = norm(&v);
+            (v, n)
+        })
+        .collect();
     Some((lexical, vectors))
 }
 
