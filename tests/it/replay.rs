@@ -378,7 +378,7 @@ fn bench_reports_throughput_and_percentiles() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let lines: Vec<&str> = r.stdout.lines().collect();
-    assert_eq!(lines.len(), 4, "{}", r.stdout);
+    assert_eq!(lines.len(), 7, "{}", r.stdout);
     // The counts are exact; the timings vary from run to run.
     assert_eq!(
         lines[0],
@@ -398,6 +398,17 @@ fn bench_reports_throughput_and_percentiles() {
         "per-suggestion RTA pipeline time: p50 # us, p99 # us (# suggestions)"
     );
     assert!(lines[3].ends_with(" (30 suggestions)"), "{}", lines[3]);
+    for (line, pipeline, runs) in [
+        (lines[4], "call_recap", 12),
+        (lines[5], "open_questions", 12),
+        (lines[6], "rta", 51),
+    ] {
+        assert_eq!(
+            masked(line),
+            format!("per-run time, pipeline `{pipeline}`: p50 # us, p99 # us (# runs)")
+        );
+        assert!(line.ends_with(&format!(" ({runs} runs)")), "{line}");
+    }
 }
 
 #[test]

@@ -10,7 +10,7 @@
 //! - per-suggestion pipeline time: the `total_us` that RTA outputs carry;
 //! - per-run time of each pipeline: from a run's first stage to its end, p50/p99.
 //!
-//! With `PROMPTER_BENCH_LONG_CALL=250,4000` it measures long calls instead ([`long_call`]): per
+//! With `--long-call 250,4000` it measures long calls instead ([`long_call`]): per
 //! call length, a synthetic call of that many sentences followed by trackers that trigger the
 //! RTA pipeline one at a time, so the per-suggestion cost at 4,000 sentences can be set against
 //! the cost at 250.
@@ -31,10 +31,6 @@ use crate::session::{self, Pace};
 use crate::sink::FnSink;
 use crate::stats::Stats;
 
-/// Environment variable that switches `prompter bench` to long calls: comma-separated
-/// sentence counts (`250,4000`).
-pub const LONG_CALL_ENV: &str = "PROMPTER_BENCH_LONG_CALL";
-
 /// Suggestions measured per call length in [`long_call`]: enough for a stable p99.
 pub const LONG_CALL_SUGGESTIONS: usize = 1_000;
 
@@ -42,30 +38,22 @@ pub const LONG_CALL_SUGGESTIONS: usize = 1_000;
 /// allocator's first pages), so the first size measured is not the one that pays for them.
 const LONG_CALL_WARM_UP: usize = 100;
 
-/// Runs the benchmark (or the long-call benchmark when [`LONG_CALL_ENV`] is set).
+/// Runs the benchmark (or the long-call benchmark when `long_call` names call lengths).
 pub async fn run(
     registry: &Registry,
     config: Option<PathBuf>,
     iterations: usize,
     recordings: Vec<PathBuf>,
+    long_calls: &[usize],
     out: &Stream,
     err: &Stream,
 ) -> u8 {
     let config = config.unwrap_or_else(|| PathBuf::from("prompter.yaml"));
-    if let Ok(sizes) = std::env::var(LONG_CALL_ENV) {
-        let Some(sizes) = parse_sizes(&sizes) else {
-            say(
-                err,
-                &format!(
-                    "error: `{LONG_CALL_ENV}` must be comma-separated sentence counts, like `250,4000`"
-                ),
-            );
-            return 1;
-        };
+    if !long_calls.is_empty() {
         let Some(recordings) = recordings_or_default(&config, recordings, err) else {
             return 1;
         };
-        return long_call(registry, &config, &recordings, &sizes, out, err).await;
+        return long_call(registry, &config, &recordings, long_calls, out, err).await;
     }
     let Some(loaded) = load_for_run(registry, &config, err) else {
         return 1;
@@ -192,15 +180,6 @@ fn recordings_or_default(
         return None;
     }
     Some(found)
-}
-
-/// `250,4000` → `[250, 4000]`; `None` when empty or not numbers.
-fn parse_sizes(text: &str) -> Option<Vec<usize>> {
-    let sizes: Option<Vec<usize>> = text
-        .split(',')
-        .map(|s| s.trim().parse::<usize>().ok())
-        .collect();
-    sizes.filter(|s| !s.is_empty())
 }
 
 /// The samples collected so far (empty when sampling is off).

@@ -95,6 +95,9 @@ enum Command {
         iterations: usize,
         /// Recordings [default: pipelines/recordings/*.jsonl next to the config].
         recordings: Vec<PathBuf>,
+        /// Instead, measure suggestions on calls this many sentences long (e.g. `250,4000`).
+        #[arg(long, value_delimiter = ',', value_name = "SENTENCES")]
+        long_call: Vec<usize>,
     },
     /// List the built-in plugins, knowledge-store kinds, LLM provider and embedder kinds.
     Plugins,
@@ -219,8 +222,9 @@ pub fn main(
             config,
             iterations,
             recordings,
+            long_call,
         } => runtime.block_on(crate::bench::run(
-            &registry, config, iterations, recordings, &out, &err,
+            &registry, config, iterations, recordings, &long_call, &out, &err,
         )),
         Command::Plugin {
             command: PluginCommand::New { name, dir, sdk },
