@@ -37,7 +37,7 @@ pub(crate) fn prompter(args: &[&str]) -> Run {
     let err = Capture::default();
     let mut argv: Vec<std::ffi::OsString> = vec!["prompter".into()];
     argv.extend(args.iter().map(|a| a.into()));
-    let code = prompter_engine::cli::main(argv, Box::new(out.clone()), Box::new(err.clone()));
+    let code = prompter_cli::cli::main(argv, Box::new(out.clone()), Box::new(err.clone()));
     Run {
         code,
         stdout: out.text(),

@@ -1,6 +1,8 @@
-//! The Prompter engine: loads and validates configuration, routes Symbl events to conversation
-//! tasks, runs pipelines of stages, and replays recorded calls. The `prompter` binary is
-//! [`cli::main`].
+//! The Prompter engine as a library: loads and validates configuration, runs the [`Engine`] (one
+//! ordered fold per conversation, pipeline runs that never block it, engine-owned state),
+//! feeds it from [`source`]s and delivers to [`sink`]s. The `prompter` binary (the
+//! `prompter-cli` crate) wraps it; this crate carries no command-line code, so other programs can
+//! embed the engine.
 //!
 //! It does not own the plugin API (that is `prompter-core`) nor the built-in plugins (the
 //! `prompter-plugin-*` crates, listed once in [`registry::builtin`]).
@@ -8,24 +10,21 @@
 //! # Layout
 //! - [`config`]: engine config and pipeline files, with positioned diagnostics.
 //! - [`registry`]: the explicit list of built-in plugins, stores and providers.
-//! - [`pipeline`]: one pipeline run: filter, stages, timeouts, error policy.
-//! - [`engine`]: the [`engine::Engine`]: one ordered fold per conversation, runs that never
-//!   block it, engine-owned conversation state, snapshots.
+//! - [`engine`]: the [`Engine`]: one ordered fold per conversation, runs that never block it,
+//!   engine-owned conversation state, snapshots.
+//! - [`pipeline`]: one pipeline run: stages, timeouts, error policy; how runs overlap.
+//! - [`source`]: the [`source::Source`] trait: recordings, live Symbl connections.
 //! - [`sink`]: the [`sink::Sink`] trait and the bounded, coalescing queue in front of each sink.
+//! - [`server`]: the one HTTP server.
 //! - [`recording`], [`session`]: recordings and the replay driver.
-//! - [`live`]: `prompter run`, the engine on live Symbl connections.
-//! - [`cli`], [`demo`], [`bench`](mod@bench), [`kb`]: the commands.
+//! - [`wasm`]: the WebAssembly component host.
+//! - [`stats`]: counters and latency samples.
+//!
+//! [`Engine`]: engine::Engine
 
-pub mod bench;
-pub mod bundle;
-pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod engine;
-pub mod kb;
-pub mod live;
 pub mod pipeline;
-pub mod plugin_cli;
 pub mod recording;
 pub mod registry;
 pub mod server;
@@ -33,5 +32,4 @@ pub mod session;
 pub mod sink;
 pub mod source;
 pub mod stats;
-mod trackers_cli;
 pub mod wasm;

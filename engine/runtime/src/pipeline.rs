@@ -128,13 +128,16 @@ impl Pipeline {
             .unwrap_or_else(|| output_id.to_owned())
     }
 
-    /// Runs the stages in order; returns why the run ended early, if it did.
+    /// Runs the stages in order; returns why the run ended early, if it did. `first_done` is
+    /// dropped once the first stage has finished (the engine lets the next run of this
+    /// pipeline start then, so first stages such as `dedupe` decide in trigger order).
     pub async fn run(
         &self,
         scope: &RunScope,
         run: &Run,
         host: &dyn Host,
         stats: &Stats,
+        mut first_done: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Option<String> {
         stats.runs.fetch_add(1, Ordering::Relaxed);
         let event = &scope.event;
@@ -161,6 +164,7 @@ impl Pipeline {
                     .await
             };
             timings.push((stage.id.clone(), t0.elapsed().as_micros() as u64));
+            drop(first_done.take());
             let error = match result {
                 Ok(Ok(Flow::Continue(v))) => {
                     outputs.push((stage.id.clone(), v));
@@ -288,7 +292,7 @@ mod tests {
         let stats = Stats::default();
         let run = Run::new(1, p.output_id(&scope));
         let ended = if p.admits(&scope, &stats) {
-            p.run(&scope, &run, &host, &stats).await
+            p.run(&scope, &run, &host, &stats, None).await
         } else {
             None
         };

@@ -276,7 +276,7 @@ where
 
 /// YAML to JSON with YAML's plain-scalar typing (numbers, booleans, null); quoted scalars stay
 /// strings.
-pub(crate) fn node_to_json(node: &Node) -> serde_json::Value {
+pub fn node_to_json(node: &Node) -> serde_json::Value {
     use serde_json::Value;
     match node {
         Node::Scalar(s) => {

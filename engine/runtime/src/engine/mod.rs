@@ -322,7 +322,8 @@ struct Conversation {
     idle: std::time::Duration,
     run_ids: Arc<AtomicU64>,
     runs: JoinSet<()>,
-    /// `queue` pipelines: the signal that the latest run started has finished.
+    /// Per pipeline: the signal that the latest run started has finished (`queue`) or passed
+    /// its first stage (the others).
     queued: HashMap<usize, oneshot::Receiver<()>>,
     /// `latest_wins` pipelines: (pipeline, supersede key) → the latest run started.
     latest: HashMap<(usize, String), Arc<Run>>,
@@ -363,15 +364,15 @@ impl Conversation {
         }
         let id = self.run_ids.fetch_add(1, Ordering::Relaxed) + 1;
         let run = Arc::new(Run::new(id, pipeline.output_id(&scope)));
-        let mut after = None;
-        let mut done = None;
-        match pipeline.concurrency {
-            Concurrency::Parallel => {}
-            Concurrency::Queue => {
-                let (tx, rx) = oneshot::channel();
-                after = self.queued.insert(i, rx);
-                done = Some(tx);
-            }
+        // Runs of one pipeline start in trigger order: each waits for the one before it, to
+        // finish (`queue`) or to have passed its first stage (the others), so a first stage such
+        // as `dedupe` decides in the order of the triggers and the same call always gives the
+        // same outputs.
+        let (tx, rx) = oneshot::channel();
+        let after = self.queued.insert(i, rx);
+        let (done, first_done) = match pipeline.concurrency {
+            Concurrency::Queue => (Some(tx), None),
+            Concurrency::Parallel => (None, Some(tx)),
             Concurrency::LatestWins => {
                 let key = pipeline.supersede_key(&scope, &run.output_id);
                 // Finished runs cancel their own token on the way out: forget them.
@@ -379,8 +380,9 @@ impl Conversation {
                 if let Some(older) = self.latest.insert((i, key), run.clone()) {
                     run.supersede(older);
                 }
+                (None, Some(tx))
             }
-        }
+        };
         let shared = self.shared.clone();
         let stats = self.stats.clone();
         self.runs.spawn(async move {
@@ -392,7 +394,7 @@ impl Conversation {
             let ended = tokio::select! {
                 biased;
                 () = run.cancel.cancelled() => Ended::Superseded,
-                why = pipeline.run(&scope, &run, &*shared, &stats) => Ended::Ran(why),
+                why = pipeline.run(&scope, &run, &*shared, &stats, first_done) => Ended::Ran(why),
             };
             close_open_drafts(&run, &*shared, ended).await;
             lock(&shared.book).settle(run.id, run.delivered());

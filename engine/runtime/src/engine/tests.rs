@@ -55,6 +55,16 @@ impl Plugin for Probe {
     }
 }
 
+/// A first stage that lets every run through at once (as a `dedupe` does for a new trigger).
+struct Pass;
+
+#[async_trait]
+impl Plugin for Pass {
+    async fn process(&self, _: &StageContext<'_>) -> Result<Flow, PluginError> {
+        Ok(Flow::Continue(json!({})))
+    }
+}
+
 fn output(cx: &StageContext<'_>, text: &str, status: Status) -> Output {
     Output {
         id: cx.output_id(),
@@ -75,13 +85,22 @@ fn pipeline(probe: Arc<Probe>, concurrency: Concurrency, key: Option<&str>) -> P
         file: "p.yaml".into(),
         on: vec![EventKind::MessageResponse],
         when: None,
-        stages: vec![Arc::new(Stage {
-            id: "probe".into(),
-            plugin_name: "probe".into(),
-            plugin: probe,
-            timeout: Duration::from_secs(30),
-            on_error: OnError::Stop,
-        })],
+        stages: vec![
+            Arc::new(Stage {
+                id: "pass".into(),
+                plugin_name: "pass".into(),
+                plugin: Arc::new(Pass),
+                timeout: Duration::from_secs(30),
+                on_error: OnError::Stop,
+            }),
+            Arc::new(Stage {
+                id: "probe".into(),
+                plugin_name: "probe".into(),
+                plugin: probe,
+                timeout: Duration::from_secs(30),
+                on_error: OnError::Stop,
+            }),
+        ],
         deadline: None,
         concurrency,
         key: key.map(|k| Template::compile(k).unwrap()),
@@ -362,4 +381,49 @@ async fn a_snapshot_restored_into_another_engine_continues_exactly() {
         engine.snapshot("nobody").await,
         Err(EngineError::UnknownConversation(_))
     ));
+}
+
+/// A first stage that is slow for "slow ..." messages and records the order it decided in.
+#[derive(Default)]
+struct Decider(Mutex<Vec<String>>);
+
+#[async_trait]
+impl Plugin for Decider {
+    async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
+        let text = match &cx.event().detail {
+            prompter_core::event::Detail::Message(m) => m.text.clone(),
+            _ => String::new(),
+        };
+        if text.starts_with("slow") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.0.lock().unwrap().push(text);
+        Ok(Flow::Continue(json!({})))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_stages_decide_in_trigger_order_even_when_runs_overlap() {
+    let decider = Arc::new(Decider::default());
+    let probe = Arc::new(Probe::default());
+    let mut p = pipeline(probe, Concurrency::Parallel, None);
+    p.stages[0] = Arc::new(Stage {
+        id: "decide".into(),
+        plugin_name: "decider".into(),
+        plugin: decider.clone(),
+        timeout: Duration::from_secs(30),
+        on_error: OnError::Stop,
+    });
+    let (engine, seen) = engine_with(vec![p], Duration::from_secs(60));
+    engine.dispatch(said("a", 0, "slow first")).await;
+    engine.dispatch(said("a", 10, "quick second")).await;
+    engine.dispatch(said("a", 20, "slow third")).await;
+    engine.finish().await;
+    assert_eq!(
+        *decider.0.lock().unwrap(),
+        ["slow first", "quick second", "slow third"]
+    );
+    // Past their first stage, runs overlap: the second stage of "slow first" drafts and waits
+    // 5 s, and the others complete meanwhile.
+    assert_eq!(texts(&seen, "a").len(), 5);
 }

@@ -1,6 +1,6 @@
 //! The echo stage behind `prompter plugin bench`: returns the event's sentence and the length of
 //! the transcript, exactly what the engine's built-in benchmark twin (`NativeEcho` in
-//! `engine/runtime/src/bench.rs`) computes, so the difference between the two is the cost of
+//! `engine/cli/src/bench.rs`) computes, so the difference between the two is the cost of
 //! the Wasm boundary.
 
 use prompter_sdk::prelude::*;

@@ -8,7 +8,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let code = prompter_engine::cli::main(
+    let code = prompter_cli::cli::main(
         std::env::args_os().collect(),
         Box::new(std::io::stdout()),
         Box::new(std::io::stderr()),

@@ -24,12 +24,12 @@ use prompter_core::event::{Detail, Event, parse_frame};
 use prompter_core::output::{Output, Status};
 
 use crate::cli::{Stream, load_for_run, read_recordings, say};
-use crate::engine::Engine;
-use crate::recording::RecordedLine;
-use crate::registry::Registry;
-use crate::session::{self, Pace};
-use crate::sink::FnSink;
-use crate::stats::Stats;
+use prompter_engine::engine::Engine;
+use prompter_engine::recording::RecordedLine;
+use prompter_engine::registry::Registry;
+use prompter_engine::session::{self, Pace};
+use prompter_engine::sink::FnSink;
+use prompter_engine::stats::Stats;
 
 /// Suggestions measured per call length in [`long_call`]: enough for a stable p99.
 pub const LONG_CALL_SUGGESTIONS: usize = 1_000;
@@ -347,7 +347,7 @@ pub async fn long_call(
 
 /// One synthetic call of `sentences` sentences and then `suggestions` trackers.
 async fn one_long_call(
-    loaded: crate::config::Loaded,
+    loaded: prompter_engine::config::Loaded,
     material: &Material,
     sentences: usize,
     suggestions: usize,
@@ -437,16 +437,16 @@ pub async fn wasm(module: PathBuf, iterations: usize, out: &Stream, err: &Stream
     use prompter_core::plugin::{Plugin, Resources, RunScope, StageContext};
     use std::time::{Duration, Instant};
 
-    let spec = crate::wasm::WasmSpec {
+    let spec = prompter_engine::wasm::WasmSpec {
         stage: "echo".into(),
         module: module.clone(),
         config_json: "{}".into(),
         allow_hosts: vec![],
-        limits: crate::wasm::Limits::default(),
+        limits: prompter_engine::wasm::Limits::default(),
         timeout: Duration::from_millis(1000),
         resources: Resources::default(),
     };
-    let wasm = match crate::wasm::WasmPlugin::build(spec).await {
+    let wasm = match prompter_engine::wasm::WasmPlugin::build(spec).await {
         Ok(p) => p,
         Err(e) => {
             say(err, &format!("error: {}", e.message));
@@ -513,7 +513,7 @@ pub async fn wasm(module: PathBuf, iterations: usize, out: &Stream, err: &Stream
         &format!(
             "plugin bench: {} calls each, event with a 21-line conversation, pooling allocator: {}",
             iterations,
-            crate::wasm::runtime::runtime()
+            prompter_engine::wasm::runtime::runtime()
                 .map(|r| r.pooling)
                 .unwrap_or(false)
         ),

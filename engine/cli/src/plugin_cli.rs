@@ -13,11 +13,11 @@ use prompter_core::output::{event_part, output_id};
 use prompter_core::plugin::{Flow, Plugin, Resources, Run, RunScope, StageContext};
 
 use crate::cli::{Stream, read_recordings, say};
-use crate::config::diagnostics::Diagnostics;
-use crate::config::wasm::node_to_json;
-use crate::config::yaml;
-use crate::recording;
-use crate::wasm::{Limits, WasmPlugin, WasmSpec};
+use prompter_engine::config::diagnostics::Diagnostics;
+use prompter_engine::config::wasm::node_to_json;
+use prompter_engine::config::yaml;
+use prompter_engine::recording;
+use prompter_engine::wasm::{Limits, WasmPlugin, WasmSpec};
 
 /// Options of `prompter plugin test`.
 #[derive(Debug, clap::Args)]

@@ -8,8 +8,8 @@ use prompter_core::resource::Embedder;
 use prompter_plugin_retrieve::{EmbeddedStore, EmbeddedStoreConfig, IngestOptions};
 
 use crate::cli::{Stream, say};
-use crate::config::{self, diagnostics::Diagnostics};
-use crate::registry::Registry;
+use prompter_engine::config::{self, diagnostics::Diagnostics};
+use prompter_engine::registry::Registry;
 
 /// What to ingest where.
 #[derive(Debug, Clone, clap::Args)]

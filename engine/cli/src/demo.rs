@@ -10,9 +10,9 @@ use prompter_core::output::{Output, Status};
 
 use crate::bundle;
 use crate::cli::{Stream, load_for_run, read_recordings, say};
-use crate::registry::Registry;
-use crate::session::{self, Pace};
-use crate::stats::Stats;
+use prompter_engine::registry::Registry;
+use prompter_engine::session::{self, Pace};
+use prompter_engine::stats::Stats;
 
 const WIDTH: usize = 78;
 

@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, LoadRequest, Loaded};
-use crate::recording;
-use crate::registry::{self, Registry};
-use crate::session::{self, Pace};
-use crate::stats::Stats;
+use prompter_engine::config::{self, LoadRequest, Loaded};
+use prompter_engine::recording;
+use prompter_engine::registry::{self, Registry};
+use prompter_engine::session::{self, Pace};
+use prompter_engine::stats::Stats;
 
 /// A shared output stream.
 pub type Stream = Arc<Mutex<Box<dyn Write + Send>>>;

@@ -3,7 +3,7 @@
 //! stop it cleanly: sockets close, every accepted event is handled, every output is printed).
 //!
 //! It wires the library together: an [`Engine`] with a stdout sink, a
-//! [`SymblSource`](crate::source::symbl::SymblSource) (connections from `--connection ID`, the
+//! [`prompter_engine::source::symbl::SymblSource`] (connections from `--connection ID`, the
 //! config, the control API on the engine's server at `--listen ADDR` or `server.listen`, and
 //! an integration server's update feed at `--updates URL` or `symbl.updates`), and the signals
 //! that stop it.
@@ -19,12 +19,12 @@ use prompter_symbl::SymblAuth;
 use tokio::sync::watch;
 
 use crate::cli::{Stream, say};
-use crate::engine::Engine;
-use crate::registry::Registry;
-use crate::sink::JsonLines;
-use crate::source::symbl::SymblSource;
-use crate::source::{Notices, Source};
-use crate::stats::Stats;
+use prompter_engine::engine::Engine;
+use prompter_engine::registry::Registry;
+use prompter_engine::sink::JsonLines;
+use prompter_engine::source::symbl::SymblSource;
+use prompter_engine::source::{Notices, Source};
+use prompter_engine::stats::Stats;
 
 /// Options of `prompter run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -100,7 +100,7 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     let source = SymblSource::new(symbl, auth, notices);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let Some(addr) = &listen {
-        match crate::server::serve(addr, source.routes(), shutdown_rx.clone()).await {
+        match prompter_engine::server::serve(addr, source.routes(), shutdown_rx.clone()).await {
             Ok(bound) => say(
                 err,
                 &format!("control endpoint listening on http://{bound}"),

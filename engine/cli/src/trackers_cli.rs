@@ -4,7 +4,7 @@
 //! is noise for the agent).
 //!
 //! It owns the command's output; the Management API client and the sync logic are
-//! `prompter_symbl::management`, loading the config is [`crate::config`].
+//! `prompter_symbl::management`, loading the config is [`prompter_engine::config`].
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -1,0 +1,19 @@
+//! The `prompter` command: every subcommand, as thin wrappers around the `prompter-engine`
+//! library. [`cli::main`] is the whole program (the binary calls it; tests call it in process).
+//!
+//! # Layout
+//! - [`cli`]: argument parsing and the small commands (`validate`, `replay`, `plugins`).
+//! - [`live`]: `prompter run`, the engine on live Symbl connections.
+//! - [`demo`]: `prompter demo`, with its embedded defaults in [`bundle`].
+//! - [`bench`](mod@bench): `prompter bench` and `prompter plugin bench`.
+//! - [`kb`]: `prompter kb ingest`; [`plugin_cli`]: `prompter plugin new|test`;
+//!   `trackers_cli`: `prompter trackers sync`.
+
+pub mod bench;
+pub mod bundle;
+pub mod cli;
+pub mod demo;
+pub mod kb;
+pub mod live;
+pub mod plugin_cli;
+mod trackers_cli;
