@@ -12,6 +12,7 @@
 //! found through hash sets, not by scanning).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use imbl::Vector;
 use serde::{Deserialize, Serialize};
@@ -59,16 +60,17 @@ pub struct ConversationState {
     pub id: String,
     /// Symbl's conversation id, once `conversation_created` (or similar) said it.
     pub symbl_conversation_id: Option<String>,
-    /// Finalized transcript, oldest first.
-    pub transcript: Vector<TranscriptLine>,
+    /// Finalized transcript, oldest first. Lines are shared: a snapshot and the live state
+    /// hold the same lines, and adding one copies pointers, never sentences.
+    pub transcript: Vector<Arc<TranscriptLine>>,
     /// The latest live caption, cleared when a finalized line arrives.
     pub caption: Option<Caption>,
     /// Trackers seen, in order of first detection.
     pub trackers: Vector<TrackerSeen>,
     /// Insights (questions, action items, follow-ups), in order.
-    pub insights: Vector<Insight>,
+    pub insights: Vector<Arc<Insight>>,
     /// Topics, without repeats of the same phrase.
-    pub topics: Vector<Topic>,
+    pub topics: Vector<Arc<Topic>>,
     /// Offset of the latest event.
     pub last_offset_ms: u64,
     /// Events folded so far.
@@ -99,7 +101,7 @@ impl ConversationState {
         match &event.detail {
             Detail::Message(m) => {
                 self.caption = None;
-                self.transcript.push_back(TranscriptLine {
+                self.transcript.push_back(Arc::new(TranscriptLine {
                     id: m.id.clone(),
                     speaker: m.speaker.label().to_owned(),
                     user_id: m.speaker.user_id.clone(),
@@ -108,7 +110,7 @@ impl ConversationState {
                     end_time: m.end_time.clone(),
                     offset_ms: event.offset_ms,
                     sentiment: m.sentiment,
-                });
+                }));
             }
             Detail::Caption(c) => self.caption = Some(c.clone()),
             Detail::Tracker(t) => {
@@ -139,12 +141,12 @@ impl ConversationState {
                     None => true,
                 };
                 if first {
-                    self.insights.push_back(i.clone());
+                    self.insights.push_back(Arc::new(i.clone()));
                 }
             }
             Detail::Topic(t) => {
                 if self.topic_keys.insert(t.phrases.to_lowercase()) {
-                    self.topics.push_back(t.clone());
+                    self.topics.push_back(Arc::new(t.clone()));
                 }
             }
             Detail::Lifecycle {
@@ -164,7 +166,7 @@ impl ConversationState {
 
     /// The last `n` transcript lines, oldest first.
     /// Costs O(log n) whatever the length of the call.
-    pub fn last_lines(&self, n: usize) -> Vector<TranscriptLine> {
+    pub fn last_lines(&self, n: usize) -> Vector<Arc<TranscriptLine>> {
         let start = self.transcript.len().saturating_sub(n);
         self.transcript.skip(start)
     }

@@ -71,8 +71,12 @@ pub async fn run(
         .on_problem(on_problem);
     let report = source.report();
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
-    if let Err(e) = Box::new(source).run(engine.clone(), shutdown).await {
-        tracing::error!(error = %e, "The recording source stopped.");
+    // On the runtime's workers, like every other task: the thread that called this only waits,
+    // so the workers are not competing with a third busy thread for the cores.
+    match tokio::spawn(Box::new(source).run(engine.clone(), shutdown)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "The recording source stopped."),
+        Err(e) => tracing::error!(error = %e, "The recording source panicked."),
     }
     engine.finish().await;
     let outputs = delivered.load(std::sync::atomic::Ordering::Relaxed);
