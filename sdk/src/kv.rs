@@ -1,8 +1,11 @@
 //! A key-value scratch space private to this stage and the current conversation.
 //!
-//! It survives instance recycling and is dropped when the conversation ends, which makes it the
-//! place for per-conversation state (counters, "already alerted" flags, ...). Writes fail when
-//! the stage's space is full.
+//! The engine keeps it with the conversation's state: it survives instance recycling and
+//! reloads, travels with the conversation's snapshot when a call moves to another engine, and is
+//! dropped when the conversation ends, which makes it the place for per-conversation state
+//! (counters, "already alerted" flags, ...). A call's writes are applied when the call returns.
+//! Writes fail when the stage's space is full. A plugin that keeps state across calls belongs in
+//! a pipeline with `concurrency: queue`, so its runs see each other's writes in order.
 //!
 //! Outside the engine it is an in-memory, thread-local map; [`reset`] clears it.
 //!
