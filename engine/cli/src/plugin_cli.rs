@@ -147,6 +147,10 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
                     obj.insert("type".into(), "continue".into());
                     obj.insert("value".into(), v);
                 }
+                Ok(Flow::Output(o)) => {
+                    obj.insert("type".into(), "continue".into());
+                    obj.insert("value".into(), o.into_value());
+                }
                 Ok(Flow::Halt(reason)) => {
                     obj.insert("type".into(), "halt".into());
                     obj.insert("reason".into(), reason.into());

@@ -8,8 +8,12 @@
 //!
 //! A pipeline run calls its stages in order with a [`StageContext`]: the triggering event, the
 //! conversation state, and the outputs of the earlier stages by id. A stage returns
-//! [`Flow::Continue`] with its output (a JSON value templates can read as `stages.<id>`) or
-//! [`Flow::Halt`] to end the run quietly (a filter or a dedupe hit).
+//! [`Flow::Continue`] with its output (a JSON value templates can read as `stages.<id>`),
+//! [`Flow::Output`] with a [`StageOutput`] that may also carry a well-known value typed
+//! ([`Typed`]: documents, a chat request, a reply), or [`Flow::Halt`] to end the run quietly (a
+//! filter or a dedupe hit). Later stages read well-known values through the typed accessors of
+//! [`StageContext`] ([`StageContext::documents`], [`StageContext::chat_request`], ...), which take
+//! the typed value when there is one and read the JSON otherwise.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -18,7 +22,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::book::Host;
@@ -27,17 +30,46 @@ use crate::diagnostic::{Position, did_you_mean};
 use crate::error::PluginError;
 use crate::event::Event;
 use crate::output::{Output, Status, Timings, output_id, slug};
-use crate::resource::{ChatProvider, Embedder, KnowledgeStore, ScoredDocument};
+use crate::resource::{ChatProvider, ChatRequest, Embedder, KnowledgeStore, ScoredDocument};
 use crate::template::{Template, conversation_value, event_value};
+
+mod stage_output;
+pub use stage_output::{Drafted, Outputs, StageOutput, Typed};
 
 /// What a stage tells the pipeline after it ran.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Flow {
     /// Go on; the value is this stage's output, readable as `stages.<id>`.
     Continue(serde_json::Value),
+    /// Go on with an output that may carry a well-known value typed, so later stages read it
+    /// without parsing JSON; templates read its JSON form as `stages.<id>`.
+    Output(StageOutput),
     /// Stop this run quietly, with a reason for the logs.
     Halt(String),
 }
+
+impl Flow {
+    /// The stage's output in JSON form (built now for a typed output); `None` for a halt.
+    pub fn json(&self) -> Option<&serde_json::Value> {
+        match self {
+            Flow::Continue(v) => Some(v),
+            Flow::Output(o) => Some(o.value()),
+            Flow::Halt(_) => None,
+        }
+    }
+
+    /// The stage's output; `None` for a halt.
+    pub fn into_output(self) -> Option<StageOutput> {
+        match self {
+            Flow::Continue(v) => Some(StageOutput::json(v)),
+            Flow::Output(o) => Some(o),
+            Flow::Halt(_) => None,
+        }
+    }
+}
+
+/// The outputs of a context with no earlier stages.
+static NO_OUTPUTS: Outputs = Outputs::new();
 
 /// One stage of a pipeline, ready to run.
 #[async_trait]
@@ -400,11 +432,10 @@ impl RunScope {
     /// The template context: `event`, `conversation`, `stages`, `pipeline`. The event and the
     /// conversation are lazy objects: a template pays only for the fields it reads, so the
     /// cost does not grow with the length of the call.
-    pub fn template_context(
-        &self,
-        pipeline: &str,
-        outputs: &[(String, serde_json::Value)],
-    ) -> minijinja::Value {
+    ///
+    /// `stages` is lazy too ([`Outputs::template_value`]): each output is converted once per
+    /// run, when a template first reads it.
+    pub fn template_context(&self, pipeline: &str, outputs: &Outputs) -> minijinja::Value {
         let event = self
             .event_value
             .get_or_init(|| event_value(&self.event))
@@ -413,12 +444,10 @@ impl RunScope {
             .conversation_value
             .get_or_init(|| conversation_value(&self.conversation))
             .clone();
-        let stages: BTreeMap<&str, &serde_json::Value> =
-            outputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
         minijinja::context! {
             event => event,
             conversation => conversation,
-            stages => minijinja::Value::from_serialize(&stages),
+            stages => outputs.template_value(),
             pipeline => pipeline,
         }
     }
@@ -511,7 +540,7 @@ pub struct StageContext<'a> {
     /// Shared per-run values (event, conversation).
     pub scope: &'a RunScope,
     /// The outputs of the earlier stages, in order.
-    pub outputs: &'a [(String, serde_json::Value)],
+    pub outputs: &'a Outputs,
     /// Durations of the earlier stages in microseconds.
     pub stage_timings: &'a [(String, u64)],
     /// When the run started.
@@ -538,7 +567,7 @@ impl<'a> StageContext<'a> {
             pipeline,
             stage,
             scope,
-            outputs: &[],
+            outputs: &NO_OUTPUTS,
             stage_timings: &[],
             started: Instant::now(),
             deadline: None,
@@ -557,39 +586,73 @@ impl<'a> StageContext<'a> {
         &self.scope.conversation
     }
 
-    /// The output of earlier stage `id`.
+    /// The output of earlier stage `id`, in JSON form.
     pub fn output(&self, id: &str) -> Option<&serde_json::Value> {
-        self.outputs.iter().find(|(k, _)| k == id).map(|(_, v)| v)
+        self.outputs.get(id).map(StageOutput::value)
+    }
+
+    /// The output of earlier stage `id`, typed when the stage gave a typed value.
+    pub fn stage_output(&self, id: &str) -> Option<&StageOutput> {
+        self.outputs.get(id)
     }
 
     /// The most recent earlier output that has field `field`, with its stage id.
     pub fn latest_with(&self, field: &str) -> Option<(&str, &serde_json::Value)> {
-        self.outputs
-            .iter()
-            .rev()
-            .find(|(_, v)| v.get(field).is_some())
-            .map(|(k, v)| (k.as_str(), v))
+        self.outputs.latest_with(field).map(|(k, o)| (k, o.value()))
     }
 
     /// The documents output by stage `id`, or by the latest earlier stage that output
-    /// documents when `id` is `None`; empty when there is none.
+    /// documents when `id` is `None`; empty when there is none. Shared, not copied, when the
+    /// stage gave them typed.
     ///
     /// # Errors
     /// When that stage's `documents` is not a list of documents.
-    pub fn documents(&self, id: Option<&str>) -> Result<Vec<ScoredDocument>, PluginError> {
-        let docs = match id {
-            Some(id) => self.output(id).and_then(|v| v.get("documents")),
-            None => self
-                .latest_with("documents")
-                .and_then(|(_, v)| v.get("documents")),
+    pub fn documents(&self, id: Option<&str>) -> Result<Arc<[ScoredDocument]>, PluginError> {
+        let found = match id {
+            Some(id) => self.outputs.get(id),
+            None => self.outputs.latest_with("documents").map(|(_, o)| o),
         };
-        match docs {
-            Some(d) => Vec::<ScoredDocument>::deserialize(d).map_err(|e| {
-                PluginError::input("the documents stage output is not a document list")
-                    .with_source(e)
-            }),
-            None => Ok(Vec::new()),
+        match found {
+            Some(o) => Ok(o.documents()?.unwrap_or_else(|| Arc::new([]))),
+            None => Ok(Arc::new([])),
         }
+    }
+
+    /// The chat request output by stage `id`, or by the latest earlier stage that output one
+    /// (it has a `system_prompt`) when `id` is `None`; `None` when there is no such stage.
+    ///
+    /// # Errors
+    /// When that stage's output is not a chat request.
+    pub fn chat_request(&self, id: Option<&str>) -> Result<Option<Arc<ChatRequest>>, PluginError> {
+        let found = match id {
+            Some(id) => self.outputs.get(id),
+            None => self.outputs.latest_with("system_prompt").map(|(_, o)| o),
+        };
+        found.map(StageOutput::chat_request).transpose()
+    }
+
+    /// The `text` of the latest earlier output that has one (a reply's answer), if it is a
+    /// string.
+    pub fn latest_text(&self) -> Option<&str> {
+        self.outputs.latest_with("text")?.1.text()
+    }
+
+    /// The id of the output that an earlier stage (a streaming `chat`) delivered drafts of, so
+    /// this run completes it instead of starting another.
+    pub fn drafted(&self) -> Option<&str> {
+        self.outputs.latest_with("output")?.1.drafted()
+    }
+
+    /// Every earlier stage's `degraded` reason, in stage order, joined by `; `; `None` when
+    /// none degraded.
+    pub fn degraded(&self) -> Option<String> {
+        let reasons: Vec<&str> = self
+            .outputs
+            .as_slice()
+            .iter()
+            .filter_map(|(_, o)| o.degraded())
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
     /// Renders `template` with the run's context.

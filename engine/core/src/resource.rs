@@ -100,8 +100,9 @@ pub struct ChatRequest {
     pub context: Vec<ScoredDocument>,
     /// Sampling: maximum tokens to generate.
     pub max_new_tokens: u32,
-    /// Sampling temperature.
-    pub temperature: f32,
+    /// Sampling temperature. `f64`, like the JSON number it becomes: `0.7` goes out as `0.7`
+    /// (an `f32` would be widened to `0.699999988079071`).
+    pub temperature: f64,
 }
 
 /// A chat answer.

@@ -8,7 +8,9 @@
 //!   the shortcuts `tracker`, `message`, `insight`, `topic`, `caption`);
 //! - `conversation`: the conversation state (`transcript`, `caption`, `trackers`, `insights`,
 //!   `topics`, ...);
-//! - `stages`: the outputs of the earlier stages of the pipeline, by stage id;
+//! - `stages`: the outputs of the earlier stages of the pipeline, by stage id (in JSON form; a
+//!   lazy object, each output converted once per run when first read: see
+//!   [`Outputs::template_value`](crate::plugin::Outputs::template_value));
 //! - `pipeline`: the pipeline name.
 //!
 //! Extra filters: `transcript` formats transcript lines as `Speaker: text` lines.

@@ -10,7 +10,8 @@ use crate::error::PluginError;
 use crate::event::{Event, parse_frame};
 use crate::output::{Output, event_part, output_id};
 use crate::plugin::{
-    BuildContext, BuildError, ErasedFactory, Flow, Plugin, Resources, Run, RunScope, StageContext,
+    BuildContext, BuildError, ErasedFactory, Flow, Outputs, Plugin, Resources, Run, RunScope,
+    StageContext,
 };
 
 /// Builds a stage from a YAML `config:` body, as the engine would, with `earlier` stage ids.
@@ -58,7 +59,8 @@ pub struct RunResult {
     pub emitted: Vec<Output>,
 }
 
-/// Runs `plugin` once on `event` with `state` and earlier `outputs`.
+/// Runs `plugin` once on `event` with `state` and earlier `outputs` (JSON, as a Wasm plugin or a
+/// user stage gives them; [`run_with_outputs`] takes typed ones).
 pub async fn run(
     plugin: &dyn Plugin,
     event: &Event,
@@ -95,6 +97,27 @@ pub async fn run_on(
     event: &Event,
     state: &ConversationState,
     outputs: &[(String, serde_json::Value)],
+    deadline: Option<Instant>,
+) -> RunResult {
+    run_with_outputs(
+        host,
+        plugin,
+        event,
+        state,
+        &Outputs::from(outputs),
+        deadline,
+    )
+    .await
+}
+
+/// Runs `plugin` like [`run_on`] with earlier `outputs` as the engine holds them, typed values
+/// included (what the built-in stages return).
+pub async fn run_with_outputs(
+    host: &TestHost,
+    plugin: &dyn Plugin,
+    event: &Event,
+    state: &ConversationState,
+    outputs: &Outputs,
     deadline: Option<Instant>,
 ) -> RunResult {
     let scope = RunScope::new(Arc::new(event.clone()), Arc::new(state.clone()));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use prompter_core::book::Host;
 use prompter_core::event::{Event, EventKind};
 use prompter_core::output::{event_part, output_id, slug};
-use prompter_core::plugin::{Flow, Plugin, Run, RunScope, StageContext};
+use prompter_core::plugin::{Flow, Outputs, Plugin, Run, RunScope, StageContext, StageOutput};
 use prompter_core::template::{Expr, Template};
 use tracing::{Instrument, debug, debug_span, warn};
 
@@ -87,7 +87,7 @@ impl Pipeline {
     /// Whether the `when` filter lets `scope`'s event through (a failing filter does not).
     pub fn admits(&self, scope: &RunScope, stats: &Stats) -> bool {
         let Some(when) = &self.when else { return true };
-        match when.is_true(&scope.template_context(&self.name, &[])) {
+        match when.is_true(&scope.template_context(&self.name, &Outputs::new())) {
             Ok(pass) => pass,
             Err(error) => {
                 stats.stage_errors.fetch_add(1, Ordering::Relaxed);
@@ -104,7 +104,7 @@ impl Pipeline {
         let e: &Event = &scope.event;
         let key = match (&self.key, e.tracker()) {
             (Some(t), _) => t
-                .render(&scope.template_context(&self.name, &[]))
+                .render(&scope.template_context(&self.name, &Outputs::new()))
                 .map(|k| k.trim().to_owned())
                 .ok()
                 .filter(|k| !k.is_empty()),
@@ -123,7 +123,10 @@ impl Pipeline {
     pub fn supersede_key(&self, scope: &RunScope, output_id: &str) -> String {
         self.supersede
             .as_ref()
-            .and_then(|t| t.render(&scope.template_context(&self.name, &[])).ok())
+            .and_then(|t| {
+                t.render(&scope.template_context(&self.name, &Outputs::new()))
+                    .ok()
+            })
             .map(|k| k.trim().to_owned())
             .unwrap_or_else(|| output_id.to_owned())
     }
@@ -142,7 +145,7 @@ impl Pipeline {
         stats.runs.fetch_add(1, Ordering::Relaxed);
         let event = &scope.event;
         let started = Instant::now();
-        let mut outputs: Vec<(String, serde_json::Value)> = Vec::with_capacity(self.stages.len());
+        let mut outputs = Outputs::new();
         let mut timings: Vec<(String, u64)> = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
             let t0 = Instant::now();
@@ -167,7 +170,13 @@ impl Pipeline {
             drop(first_done.take());
             let error = match result {
                 Ok(Ok(Flow::Continue(v))) => {
-                    outputs.push((stage.id.clone(), v));
+                    outputs.push(stage.id.as_str(), StageOutput::json(v));
+                    continue;
+                }
+                Ok(Ok(Flow::Output(o))) => {
+                    // The stage's context (and any `stages` template value) is gone by now, so
+                    // the push shares the earlier outputs instead of copying them.
+                    outputs.push(stage.id.as_str(), o);
                     continue;
                 }
                 Ok(Ok(Flow::Halt(reason))) => {
@@ -181,7 +190,12 @@ impl Pipeline {
             warn!(pipeline = %self.name, stage = %stage.id, plugin = %stage.plugin_name, conversation = %event.conversation_id, error = %error, "Stage failed.");
             match stage.on_error {
                 OnError::Stop => return Some(format!("stage `{}` failed: {error}", stage.id)),
-                OnError::Continue => outputs.push((stage.id.clone(), serde_json::Value::Null)),
+                OnError::Continue => {
+                    outputs.push(
+                        stage.id.as_str(),
+                        StageOutput::json(serde_json::Value::Null),
+                    );
+                }
             }
         }
         None
@@ -207,6 +221,8 @@ mod tests {
     use prompter_core::conversation::ConversationState;
     use prompter_core::error::PluginError;
     use prompter_core::output::{Output, Status, Trigger};
+    use prompter_core::plugin::Typed;
+    use prompter_core::resource::ScoredDocument;
     use prompter_core::test_util::event;
     use serde_json::json;
 
@@ -217,6 +233,11 @@ mod tests {
         Report,
         /// Emits a `draft` output, as a streaming chat stage does.
         Draft,
+        /// Outputs documents, typed, as the `retrieve` stage does.
+        Documents,
+        /// Emits an output saying whether the documents reached it typed, and what a template
+        /// reads of them.
+        ReadDocuments,
     }
 
     struct Fake(Behaviour);
@@ -236,8 +257,32 @@ mod tests {
                     cx.emit(o).await?;
                     Ok(Flow::Continue(json!({})))
                 }
+                Behaviour::Documents => Ok(Flow::Output(StageOutput::typed(Typed::Documents {
+                    query: "budget".into(),
+                    documents: vec![ScoredDocument {
+                        id: "d1".into(),
+                        text: "Budget".into(),
+                        data: "Offer a pilot.".into(),
+                        score: 0.5,
+                    }]
+                    .into(),
+                    degraded: None,
+                }))),
+                Behaviour::ReadDocuments => {
+                    let typed = cx.stage_output("kb").and_then(StageOutput::as_typed);
+                    let docs = cx.documents(None)?;
+                    let t = Template::compile("{{ stages.kb.documents[0].data }}").unwrap();
+                    let text = format!(
+                        "typed: {}, {} document(s), template: {}",
+                        matches!(typed, Some(Typed::Documents { .. })),
+                        docs.len(),
+                        cx.render(&t)?
+                    );
+                    cx.emit(report(cx, text)).await?;
+                    Ok(Flow::Continue(json!({})))
+                }
                 Behaviour::Report => {
-                    let text = serde_json::to_string(cx.outputs).unwrap_or_default();
+                    let text = serde_json::to_string(cx.outputs.as_slice()).unwrap_or_default();
                     cx.emit(report(cx, text)).await?;
                     Ok(Flow::Continue(json!({})))
                 }
@@ -364,6 +409,23 @@ mod tests {
         let open = run.take_open_drafts();
         assert_eq!(open.len(), 1, "the engine closes this draft");
         assert_eq!(open[0].text, "Acknowledge the");
+    }
+
+    #[tokio::test]
+    async fn a_typed_output_reaches_later_stages_typed_and_templates_as_json() {
+        let p = pipeline(
+            None,
+            vec![
+                stage("kb", Behaviour::Documents, OnError::Stop),
+                stage("out", Behaviour::ReadDocuments, OnError::Stop),
+            ],
+        );
+        let (outs, errors) = run(&p).await;
+        assert_eq!(errors, 0);
+        assert_eq!(
+            outs[0].text,
+            "typed: true, 1 document(s), template: Offer a pilot."
+        );
     }
 
     #[tokio::test]

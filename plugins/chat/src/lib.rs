@@ -19,7 +19,8 @@
 //!     fallback: offline   # optional: answers when `llm` fails or would miss `deadline_ms`
 //! ```
 //!
-//! Output: `{"text": "...", "provider": "nebula", "model": null}`, plus `degraded: "why"` when
+//! Output (typed, a [`Typed::Reply`]; templates read it as JSON):
+//! `{"text": "...", "provider": "nebula", "model": null}`, plus `degraded: "why"` when
 //! the fallback answered and `output: {id, version}` when drafts were delivered (the `notify`
 //! stage then completes that output instead of starting a new one).
 //!
@@ -41,7 +42,8 @@ use prompter_core::async_trait;
 use prompter_core::error::PluginError;
 use prompter_core::output::{Output, Status, Trigger};
 use prompter_core::plugin::{
-    BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext,
+    BuildContext, BuildError, Drafted, Flow, Plugin, PluginFactory, Reported, StageContext,
+    StageOutput, Typed,
 };
 use prompter_core::resource::{ChatProvider, ChatReply, ChatRequest};
 use prompter_core::template::Template;
@@ -170,16 +172,11 @@ struct Draft {
 }
 
 impl Chat {
-    fn request(&self, cx: &StageContext<'_>) -> Result<ChatRequest, PluginError> {
-        let value = match &self.prompt {
-            Some(id) => cx.output(id),
-            None => cx.latest_with("system_prompt").map(|(_, v)| v),
-        }
-        .ok_or_else(|| {
+    /// The request: shared as the `prompt` stage built it, or read from an earlier stage's
+    /// JSON (a Wasm or user stage that writes requests).
+    fn request(&self, cx: &StageContext<'_>) -> Result<Arc<ChatRequest>, PluginError> {
+        cx.chat_request(self.prompt.as_deref())?.ok_or_else(|| {
             PluginError::input("no earlier stage produced a chat request (add a `prompt` stage)")
-        })?;
-        serde_json::from_value(value.clone()).map_err(|e| {
-            PluginError::input("the prompt stage output is not a chat request").with_source(e)
         })
     }
 
@@ -260,7 +257,7 @@ impl Chat {
                         title,
                         text: text.trim().to_owned(),
                         trigger: Trigger::from_event(event),
-                        sources: cx.documents(None)?,
+                        sources: cx.documents(None)?.to_vec(),
                         timings: cx.timings(),
                         data: serde_json::Value::Null,
                         degraded: None,
@@ -330,16 +327,15 @@ impl Plugin for Chat {
                 }
             }
         };
-        let mut value = serde_json::to_value(&reply)
-            .map_err(|e| PluginError::internal("chat reply did not serialize").with_source(e))?;
-        if let Some(why) = degraded {
-            value["degraded"] = serde_json::Value::String(why);
-        }
-        if let Some(d) = draft {
+        Ok(Flow::Output(StageOutput::typed(Typed::Reply {
+            reply,
+            degraded,
             // The notify stage completes the drafted output under the same id.
-            value["output"] = serde_json::json!({"id": d.output.id, "version": d.output.version});
-        }
-        Ok(Flow::Continue(value))
+            drafted: draft.map(|d| Drafted {
+                id: d.output.id,
+                version: d.output.version,
+            }),
+        })))
     }
 }
 
@@ -490,8 +486,8 @@ mod tests {
         )
         .await;
         assert_eq!(
-            r.flow.unwrap(),
-            Flow::Continue(json!({"text": "Offer a pilot.", "provider": "offline", "model": null}))
+            r.flow.unwrap().json(),
+            Some(&json!({"text": "Offer a pilot.", "provider": "offline", "model": null}))
         );
     }
 
@@ -557,7 +553,8 @@ mod tests {
     mod live {
         use super::*;
         use crate::nebula::{NebulaConfig, NebulaProvider};
-        use prompter_core::test_util::run_with_deadline;
+        use prompter_core::plugin::Outputs;
+        use prompter_core::test_util::{TestHost, run_with_deadline, run_with_outputs};
         use prompter_fakes::nebula::{DEFAULT_ANSWER, Endpoint, NebulaFake};
         use std::time::{Duration, Instant};
 
@@ -608,7 +605,7 @@ mod tests {
                 &earlier(),
             )
             .await;
-            let Ok(Flow::Continue(v)) = out.flow else {
+            let Some(v) = out.flow.as_ref().ok().and_then(Flow::json) else {
                 panic!("{:?}", out.flow)
             };
             assert_eq!(v["text"], DEFAULT_ANSWER);
@@ -649,7 +646,7 @@ mod tests {
                 &earlier(),
             )
             .await;
-            let Ok(Flow::Continue(v)) = out.flow else {
+            let Some(v) = out.flow.as_ref().ok().and_then(Flow::json) else {
                 panic!("{:?}", out.flow)
             };
             assert_eq!(v["text"], "Offer a phased rollout.");
@@ -676,7 +673,7 @@ mod tests {
                 Some(deadline),
             )
             .await;
-            let Ok(Flow::Continue(v)) = out.flow else {
+            let Some(v) = out.flow.as_ref().ok().and_then(Flow::json) else {
                 panic!("{:?}", out.flow)
             };
             let why = v["degraded"].as_str().unwrap();
@@ -708,7 +705,7 @@ mod tests {
                 &earlier(),
             )
             .await;
-            let Ok(Flow::Continue(v)) = out.flow else {
+            let Some(v) = out.flow.as_ref().ok().and_then(Flow::json) else {
                 panic!("{:?}", out.flow)
             };
             assert_eq!(
@@ -772,6 +769,63 @@ mod tests {
                 ),
                 "{why}"
             );
+        }
+
+        #[tokio::test]
+        async fn a_typed_request_goes_out_exactly_and_the_reply_comes_back_typed() {
+            let (fake, r) = setup().await;
+            let docs = vec![ScoredDocument {
+                id: "d".into(),
+                text: "Budget Constraints".into(),
+                data: "Offer a phased rollout.".into(),
+                score: 0.8,
+            }];
+            let mut req: ChatRequest = serde_json::from_value(request(docs.clone())).unwrap();
+            req.temperature = 0.7;
+            let mut earlier = Outputs::new();
+            earlier.push(
+                "kb",
+                StageOutput::typed(Typed::Documents {
+                    query: "Budget".into(),
+                    documents: docs.into(),
+                    degraded: None,
+                }),
+            );
+            earlier.push("render", StageOutput::typed(Typed::ChatRequest(req.into())));
+            let stage = build(
+                &ChatFactory,
+                "llm: nebula\nstream: {}",
+                &r,
+                &["kb", "render"],
+            )
+            .unwrap();
+            let out = run_with_outputs(
+                &TestHost::default(),
+                stage.as_ref(),
+                &tracker(),
+                &ConversationState::new("c"),
+                &earlier,
+                None,
+            )
+            .await;
+            // The body carries the number as written: 0.7, not 0.699999988079071.
+            assert_eq!(fake.chat_requests()[0]["temperature"], json!(0.7));
+            let Ok(Flow::Output(o)) = out.flow else {
+                panic!("{:?}", out.flow)
+            };
+            let Some(Typed::Reply {
+                reply,
+                degraded: None,
+                drafted: Some(d),
+            }) = o.as_typed()
+            else {
+                panic!("{o:?}")
+            };
+            assert_eq!(reply.text, DEFAULT_ANSWER);
+            let last = out.emitted.last().unwrap();
+            assert_eq!((d.id.as_str(), d.version), (last.id.as_str(), last.version));
+            assert_eq!(last.sources[0].data, "Offer a phased rollout.");
+            assert_eq!(o.value()["output"]["id"], json!(last.id));
         }
 
         #[test]

@@ -36,7 +36,6 @@ use prompter_core::secret::Secret;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::openai::decimal_f64;
 use crate::openai::sse::{SseError, SseMessage, SseReader};
 
 /// Configuration of a `nebula` provider.
@@ -328,7 +327,7 @@ impl NebulaProvider {
             "max_new_tokens": self.config.max_new_tokens.unwrap_or(request.max_new_tokens),
             "top_p": self.config.top_p,
             "top_k": self.config.top_k,
-            "temperature": decimal_f64(request.temperature),
+            "temperature": request.temperature,
             "system_prompt": request.system_prompt,
             "messages": messages,
         });

@@ -177,12 +177,7 @@ impl Plugin for Notify {
     async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
         let text = match &self.text {
             Some(t) => cx.render(t)?,
-            None => cx
-                .latest_with("text")
-                .and_then(|(_, v)| v.get("text"))
-                .and_then(|t| t.as_str())
-                .unwrap_or_default()
-                .to_owned(),
+            None => cx.latest_text().unwrap_or_default().to_owned(),
         };
         let text = text.trim().to_owned();
         if text.is_empty() {
@@ -192,11 +187,11 @@ impl Plugin for Notify {
             Some(t) => Some(cx.render(t)?.trim().to_owned()).filter(|t| !t.is_empty()),
             None => None,
         };
-        let sources = cx.documents(self.sources.as_deref())?;
+        let sources = cx.documents(self.sources.as_deref())?.to_vec();
         let event = cx.event();
-        let id = match (drafted(cx), &self.key) {
+        let id = match (cx.drafted(), &self.key) {
             // A streamed answer was delivered as drafts: this is its complete version.
-            (Some(id), _) => id,
+            (Some(id), _) => id.to_owned(),
             (None, None) => cx.output_id(),
             (None, Some(k)) => cx.keyed_output_id(cx.render(k)?.trim()),
         };
@@ -222,7 +217,7 @@ impl Plugin for Notify {
                 }
                 serde_json::Value::Object(map)
             },
-            degraded: degraded(cx),
+            degraded: cx.degraded(),
         };
         // Delivered through the engine, which gives it its version; a file-only output (no
         // `stdout`) is written as it is.
@@ -245,29 +240,16 @@ impl Plugin for Notify {
     }
 }
 
-/// Every earlier stage's `degraded` reason, in stage order, joined; `None` when none degraded.
-fn degraded(cx: &StageContext<'_>) -> Option<String> {
-    let reasons: Vec<&str> = cx
-        .outputs
-        .iter()
-        .filter_map(|(_, v)| v.get("degraded").and_then(|d| d.as_str()))
-        .collect();
-    (!reasons.is_empty()).then(|| reasons.join("; "))
-}
-
-/// The output an earlier stage (a streaming `chat`) delivered drafts of: `output: {id, ...}`.
-fn drafted(cx: &StageContext<'_>) -> Option<String> {
-    let (_, v) = cx.latest_with("output")?;
-    Some(v.get("output")?.get("id")?.as_str()?.to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use prompter_core::conversation::ConversationState;
     use prompter_core::output::{event_part, output_id};
-    use prompter_core::plugin::Resources;
-    use prompter_core::test_util::{TestHost, build, build_errors, event, run, run_on};
+    use prompter_core::plugin::{Drafted, Outputs, Resources, StageOutput, Typed};
+    use prompter_core::resource::{ChatReply, ScoredDocument};
+    use prompter_core::test_util::{
+        TestHost, build, build_errors, event, run, run_on, run_with_outputs,
+    };
 
     /// The id a run gives an unkeyed output: named after its triggering event.
     fn cx_id(e: &prompter_core::event::Event) -> String {
@@ -401,6 +383,95 @@ mod tests {
         )
         .await;
         assert_eq!(c.emitted[0].version, 1);
+    }
+
+    /// A degraded retrieval and a streamed, degraded answer: typed as the built-in stages give
+    /// them, and as JSON as a Wasm or user stage would.
+    fn earlier_typed() -> Outputs {
+        let mut o = Outputs::new();
+        o.push(
+            "kb",
+            StageOutput::typed(Typed::Documents {
+                query: "Timing".into(),
+                documents: vec![ScoredDocument {
+                    id: "d1".into(),
+                    text: "Timing".into(),
+                    data: "Ask what changes next quarter.".into(),
+                    score: 0.7,
+                }]
+                .into(),
+                degraded: Some("ranked by words".into()),
+            }),
+        );
+        o.push(
+            "answer",
+            StageOutput::typed(Typed::Reply {
+                reply: ChatReply {
+                    text: " Ask what changes next quarter. ".into(),
+                    provider: "offline".into(),
+                    model: None,
+                },
+                degraded: Some("`nebula` failed".into()),
+                drafted: Some(Drafted {
+                    id: "call-9/rta/t-timing".into(),
+                    version: 2,
+                }),
+            }),
+        );
+        o
+    }
+
+    #[tokio::test]
+    async fn typed_and_json_outputs_complete_the_drafted_output_alike() {
+        let e = event(
+            "call-9",
+            4200,
+            json!({"type": "tracker_response", "isFinal": true, "trackers": [
+            {"name": "Timing", "matches": []}]}),
+        );
+        let typed = earlier_typed();
+        let json: Outputs = typed
+            .as_slice()
+            .iter()
+            .map(|(k, o)| (k.clone(), StageOutput::json(o.value().clone())))
+            .collect();
+        for yaml in [
+            "kind: suggestion\nsources: kb",
+            "kind: suggestion\ntitle: \"{{ stages.kb.query }}\"\ntext: \"{{ stages.answer.text }}\"\ndata: { provider: \"{{ stages.answer.provider }}\" }",
+        ] {
+            let stage = build(
+                &NotifyFactory,
+                yaml,
+                &Resources::default(),
+                &["kb", "answer"],
+            )
+            .unwrap();
+            let mut delivered = Vec::new();
+            for earlier in [&typed, &json] {
+                let r = run_with_outputs(
+                    &TestHost::default(),
+                    stage.as_ref(),
+                    &e,
+                    &ConversationState::new("call-9"),
+                    earlier,
+                    None,
+                )
+                .await;
+                assert!(matches!(r.flow, Ok(Flow::Continue(_))), "{:?}", r.flow);
+                let mut o = r.emitted.into_iter().next().unwrap();
+                o.timings.total_us = 0;
+                delivered.push(o);
+            }
+            let o = &delivered[0];
+            assert_eq!(o.id, "call-9/rta/t-timing");
+            assert_eq!(o.text, "Ask what changes next quarter.");
+            assert_eq!(o.sources[0].id, "d1");
+            assert_eq!(
+                o.degraded.as_deref(),
+                Some("ranked by words; `nebula` failed")
+            );
+            assert_eq!(delivered[0], delivered[1], "{yaml}");
+        }
     }
 
     #[test]

@@ -29,7 +29,8 @@ use prompter_core::async_trait;
 use prompter_core::error::PluginError;
 use prompter_core::minijinja;
 use prompter_core::plugin::{
-    BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext,
+    BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext, StageOutput,
+    Typed,
 };
 use prompter_core::resource::{ChatMessage, ChatRequest, Role};
 use prompter_core::template::Template;
@@ -72,7 +73,7 @@ pub struct PromptConfig {
     pub max_new_tokens: u32,
     /// Sampling temperature. Default 0.
     #[serde(default)]
-    pub temperature: f32,
+    pub temperature: f64,
 }
 
 /// One message template.
@@ -190,7 +191,7 @@ pub struct Prompt {
     transcript_lines: usize,
     max_line_chars: usize,
     max_new_tokens: u32,
-    temperature: f32,
+    temperature: f64,
 }
 
 /// The smallest useful `max_line_chars`: one character of the line and the ellipsis.
@@ -259,7 +260,7 @@ impl Plugin for Prompt {
         };
         let base = cx.template_context();
         let ctx = minijinja::context! {
-            documents => minijinja::Value::from_serialize(&documents),
+            documents => minijinja::Value::from_serialize(&*documents),
             transcript => transcript,
             ..base
         };
@@ -274,13 +275,14 @@ impl Plugin for Prompt {
         let request = ChatRequest {
             system_prompt,
             messages,
-            context: documents,
+            context: documents.to_vec(),
             max_new_tokens: self.max_new_tokens,
             temperature: self.temperature,
         };
-        let value = serde_json::to_value(&request)
-            .map_err(|e| PluginError::internal("chat request did not serialize").with_source(e))?;
-        Ok(Flow::Continue(value))
+        // Typed: the chat stage takes the request as it is (no JSON round trip).
+        Ok(Flow::Output(StageOutput::typed(Typed::ChatRequest(
+            Arc::new(request),
+        ))))
     }
 }
 
@@ -288,8 +290,9 @@ impl Plugin for Prompt {
 mod tests {
     use super::*;
     use prompter_core::conversation::ConversationState;
-    use prompter_core::plugin::Resources;
-    use prompter_core::test_util::{build, build_errors, event, run};
+    use prompter_core::plugin::{Outputs, Resources};
+    use prompter_core::resource::ScoredDocument;
+    use prompter_core::test_util::{TestHost, build, build_errors, event, run, run_with_outputs};
     use serde_json::json;
 
     fn tracker_event() -> prompter_core::event::Event {
@@ -313,10 +316,15 @@ mod tests {
         ));
         let docs = json!({"documents": [{"id": "d1", "text": "Budget", "data": "Offer the starter tier.", "score": 0.8}]});
         let r = run(p.as_ref(), &tracker_event(), &state, &[("kb".into(), docs)]).await;
-        let Ok(Flow::Continue(v)) = r.flow else {
+        let Ok(Flow::Output(out)) = r.flow else {
             panic!("{:?}", r.flow)
         };
-        let req: ChatRequest = serde_json::from_value(v).unwrap();
+        let Some(Typed::ChatRequest(typed)) = out.as_typed() else {
+            panic!("{out:?}")
+        };
+        // Its JSON form (what templates read) is the same request.
+        let req: ChatRequest = serde_json::from_value(out.value().clone()).unwrap();
+        assert_eq!(req, **typed);
         assert!(
             req.system_prompt
                 .starts_with("You are assisting a support agent.")
@@ -367,7 +375,7 @@ mod tests {
             &[("redact".into(), redacted)],
         )
         .await;
-        let Ok(Flow::Continue(v)) = r.flow else {
+        let Some(v) = r.flow.as_ref().ok().and_then(Flow::json) else {
             panic!("{:?}", r.flow)
         };
         let system = v["system_prompt"].as_str().unwrap();
@@ -392,7 +400,7 @@ mod tests {
     }
 
     fn system_prompt(r: prompter_core::test_util::RunResult) -> String {
-        let Ok(Flow::Continue(v)) = r.flow else {
+        let Some(v) = r.flow.as_ref().ok().and_then(Flow::json) else {
             panic!("{:?}", r.flow)
         };
         v["system_prompt"].as_str().unwrap().to_owned()
@@ -476,6 +484,54 @@ mod tests {
             errs[0].message,
             "`max_line_chars` must be at least 2 (a character and the `…`)"
         );
+    }
+
+    #[tokio::test]
+    async fn documents_pass_typed_from_retrieve_and_the_temperature_stays_exact() {
+        let p = build(
+            &PromptFactory,
+            "documents: kb
+temperature: 0.7
+system: \"{% for d in documents %}{{ d.data }}{% endfor %}\"",
+            &Resources::default(),
+            &["kb"],
+        )
+        .unwrap();
+        let docs: Arc<[ScoredDocument]> = vec![ScoredDocument {
+            id: "d1".into(),
+            text: "Budget".into(),
+            data: "Offer the starter tier.".into(),
+            score: 0.8,
+        }]
+        .into();
+        let mut earlier = Outputs::new();
+        earlier.push(
+            "kb",
+            StageOutput::typed(Typed::Documents {
+                query: "Budget".into(),
+                documents: docs.clone(),
+                degraded: None,
+            }),
+        );
+        let r = run_with_outputs(
+            &TestHost::default(),
+            p.as_ref(),
+            &tracker_event(),
+            &ConversationState::new("c1"),
+            &earlier,
+            None,
+        )
+        .await;
+        let Ok(Flow::Output(out)) = r.flow else {
+            panic!("{:?}", r.flow)
+        };
+        let req = out.chat_request().unwrap();
+        assert_eq!(req.system_prompt, "Offer the starter tier.");
+        assert_eq!(req.context, *docs);
+        assert_eq!(req.temperature, 0.7);
+        // The request's JSON carries exactly 0.7, not the f32 widening 0.699999988079071.
+        let json = serde_json::to_string(out.value()).unwrap();
+        assert!(json.contains(r#""temperature":0.7"#), "{json}");
     }
 
     #[test]

@@ -42,7 +42,8 @@ use std::sync::Arc;
 use prompter_core::async_trait;
 use prompter_core::error::PluginError;
 use prompter_core::plugin::{
-    BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext,
+    BuildContext, BuildError, Flow, Plugin, PluginFactory, Reported, StageContext, StageOutput,
+    Typed,
 };
 use prompter_core::resource::KnowledgeStore;
 use prompter_core::template::Template;
@@ -182,14 +183,13 @@ impl Plugin for Retrieve {
         if let Some(min) = self.min_score {
             documents.retain(|d| d.score >= min);
         }
-        let mut out = serde_json::json!({
-            "query": query,
-            "documents": documents,
-        });
-        if let Some(why) = degraded {
-            out["degraded"] = serde_json::Value::String(why);
-        }
-        Ok(Flow::Continue(out))
+        // Typed: the prompt and notify stages take the documents as they are; the JSON form is
+        // built only if a template reads `stages.<id>`.
+        Ok(Flow::Output(StageOutput::typed(Typed::Documents {
+            query: query.to_owned(),
+            documents: documents.into(),
+            degraded,
+        })))
     }
 }
 
@@ -230,8 +230,11 @@ mod tests {
     async fn continue_value(plugin: &dyn Plugin, ev: &Event) -> serde_json::Value {
         let state = ConversationState::new("c1");
         match run(plugin, ev, &state, &[]).await.flow {
-            Ok(Flow::Continue(v)) => v,
-            other => panic!("expected Continue, got {other:?}"),
+            Ok(Flow::Output(o)) => {
+                assert!(matches!(o.as_typed(), Some(Typed::Documents { .. })));
+                o.into_value()
+            }
+            other => panic!("expected an output, got {other:?}"),
         }
     }
 

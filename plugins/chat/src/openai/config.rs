@@ -190,16 +190,6 @@ fn common_problems(base_url: &str, api_key: Option<&Secret>, model: &str) -> Vec
     out
 }
 
-/// `value` as the `f64` with the same shortest decimal form: `0.7f32` becomes `0.7`, where
-/// `f64::from` would give `0.699999988079071` and put that in the request body.
-///
-/// For sampling values that still arrive as `f32` (the prompt stage's `temperature`, carried by
-/// [`prompter_core::resource::ChatRequest`]); everything this crate reads itself is `f64`.
-pub(crate) fn decimal_f64(value: f32) -> f64 {
-    // `Display` of an `f32` is the shortest decimal that reads back as the same `f32`.
-    value.to_string().parse().unwrap_or(f64::from(value))
-}
-
 /// The key to send: none when unset or empty (an unset `${OPENAI_API_KEY:-}`).
 pub(super) fn key_of(api_key: Option<&Secret>) -> Option<&Secret> {
     api_key.filter(|k| !k.is_empty())

@@ -49,7 +49,6 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use config::decimal_f64;
 pub use config::{ConfigProblem, OpenAiConfig, OpenAiEmbedConfig};
 pub use embedder::OpenAiEmbedder;
 pub use provider::OpenAiProvider;

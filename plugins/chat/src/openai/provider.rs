@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::client::{Answer, OpenAiClient, root_cause};
-use super::config::{OpenAiConfig, decimal_f64, first_problem};
+use super::config::{OpenAiConfig, first_problem};
 use super::sse::{SseError, SseMessage, SseReader};
 use super::stream::StreamedReply;
 
@@ -83,10 +83,7 @@ impl OpenAiProvider {
                 .max_tokens
                 .or(Some(request.max_new_tokens))
                 .filter(|n| *n > 0),
-            temperature: self
-                .config
-                .temperature
-                .unwrap_or_else(|| decimal_f64(request.temperature)),
+            temperature: self.config.temperature.unwrap_or(request.temperature),
             top_p: self.config.top_p,
             stream,
         }
