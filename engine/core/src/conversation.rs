@@ -11,10 +11,9 @@
 //! first sentence and at the four-thousandth; folding an event costs the same too (repeats are
 //! found through hash sets, not by scanning).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
-use imbl::Vector;
+use imbl::{HashSet, Vector};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Caption, Detail, Event, EventKind, Insight, Topic};
@@ -77,7 +76,8 @@ pub struct ConversationState {
     pub events_seen: u64,
     /// True once `conversation_completed` arrived.
     pub completed: bool,
-    /// Ids of the insights kept, to drop repeats in constant time.
+    /// Ids of the insights kept, to drop repeats in constant time (persistent, like the vectors:
+    /// a snapshot's clone does not copy it).
     #[serde(skip_serializing, default)]
     insight_ids: HashSet<String>,
     /// Lowercased topic phrases kept, to drop repeats in constant time.
@@ -137,7 +137,7 @@ impl ConversationState {
             }
             Detail::Insight(i) => {
                 let first = match &i.id {
-                    Some(id) => self.insight_ids.insert(id.clone()),
+                    Some(id) => self.insight_ids.insert(id.clone()).is_none(),
                     None => true,
                 };
                 if first {
@@ -145,7 +145,7 @@ impl ConversationState {
                 }
             }
             Detail::Topic(t) => {
-                if self.topic_keys.insert(t.phrases.to_lowercase()) {
+                if self.topic_keys.insert(t.phrases.to_lowercase()).is_none() {
                     self.topics.push_back(Arc::new(t.clone()));
                 }
             }
