@@ -450,3 +450,33 @@ fn a_tracker_response_without_a_usable_tracker_is_reported_with_its_line() {
     let by_conv = suggestions_by_conversation(&outputs(&r.stdout));
     assert_eq!(by_conv["c"], ["Budget Constraints"]);
 }
+
+#[test]
+fn bench_long_call_measures_every_suggestion_at_each_size() {
+    let r = prompter(&[
+        "bench",
+        "--config",
+        &at("prompter.yaml"),
+        "--long-call",
+        "5,40",
+    ]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", r.stdout);
+    for (line, n) in [(lines[0], 5), (lines[1], 40)] {
+        assert_eq!(
+            masked(line),
+            "long call, # sentences: per-suggestion engine time p50 # us, p99 # us (# suggestions, # missing); per-sentence engine time p50 # us, p99 # us"
+        );
+        assert!(
+            line.starts_with(&format!("long call, {n} sentences:")),
+            "{line}"
+        );
+        assert!(line.contains("(1000 suggestions, 0 missing)"), "{line}");
+    }
+    assert_eq!(
+        masked(lines[2]),
+        "long-call ratio, # vs # sentences: p50 #x, p99 #x"
+    );
+    assert!(lines[2].starts_with("long-call ratio, 40 vs 5 sentences:"));
+}

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prompter_core::event::{Detail, Event, parse_frame};
+use prompter_core::event::{Detail, parse_frame};
 use prompter_core::output::{Output, Status};
 
 use crate::cli::{Stream, load_for_run, read_recordings, say};
@@ -299,13 +299,28 @@ pub async fn long_call(
         return 1;
     };
     let warm_up = sizes.first().copied().unwrap_or(0).min(100);
-    one_long_call(loaded, &material, warm_up, LONG_CALL_WARM_UP).await;
-    let mut calls = Vec::with_capacity(sizes.len());
+    let mut warm = LiveCall::start(loaded, &material, warm_up).await;
+    for j in 0..LONG_CALL_WARM_UP {
+        warm.suggest(&material, j).await;
+    }
+    warm.finish().await;
+    // Every size's call is built first, then their suggestions alternate (one for each size,
+    // then the next), so a drift in the machine's speed weighs on every size alike.
+    let mut live = Vec::with_capacity(sizes.len());
     for &n in sizes {
         let Some(loaded) = load_for_run(registry, config, err) else {
             return 1;
         };
-        calls.push(one_long_call(loaded, &material, n, LONG_CALL_SUGGESTIONS).await);
+        live.push(LiveCall::start(loaded, &material, n).await);
+    }
+    for j in 0..LONG_CALL_SUGGESTIONS {
+        for call in &mut live {
+            call.suggest(&material, j).await;
+        }
+    }
+    let mut calls = Vec::with_capacity(live.len());
+    for call in live {
+        calls.push(call.finish().await);
     }
     for c in &calls {
         say(
@@ -345,60 +360,81 @@ pub async fn long_call(
     0
 }
 
-/// One synthetic call of `sentences` sentences and then `suggestions` trackers.
-async fn one_long_call(
-    loaded: prompter_engine::config::Loaded,
-    material: &Material,
+/// One synthetic call under way: its sentences folded, its suggestions measured one by one.
+struct LiveCall {
+    engine: Engine,
+    stats: Arc<Stats>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<u64>,
+    id: String,
     sentences: usize,
-    suggestions: usize,
-) -> LongCall {
-    let stats = Arc::new(Stats::sampling());
-    // At most one suggestion is in flight (each tracker waits for its own), so the channel
-    // holds at most one value.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let sink = FnSink::new("bench", move |o: &Output| {
-        if o.kind == "suggestion" && o.status == Status::Final {
-            let _ = tx.send(o.timings.total_us);
+    suggestion_us: Vec<u64>,
+    missing: usize,
+}
+
+impl LiveCall {
+    /// A call of `sentences` sentences, folded.
+    async fn start(
+        loaded: prompter_engine::config::Loaded,
+        material: &Material,
+        sentences: usize,
+    ) -> LiveCall {
+        let stats = Arc::new(Stats::sampling());
+        // At most one suggestion is in flight (each tracker waits for its own), so the channel
+        // holds at most one value.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let sink = FnSink::new("bench", move |o: &Output| {
+            if o.kind == "suggestion" && o.status == Status::Final {
+                let _ = tx.send(o.timings.total_us);
+            }
+        });
+        let engine = Engine::new(
+            loaded.pipelines,
+            loaded.settings,
+            vec![Box::new(sink)],
+            stats.clone(),
+        );
+        let id = format!("long-call-{sentences}");
+        for i in 0..sentences {
+            for e in parse_frame(&id, i as u64 * 4_000, material.sentence(i)).unwrap_or_default() {
+                engine.dispatch(e).await;
+            }
         }
-    });
-    let engine = Engine::new(
-        loaded.pipelines,
-        loaded.settings,
-        vec![Box::new(sink)],
-        stats.clone(),
-    );
-    let id = format!("long-call-{sentences}");
-    let event = |offset_ms: u64, frame: serde_json::Value| -> Vec<Event> {
-        parse_frame(&id, offset_ms, frame).unwrap_or_default()
-    };
-    for i in 0..sentences {
-        for e in event(i as u64 * 4_000, material.sentence(i)) {
-            engine.dispatch(e).await;
+        LiveCall {
+            engine,
+            stats,
+            rx,
+            id,
+            sentences,
+            suggestion_us: Vec::with_capacity(LONG_CALL_SUGGESTIONS),
+            missing: 0,
         }
     }
-    let start = sentences as u64 * 4_000;
-    let mut suggestion_us = Vec::with_capacity(suggestions);
-    let mut missing = 0;
-    for j in 0..suggestions {
-        for e in event(start + j as u64 * 1_000, material.tracker(j)) {
-            engine.dispatch(e).await;
+
+    /// Sends tracker `j` and waits for its suggestion.
+    async fn suggest(&mut self, material: &Material, j: usize) {
+        let offset = self.sentences as u64 * 4_000 + j as u64 * 1_000;
+        for e in parse_frame(&self.id, offset, material.tracker(j)).unwrap_or_default() {
+            self.engine.dispatch(e).await;
         }
-        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-            Ok(Some(t)) => suggestion_us.push(t),
-            _ => missing += 1,
+        match tokio::time::timeout(Duration::from_secs(5), self.rx.recv()).await {
+            Ok(Some(t)) => self.suggestion_us.push(t),
+            _ => self.missing += 1,
         }
     }
-    engine.finish().await;
-    // One conversation, folded in order: the first samples are the sentences'.
-    let mut sentence_ns = taken(stats.samples.as_ref());
-    sentence_ns.truncate(sentences);
-    sentence_ns.sort_unstable();
-    suggestion_us.sort_unstable();
-    LongCall {
-        sentences,
-        suggestion_us,
-        sentence_ns,
-        missing,
+
+    async fn finish(mut self) -> LongCall {
+        self.engine.finish().await;
+        // One conversation, folded in order: the first samples are the sentences'.
+        let mut sentence_ns = taken(self.stats.samples.as_ref());
+        sentence_ns.truncate(self.sentences);
+        sentence_ns.sort_unstable();
+        self.suggestion_us.sort_unstable();
+        LongCall {
+            sentences: self.sentences,
+            suggestion_us: self.suggestion_us,
+            sentence_ns,
+            missing: self.missing,
+        }
     }
 }
 
