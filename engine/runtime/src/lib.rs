@@ -14,6 +14,7 @@
 //!   engine-owned conversation state, snapshots.
 //! - [`pipeline`]: one pipeline run: stages, timeouts, error policy; how runs overlap.
 //! - [`source`]: the [`source::Source`] trait: recordings, live Symbl connections.
+//! - [`feed`]: the agent feed's core: numbered, resumable per-conversation streams.
 //! - [`sink`]: the [`sink::Sink`] trait and the bounded, coalescing queue in front of each sink.
 //! - [`server`]: the one HTTP server.
 //! - [`recording`], [`session`]: recordings and the replay driver.
@@ -24,6 +25,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod feed;
 pub mod pipeline;
 pub mod recording;
 pub mod registry;

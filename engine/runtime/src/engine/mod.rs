@@ -38,6 +38,14 @@ use crate::stats::Stats;
 /// versions instead of starting them over. The oldest is forgotten first, one at a time.
 const RELEASED_BOOKS: usize = 4_096;
 
+/// Sees every event once it is folded into its conversation's state (the agent feed takes its
+/// transcript from here). Called on the conversation's task, in order: it must be quick and
+/// never wait.
+pub trait Observer: Send + Sync + 'static {
+    /// `event` was just folded into its conversation.
+    fn folded(&self, event: &Event);
+}
+
 /// A conversation's whole state: what was folded and what the engine keeps for it. Taken with
 /// no run in flight, so restoring it and feeding the rest of the call gives exactly the outputs
 /// of an uninterrupted run.
@@ -85,6 +93,7 @@ pub struct Engine {
     finished: AtomicBool,
     run_ids: Arc<AtomicU64>,
     released: Arc<Mutex<ReleasedBooks>>,
+    observers: Arc<Vec<Arc<dyn Observer>>>,
 }
 
 #[derive(Default)]
@@ -111,7 +120,17 @@ impl Engine {
             finished: AtomicBool::new(false),
             run_ids: Arc::new(AtomicU64::new(0)),
             released: Arc::default(),
+            observers: Arc::default(),
         }
+    }
+
+    /// Adds an observer of folded events (before the first event is dispatched).
+    #[must_use]
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        let mut all: Vec<Arc<dyn Observer>> = self.observers.iter().cloned().collect();
+        all.push(observer);
+        self.observers = Arc::new(all);
+        self
     }
 
     /// The counters.
@@ -247,6 +266,7 @@ impl Engine {
             queued: HashMap::new(),
             latest: HashMap::new(),
             released: self.released.clone(),
+            observers: self.observers.clone(),
         };
         tasks.spawn(task.run(rx));
         Some(tx)
@@ -328,6 +348,7 @@ struct Conversation {
     /// `latest_wins` pipelines: (pipeline, supersede key) → the latest run started.
     latest: HashMap<(usize, String), Arc<Run>>,
     released: Arc<Mutex<ReleasedBooks>>,
+    observers: Arc<Vec<Arc<dyn Observer>>>,
 }
 
 impl Conversation {
@@ -335,6 +356,9 @@ impl Conversation {
     fn handle(&mut self, event: Event) -> bool {
         let t0 = Instant::now();
         self.state.apply(&event);
+        for o in self.observers.iter() {
+            o.folded(&event);
+        }
         let completed = event.kind == EventKind::ConversationCompleted;
         if self.pipelines.iter().any(|p| p.accepts(event.kind)) {
             let event = Arc::new(event);

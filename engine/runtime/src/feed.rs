@@ -1,0 +1,380 @@
+//! The agent feed's core: per conversation, one ordered stream of feed messages (transcript
+//! lines, the live caption, card upserts and withdrawals, the end of the call), numbered, with a
+//! bounded history so a client that reconnects gets exactly what it missed.
+//!
+//! Every message of a conversation has an id `<epoch>-<seq>`: `seq` grows by one per message,
+//! `epoch` names this hub's life for the conversation (a restarted engine starts a new epoch,
+//! so a client can tell that its position means nothing here). [`FeedHub::subscribe`] with the
+//! last id a client saw returns the gap from the ring when the ring still holds it, or a fresh
+//! `snapshot` (the transcript tail, the caption and every live card) when it does not, then the
+//! live messages; the backlog and the live stream are taken under one lock, so a client never
+//! misses or repeats a message. A live receiver that falls behind the broadcast buffer gets
+//! `Lagged` and must subscribe again from its last id (never a silent gap).
+//!
+//! The hub is fed by the engine: [`FeedHub`] is an [`Observer`](crate::engine::Observer) of
+//! folded events (transcript, caption, end of call) and, through [`FeedSink`], a
+//! [`Sink`] of outputs. It does not own transports (WebSocket, SSE), access
+//! tokens or the console page: those serve what it returns.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use prompter_core::event::{Detail, Event, EventKind};
+use prompter_core::output::{Output, Status};
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::sink::{QueuePolicy, Sink, SinkError};
+
+/// Messages a conversation's ring keeps for resuming clients.
+pub const RING: usize = 1_024;
+/// Final transcript lines a snapshot carries.
+pub const TRANSCRIPT_TAIL: usize = 200;
+/// Live messages buffered per conversation for slow clients before they lag.
+const BROADCAST: usize = 256;
+/// Ended conversations whose feed is kept for late or reconnecting clients.
+const ENDED_KEPT: usize = 1_024;
+
+/// One message of a conversation's feed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FeedMessage {
+    /// `<epoch>-<seq>`.
+    pub id: String,
+    /// The conversation.
+    pub conversation_id: String,
+    /// Position in the conversation's feed (1, 2, ...).
+    #[serde(skip)]
+    pub seq: u64,
+    /// What it says.
+    #[serde(flatten)]
+    pub body: FeedBody,
+}
+
+/// The content of a feed message (`type` in JSON).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type")]
+pub enum FeedBody {
+    /// The whole current state: sent on subscribe when no gap can be replayed.
+    #[serde(rename = "snapshot")]
+    Snapshot {
+        /// True when the client asked to resume but its position was too old (or from another
+        /// epoch): what it showed must be replaced by this.
+        resync: bool,
+        /// The last final transcript lines, oldest first.
+        transcript: Vec<Arc<TranscriptLine>>,
+        /// The live caption, if any.
+        caption: Option<Caption>,
+        /// Every live card (latest version, withdrawn ones excluded), by id.
+        cards: Vec<Arc<Output>>,
+        /// True once the call has ended.
+        ended: bool,
+    },
+    /// A final transcript sentence.
+    #[serde(rename = "transcript.final")]
+    Final(Arc<TranscriptLine>),
+    /// The live caption (interim words).
+    #[serde(rename = "transcript.partial")]
+    Partial(Caption),
+    /// A card's new version (draft or final).
+    #[serde(rename = "output.upsert")]
+    Upsert {
+        /// The output.
+        output: Arc<Output>,
+    },
+    /// A card taken back.
+    #[serde(rename = "output.withdraw")]
+    Withdraw {
+        /// The output's id.
+        output_id: String,
+        /// The withdrawing version.
+        version: u32,
+        /// Why (`superseded by a newer trigger`, ...).
+        reason: String,
+    },
+    /// The call has ended.
+    #[serde(rename = "conversation.ended")]
+    Ended,
+}
+
+/// A final transcript line as the feed shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TranscriptLine {
+    /// Speaker label.
+    pub speaker: String,
+    /// The sentence.
+    pub text: String,
+    /// Milliseconds since the call started.
+    pub offset_ms: u64,
+    /// Symbl's message id, when sent (cards' triggers point at it).
+    pub message_id: Option<String>,
+    /// Sentiment polarity (-1..1), when sent.
+    pub sentiment: Option<f64>,
+}
+
+/// The live caption.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Caption {
+    /// Speaker label, when known.
+    pub speaker: Option<String>,
+    /// The words so far.
+    pub text: String,
+}
+
+/// What a subscriber gets: the messages it missed (or a snapshot), then the live stream.
+pub struct Subscription {
+    /// To send first, in order.
+    pub backlog: Vec<Arc<FeedMessage>>,
+    /// The live messages after the backlog.
+    pub live: broadcast::Receiver<Arc<FeedMessage>>,
+}
+
+struct ConversationFeed {
+    epoch: String,
+    seq: u64,
+    ring: VecDeque<Arc<FeedMessage>>,
+    transcript: VecDeque<Arc<TranscriptLine>>,
+    caption: Option<Caption>,
+    cards: BTreeMap<String, Arc<Output>>,
+    ended: bool,
+    live: broadcast::Sender<Arc<FeedMessage>>,
+}
+
+impl ConversationFeed {
+    fn new(epoch: String) -> Self {
+        ConversationFeed {
+            epoch,
+            seq: 0,
+            ring: VecDeque::with_capacity(64),
+            transcript: VecDeque::new(),
+            caption: None,
+            cards: BTreeMap::new(),
+            ended: false,
+            live: broadcast::channel(BROADCAST).0,
+        }
+    }
+
+    fn push(&mut self, conversation: &str, body: FeedBody) {
+        self.seq += 1;
+        let msg = Arc::new(FeedMessage {
+            id: format!("{}-{}", self.epoch, self.seq),
+            conversation_id: conversation.to_owned(),
+            seq: self.seq,
+            body,
+        });
+        if self.ring.len() >= RING {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(msg.clone());
+        // No receiver is not an error: nobody is watching this call right now.
+        let _ = self.live.send(msg);
+    }
+
+    fn snapshot(&self, conversation: &str, resync: bool) -> Arc<FeedMessage> {
+        Arc::new(FeedMessage {
+            id: format!("{}-{}", self.epoch, self.seq),
+            conversation_id: conversation.to_owned(),
+            seq: self.seq,
+            body: FeedBody::Snapshot {
+                resync,
+                transcript: self.transcript.iter().cloned().collect(),
+                caption: self.caption.clone(),
+                cards: self.cards.values().cloned().collect(),
+                ended: self.ended,
+            },
+        })
+    }
+}
+
+#[derive(Default)]
+struct Feeds {
+    live: HashMap<String, ConversationFeed>,
+    ended: VecDeque<String>,
+}
+
+/// Every conversation's feed.
+pub struct FeedHub {
+    /// Prefix of this hub's epochs (random per process), so positions from another process or
+    /// an earlier run never resume here by accident.
+    epoch: String,
+    feeds: Mutex<Feeds>,
+}
+
+impl Default for FeedHub {
+    fn default() -> Self {
+        FeedHub::new()
+    }
+}
+
+impl FeedHub {
+    /// An empty hub with a fresh epoch.
+    pub fn new() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        FeedHub {
+            epoch: format!("{:x}", (nanos as u64) ^ u64::from(std::process::id())),
+            feeds: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Feeds> {
+        self.feeds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn with_feed(&self, conversation: &str, f: impl FnOnce(&mut ConversationFeed)) {
+        let mut feeds = self.lock();
+        let epoch = &self.epoch;
+        let feed = feeds
+            .live
+            .entry(conversation.to_owned())
+            .or_insert_with(|| ConversationFeed::new(epoch.clone()));
+        f(feed);
+    }
+
+    /// Subscribes to `conversation`, resuming after `last_id` (`<epoch>-<seq>`) when given.
+    /// The backlog is the exact gap when the ring still holds it (empty when nothing was
+    /// missed); otherwise one snapshot, with `resync` set when a resume was asked for.
+    pub fn subscribe(&self, conversation: &str, last_id: Option<&str>) -> Subscription {
+        let mut feeds = self.lock();
+        let epoch = &self.epoch;
+        let feed = feeds
+            .live
+            .entry(conversation.to_owned())
+            .or_insert_with(|| ConversationFeed::new(epoch.clone()));
+        let live = feed.live.subscribe();
+        let position = last_id.and_then(|id| {
+            let (e, s) = id.rsplit_once('-')?;
+            (e == feed.epoch).then(|| s.parse::<u64>().ok()).flatten()
+        });
+        let oldest = feed.ring.front().map_or(feed.seq + 1, |m| m.seq);
+        let backlog = match position {
+            // Nothing missed, or the gap is still in the ring.
+            Some(seq) if seq <= feed.seq && seq + 1 >= oldest => {
+                feed.ring.iter().filter(|m| m.seq > seq).cloned().collect()
+            }
+            _ => vec![feed.snapshot(conversation, last_id.is_some())],
+        };
+        Subscription { backlog, live }
+    }
+
+    /// Delivers an output to its conversation's feed: an upsert, or a withdrawal.
+    pub fn output(&self, output: Arc<Output>) {
+        let conversation = output.conversation_id.clone();
+        self.with_feed(&conversation, |feed| {
+            if output.status == Status::Withdrawn {
+                feed.cards.remove(&output.id);
+                let body = FeedBody::Withdraw {
+                    output_id: output.id.clone(),
+                    version: output.version,
+                    reason: output
+                        .degraded
+                        .clone()
+                        .unwrap_or_else(|| "withdrawn".into()),
+                };
+                feed.push(&conversation, body);
+            } else {
+                // Versions only grow: an older version arriving late changes nothing.
+                if feed
+                    .cards
+                    .get(&output.id)
+                    .is_some_and(|c| c.version >= output.version)
+                {
+                    return;
+                }
+                feed.cards.insert(output.id.clone(), output.clone());
+                feed.push(&conversation, FeedBody::Upsert { output });
+            }
+        });
+    }
+
+    /// The conversations with a feed, live ones first.
+    pub fn conversations(&self) -> Vec<(String, bool)> {
+        let feeds = self.lock();
+        let mut all: Vec<(String, bool)> = feeds
+            .live
+            .iter()
+            .map(|(id, f)| (id.clone(), f.ended))
+            .collect();
+        all.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        all
+    }
+}
+
+impl crate::engine::Observer for FeedHub {
+    fn folded(&self, event: &Event) {
+        let conversation: &str = &event.conversation_id;
+        match &event.detail {
+            Detail::Message(m) => {
+                let line = Arc::new(TranscriptLine {
+                    speaker: m.speaker.label().to_owned(),
+                    text: m.text.clone(),
+                    offset_ms: event.offset_ms,
+                    message_id: m.id.clone(),
+                    sentiment: m.sentiment,
+                });
+                self.with_feed(conversation, |feed| {
+                    feed.caption = None;
+                    if feed.transcript.len() >= TRANSCRIPT_TAIL {
+                        feed.transcript.pop_front();
+                    }
+                    feed.transcript.push_back(line.clone());
+                    feed.push(conversation, FeedBody::Final(line));
+                });
+            }
+            Detail::Caption(c) => {
+                let caption = Caption {
+                    speaker: c.speaker.as_ref().map(|s| s.label().to_owned()),
+                    text: c.text.clone(),
+                };
+                self.with_feed(conversation, |feed| {
+                    feed.caption = Some(caption.clone());
+                    feed.push(conversation, FeedBody::Partial(caption));
+                });
+            }
+            _ if event.kind == EventKind::ConversationCompleted => {
+                let mut feeds = self.lock();
+                let epoch = &self.epoch;
+                let feed = feeds
+                    .live
+                    .entry(conversation.to_owned())
+                    .or_insert_with(|| ConversationFeed::new(epoch.clone()));
+                if !feed.ended {
+                    feed.ended = true;
+                    feed.caption = None;
+                    feed.push(conversation, FeedBody::Ended);
+                    feeds.ended.push_back(conversation.to_owned());
+                    if feeds.ended.len() > ENDED_KEPT
+                        && let Some(oldest) = feeds.ended.pop_front()
+                    {
+                        feeds.live.remove(&oldest);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The sink that feeds outputs to a [`FeedHub`]. Coalescing: a card updated faster than the hub
+/// takes it is sent at its latest version.
+pub struct FeedSink(pub Arc<FeedHub>);
+
+#[prompter_core::async_trait]
+impl Sink for FeedSink {
+    fn name(&self) -> &str {
+        "feed"
+    }
+    fn policy(&self) -> QueuePolicy {
+        QueuePolicy::COALESCING
+    }
+    async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError> {
+        self.0.output(output);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
