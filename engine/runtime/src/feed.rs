@@ -26,6 +26,8 @@ use tokio::sync::broadcast;
 
 use crate::sink::{QueuePolicy, Sink, SinkError};
 
+pub mod access;
+
 /// Messages a conversation's ring keeps for resuming clients.
 pub const RING: usize = 1_024;
 /// Final transcript lines a snapshot carries.
