@@ -228,12 +228,15 @@ impl FeedHub {
 
     fn with_feed(&self, conversation: &str, f: impl FnOnce(&mut ConversationFeed)) {
         let mut feeds = self.lock();
-        let epoch = &self.epoch;
-        let feed = feeds
+        f(self.feed(&mut feeds, conversation));
+    }
+
+    /// `conversation`'s feed, opened (in this hub's epoch) on first sight.
+    fn feed<'f>(&self, feeds: &'f mut Feeds, conversation: &str) -> &'f mut ConversationFeed {
+        feeds
             .live
             .entry(conversation.to_owned())
-            .or_insert_with(|| ConversationFeed::new(epoch.clone()));
-        f(feed);
+            .or_insert_with(|| ConversationFeed::new(self.epoch.clone()))
     }
 
     /// Subscribes to `conversation`, resuming after `last_id` (`<epoch>-<seq>`) when given.
@@ -241,11 +244,7 @@ impl FeedHub {
     /// missed); otherwise one snapshot, with `resync` set when a resume was asked for.
     pub fn subscribe(&self, conversation: &str, last_id: Option<&str>) -> Subscription {
         let mut feeds = self.lock();
-        let epoch = &self.epoch;
-        let feed = feeds
-            .live
-            .entry(conversation.to_owned())
-            .or_insert_with(|| ConversationFeed::new(epoch.clone()));
+        let feed = self.feed(&mut feeds, conversation);
         let live = feed.live.subscribe();
         let position = last_id.and_then(|id| {
             let (e, s) = id.rsplit_once('-')?;
@@ -338,11 +337,7 @@ impl crate::engine::Observer for FeedHub {
             }
             _ if event.kind == EventKind::ConversationCompleted => {
                 let mut feeds = self.lock();
-                let epoch = &self.epoch;
-                let feed = feeds
-                    .live
-                    .entry(conversation.to_owned())
-                    .or_insert_with(|| ConversationFeed::new(epoch.clone()));
+                let feed = self.feed(&mut feeds, conversation);
                 if !feed.ended {
                     feed.ended = true;
                     feed.caption = None;

@@ -147,12 +147,9 @@ impl Engine {
     /// conversation's queue is full.
     pub async fn dispatch(&self, event: Event) {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
+        let id = event.conversation_id.clone();
         let mut msg = Msg::Event(event);
         loop {
-            let id = match &msg {
-                Msg::Event(e) => e.conversation_id.clone(),
-                Msg::Snapshot(_) => return,
-            };
             let Some(tx) = self.sender(&id, None) else {
                 tracing::error!(conversation = %id, "An event arrived after the engine finished; it is not handled.");
                 return;
@@ -437,13 +434,7 @@ impl Conversation {
                         break;
                     }
                 }
-                Ok(Some(Msg::Snapshot(reply))) => {
-                    self.settle_runs().await;
-                    let _ = reply.send(ConversationSnapshot {
-                        state: self.state.clone(),
-                        book: lock(&self.shared.book).clone(),
-                    });
-                }
+                Ok(Some(Msg::Snapshot(reply))) => self.snapshot(reply).await,
                 Ok(None) => break,
                 // Idle: runs still in flight are waited for below, before the release.
                 Err(_) => {
@@ -460,13 +451,7 @@ impl Conversation {
                 Msg::Event(event) => {
                     self.handle(event);
                 }
-                Msg::Snapshot(reply) => {
-                    self.settle_runs().await;
-                    let _ = reply.send(ConversationSnapshot {
-                        state: self.state.clone(),
-                        book: lock(&self.shared.book).clone(),
-                    });
-                }
+                Msg::Snapshot(reply) => self.snapshot(reply).await,
             }
         }
         self.settle_runs().await;
@@ -490,6 +475,16 @@ impl Conversation {
                 s.plugin.conversation_ended(&self.state.id);
             }
         }
+    }
+
+    /// Answers a snapshot request once every run in flight has finished.
+    async fn snapshot(&mut self, reply: oneshot::Sender<ConversationSnapshot>) {
+        self.settle_runs().await;
+        // The requester may have gone away; nothing is lost by not answering it.
+        let _ = reply.send(ConversationSnapshot {
+            state: self.state.clone(),
+            book: lock(&self.shared.book).clone(),
+        });
     }
 
     /// Waits for every run in flight.
