@@ -159,7 +159,7 @@ pub async fn run(
             }
         },
         move |p| say(&err2, &format!("warning: {p}")),
-        move |o| say(&out_cards, &card(&o, style)),
+        move |o| say(&out_cards, &card(o, style)),
     )
     .await;
     let replay_hint = if bundle_dir.is_some() {

@@ -51,14 +51,14 @@ pub async fn run(
     stats: Arc<Stats>,
     on_event: impl FnMut(&Event) + Send + 'static,
     on_problem: impl FnMut(&LineProblem) + Send + 'static,
-    mut on_output: impl FnMut(Output) + Send + 'static,
+    mut on_output: impl FnMut(&Output) + Send + 'static,
 ) -> Summary {
     let started = Instant::now();
     let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counter = delivered.clone();
     let printer = FnSink::new("output", move |o: &Output| {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        on_output(o.clone());
+        on_output(o);
     });
     let engine = Arc::new(Engine::new(
         loaded.pipelines,
