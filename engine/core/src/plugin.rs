@@ -15,7 +15,7 @@
 //! [`StageContext`] ([`StageContext::documents`], [`StageContext::chat_request`], ...), which take
 //! the typed value when there is one and read the JSON otherwise.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -133,6 +133,19 @@ pub struct Resources {
     ///
     /// [`CachedEmbedder`]: crate::resource::CachedEmbedder
     pub embedders: BTreeMap<String, Arc<dyn Embedder>>,
+    /// Entries the engine config declares but that could not be opened, as `section/name`
+    /// (`knowledge/sales`). Their problem is already reported where they are declared, so a
+    /// stage naming one reports nothing more: one root cause, one error.
+    pub unopened: BTreeSet<String>,
+}
+
+impl Resources {
+    /// True when the engine config declares `name` under `section` but it failed to open.
+    pub fn is_unopened(&self, section: &str, name: &str) -> bool {
+        self.unopened
+            .iter()
+            .any(|e| e.split_once('/') == Some((section, name)))
+    }
 }
 
 /// What a factory gets while building a stage: resources, template compilation, and a place to
@@ -222,6 +235,9 @@ impl<'a> BuildContext<'a> {
         names: impl Iterator<Item = &'n str> + Clone,
         section: &str,
     ) {
+        if self.resources.is_unopened(section, name) {
+            return;
+        }
         let help = match did_you_mean(name, names.clone()) {
             Some(s) => format!("did you mean `{s}`?"),
             None => {

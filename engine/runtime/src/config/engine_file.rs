@@ -195,9 +195,11 @@ impl Section<'_> {
             return;
         };
         for (name, decl) in entries.iter() {
+            let unopened = format!("{}/{}", self.key, name.as_str());
             let Some((kind, kind_node, config)) =
                 resource_decl(file, decl, self.kind_key, self.what, diags)
             else {
+                resources.unopened.insert(unopened);
                 continue;
             };
             let Some(factory) = kinds.iter().find(|k| k.name == kind) else {
@@ -209,6 +211,7 @@ impl Section<'_> {
                     kinds.iter().map(|k| k.name),
                     diags,
                 );
+                resources.unopened.insert(unopened);
                 continue;
             };
             let mut cx = OpenCx {
@@ -220,8 +223,11 @@ impl Section<'_> {
                 resources,
                 anchor: kind_node,
             };
-            if let Some(opened) = (factory.open)(&mut cx) {
-                insert(resources, name.as_str().to_owned(), opened);
+            match (factory.open)(&mut cx) {
+                Some(opened) => insert(resources, name.as_str().to_owned(), opened),
+                None => {
+                    resources.unopened.insert(unopened);
+                }
             }
         }
     }

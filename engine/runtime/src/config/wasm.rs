@@ -87,6 +87,7 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
                 section: "knowledge",
             },
             resources.knowledge.keys().map(String::as_str),
+            resources,
             diags,
         ),
         llm: granted_names(
@@ -98,6 +99,7 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
                 section: "llm",
             },
             resources.chat.keys().map(String::as_str),
+            resources,
             diags,
         ),
     };
@@ -213,6 +215,7 @@ fn granted_names<'a>(
     stage: &MarkedMappingNode,
     grant: Grant,
     declared: impl Iterator<Item = &'a str> + Clone,
+    resources: &Resources,
     diags: &mut Diagnostics,
 ) -> Vec<String> {
     let Some(node) = stage.get_node(grant.key) else {
@@ -228,7 +231,8 @@ fn granted_names<'a>(
             continue;
         };
         let name = s.as_str().trim();
-        if declared.clone().any(|d| d == name) {
+        // A declared entry that failed to open is reported where it is declared; do not repeat it.
+        if declared.clone().any(|d| d == name) || resources.is_unopened(grant.section, name) {
             names.push(name.to_owned());
             continue;
         }
