@@ -120,16 +120,8 @@ llm:
   nebula: { provider: nebula, config: { api_key: \"${NEBULA_API_KEY}\" } }
 ";
 
-/// The top-level keys of an engine config.
-const ENGINE_SECTIONS: &[&str] = &[
-    "pipelines",
-    "embedders",
-    "knowledge",
-    "llm",
-    "symbl",
-    "server",
-    "engine",
-];
+/// The top-level keys of an engine config (the engine's own list, so the two cannot drift).
+const ENGINE_SECTIONS: &[&str] = prompter_engine::config::ENGINE_KEYS;
 
 /// One ```` ```yaml ```` block.
 struct Block {

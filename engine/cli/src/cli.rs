@@ -84,7 +84,26 @@ enum Command {
         /// Never use colors.
         #[arg(long)]
         no_color: bool,
+        /// Serve the agent console and play the call into it; prints the link to open.
+        #[arg(long)]
+        console: bool,
+        /// Where the console listens (with --console; port 0 picks one).
+        #[arg(
+            long,
+            value_name = "ADDR",
+            default_value = "127.0.0.1:7070",
+            requires = "console"
+        )]
+        listen: String,
+        /// Append the console's feedback to this JSONL file (with --console).
+        #[arg(long, value_name = "FILE", requires = "console")]
+        feedback_log: Option<PathBuf>,
+        /// Stop when the call ends instead of serving until Ctrl-C (with --console).
+        #[arg(long, requires = "console")]
+        exit_at_end: bool,
     },
+    /// Mint an agent-console access link (or token) from the feed secret in the environment.
+    ConsoleToken(crate::console::TokenArgs),
     /// Measure events per second and per-event engine overhead on replayed calls.
     Bench {
         /// Engine config [default: ./prompter.yaml].
@@ -215,9 +234,22 @@ pub fn main(
             call,
             speed,
             no_color,
-        } => runtime.block_on(crate::demo::run(
-            &registry, config, call, speed, no_color, &out, &err,
-        )),
+            console,
+            listen,
+            feedback_log,
+            exit_at_end,
+        } => {
+            let console = console.then(|| crate::console::DemoConsole {
+                listen,
+                feedback_log,
+                speed,
+                exit_at_end,
+            });
+            runtime.block_on(crate::demo::run(
+                &registry, config, call, speed, no_color, console, &out, &err,
+            ))
+        }
+        Command::ConsoleToken(args) => crate::console::token(&registry, args, &out, &err),
         Command::Bench {
             config,
             iterations,

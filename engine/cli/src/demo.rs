@@ -30,10 +30,10 @@ impl Style {
             text.to_owned()
         }
     }
-    fn dim(self, t: &str) -> String {
+    pub(crate) fn dim(self, t: &str) -> String {
         self.paint("2", t)
     }
-    fn bold(self, t: &str) -> String {
+    pub(crate) fn bold(self, t: &str) -> String {
         self.paint("1", t)
     }
     fn accent(self, t: &str) -> String {
@@ -45,12 +45,14 @@ impl Style {
 }
 
 /// Runs the demo.
+#[allow(clippy::too_many_arguments, reason = "the command's options, flat")]
 pub async fn run(
     registry: &Registry,
     config: Option<PathBuf>,
     call: Option<PathBuf>,
     speed: f64,
     no_color: bool,
+    console: Option<crate::console::DemoConsole>,
     out: &Stream,
     err: &Stream,
 ) -> u8 {
@@ -108,6 +110,11 @@ pub async fn run(
             && std::env::var_os("NO_COLOR").is_none()
             && std::io::stdout().is_terminal(),
     };
+    if let Some(opts) = console {
+        let code = crate::console::demo(loaded, lines, paths, opts, style, out, err).await;
+        drop(bundle_dir);
+        return code;
+    }
     let duration_s = lines.last().map(|l| l.offset_ms / 1000).unwrap_or(0);
     say(
         out,

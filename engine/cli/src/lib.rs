@@ -5,6 +5,8 @@
 //! - [`cli`]: argument parsing and the small commands (`validate`, `replay`, `plugins`).
 //! - [`live`]: `prompter run`, the engine on live Symbl connections.
 //! - [`demo`]: `prompter demo`, with its embedded defaults in [`bundle`].
+//! - [`console`]: the agent console's wiring (`run` with `feed:`, `demo --console`) and
+//!   `prompter console-token`.
 //! - [`bench`](mod@bench): `prompter bench` and `prompter plugin bench`.
 //! - [`kb`]: `prompter kb ingest`; [`plugin_cli`]: `prompter plugin new|test`;
 //!   `trackers_cli`: `prompter trackers sync`.
@@ -12,6 +14,7 @@
 pub mod bench;
 pub mod bundle;
 pub mod cli;
+pub mod console;
 pub mod demo;
 pub mod kb;
 pub mod live;

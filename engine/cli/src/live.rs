@@ -19,6 +19,7 @@ use prompter_symbl::SymblAuth;
 use tokio::sync::watch;
 
 use crate::cli::{Stream, say};
+use crate::console::FeedWiring;
 use prompter_engine::engine::Engine;
 use prompter_engine::registry::Registry;
 use prompter_engine::sink::JsonLines;
@@ -85,26 +86,58 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         return 1;
     }
 
+    let feed_config = loaded.settings.feed.clone();
+    if feed_config.is_some() && listen.is_none() {
+        say(
+            err,
+            "error: the `feed:` section serves the agent console on the engine's server: set `listen` under `server:` or pass --listen ADDR",
+        );
+        return 2;
+    }
     let stats = Arc::new(Stats::default());
     let printer_out = out.clone();
     let printer = JsonLines::new(move |line| say(&printer_out, line));
     let printed = printer.written();
-    let engine = Arc::new(Engine::new(
-        loaded.pipelines,
-        loaded.settings,
-        vec![Box::new(printer)],
-        stats.clone(),
-    ));
+    let feed = feed_config.as_ref().map(|_| FeedWiring::new());
+    let mut sinks: Vec<Box<dyn prompter_engine::sink::Sink>> = vec![Box::new(printer)];
+    if let Some(feed) = &feed {
+        sinks.push(feed.sink());
+    }
+    let mut engine = Engine::new(loaded.pipelines, loaded.settings, sinks, stats.clone());
+    if let Some(feed) = &feed {
+        engine = engine.with_observer(feed.observer());
+    }
+    let engine = Arc::new(engine);
     let notices_err = err.clone();
     let notices: Notices = Arc::new(move |m: &str| say(&notices_err, m));
     let source = SymblSource::new(symbl, auth, notices);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut routes = source.routes();
+    if let (Some(feed), Some(config)) = (&feed, &feed_config) {
+        match feed.service(config, engine.clone(), shutdown_rx.clone()) {
+            Ok(service) => routes = routes.merge(service.routes()),
+            Err(e) => {
+                say(err, &format!("error: {e}"));
+                return 1;
+            }
+        }
+    }
     if let Some(addr) = &listen {
-        match prompter_engine::server::serve(addr, source.routes(), shutdown_rx.clone()).await {
-            Ok(bound) => say(
-                err,
-                &format!("control endpoint listening on http://{bound}"),
-            ),
+        match prompter_engine::server::serve(addr, routes, shutdown_rx.clone()).await {
+            Ok(bound) => {
+                say(
+                    err,
+                    &format!("control endpoint listening on http://{bound}"),
+                );
+                if feed.is_some() {
+                    say(
+                        err,
+                        &format!(
+                            "agent console on http://{bound}/console/ (an access link: prompter console-token --conversation ID --url http://{bound})"
+                        ),
+                    );
+                }
+            }
             Err(e) => {
                 say(err, &format!("error: cannot listen on `{addr}`: {e}"));
                 return 1;

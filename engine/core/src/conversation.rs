@@ -160,7 +160,7 @@ impl ConversationState {
                     self.completed = true;
                 }
             }
-            Detail::Entity(_) | Detail::Error { .. } | Detail::None => {}
+            Detail::Entity(_) | Detail::Feedback(_) | Detail::Error { .. } | Detail::None => {}
         }
     }
 

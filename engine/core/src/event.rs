@@ -47,6 +47,8 @@ pub enum EventKind {
     EntityResponse,
     /// `error` (top-level or nested in `message`).
     Error,
+    /// `feedback`: an agent's feedback on an output (from the console); not a Symbl event.
+    Feedback,
 }
 
 impl EventKind {
@@ -65,6 +67,7 @@ impl EventKind {
         EventKind::TopicResponse,
         EventKind::EntityResponse,
         EventKind::Error,
+        EventKind::Feedback,
     ];
 
     /// The name used in YAML (`on: [tracker_response]`) and in outputs.
@@ -83,6 +86,7 @@ impl EventKind {
             EventKind::TopicResponse => "topic_response",
             EventKind::EntityResponse => "entity_response",
             EventKind::Error => "error",
+            EventKind::Feedback => "feedback",
         }
     }
 
@@ -219,6 +223,31 @@ pub struct Insight {
     pub assignee: Option<Speaker>,
 }
 
+/// An agent's feedback on one version of an output, as the console sends it (`feedback`
+/// events). The engine fills in what the output was (pipeline, kind, model) so pipelines and
+/// the feedback log can compare prompt or model variants on it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Feedback {
+    /// The output's id.
+    pub output_id: String,
+    /// The version the agent saw.
+    pub version: u32,
+    /// `useful`, `not_useful`, `dismissed` or `copied`.
+    pub action: String,
+    /// Why, for `dismissed` (`not_relevant`, `already_handled`, `wrong`, `too_late`, `other`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The pipeline that produced the output.
+    pub pipeline: String,
+    /// The output's kind (`suggestion`, ...).
+    pub kind: String,
+    /// The model that answered (`provider:model`), when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// When the engine received it (unix milliseconds).
+    pub at_ms: u64,
+}
+
 /// One topic from `topic_response`.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Topic {
@@ -255,6 +284,8 @@ pub enum Detail {
         /// Summary page URL (`conversation_completed` variant).
         summary_url: Option<String>,
     },
+    /// An agent's feedback on an output.
+    Feedback(Feedback),
     /// An error frame.
     Error {
         /// Error message.
@@ -308,6 +339,15 @@ impl Event {
             Detail::Topic(t) => key.push_str(t.id.as_deref().unwrap_or(&t.phrases)),
             Detail::Caption(c) => key.push_str(&c.text),
             Detail::Entity(v) => key.push_str(&v.to_string()),
+            Detail::Feedback(f) => {
+                key.push_str(&f.output_id);
+                key.push('|');
+                key.push_str(&f.version.to_string());
+                key.push('|');
+                key.push_str(&f.action);
+                key.push('|');
+                key.push_str(&f.at_ms.to_string());
+            }
             Detail::Lifecycle { .. } | Detail::Error { .. } | Detail::None => {}
         }
         crate::output::fnv1a(key.as_bytes())

@@ -43,6 +43,10 @@ pub struct Output {
     pub sources: Vec<ScoredDocument>,
     /// How long each stage took.
     pub timings: Timings,
+    /// The model that answered (`provider:model`, or the provider alone when it names no
+    /// model); absent when no model took part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// Extra structured data the pipeline chose to attach.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub data: serde_json::Value,
@@ -191,6 +195,7 @@ impl Trigger {
             Detail::Message(m) => t.text = Some(m.text.clone()),
             Detail::Topic(topic) => t.text = Some(topic.phrases.clone()),
             Detail::Caption(c) => t.text = Some(c.text.clone()),
+            Detail::Feedback(f) => t.text = Some(f.action.clone()),
             _ => {}
         }
         t

@@ -659,6 +659,11 @@ impl<'a> StageContext<'a> {
         self.outputs.latest_with("output")?.1.drafted()
     }
 
+    /// The model of the latest earlier answer (`provider:model`), if a model answered.
+    pub fn model(&self) -> Option<String> {
+        self.outputs.latest_with("provider")?.1.model_label()
+    }
+
     /// Every earlier stage's `degraded` reason, in stage order, joined by `; `; `None` when
     /// none degraded.
     pub fn degraded(&self) -> Option<String> {

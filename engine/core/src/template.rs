@@ -188,6 +188,7 @@ impl Object for EventObject {
             ("topic", Detail::Topic(t)) => Value::from_serialize(t),
             ("caption", Detail::Caption(c)) => Value::from_serialize(c),
             ("entity", Detail::Entity(v)) => Value::from_serialize(v),
+            ("feedback", Detail::Feedback(f)) => Value::from_serialize(f),
             ("error", Detail::Error { message, details }) => {
                 minijinja::context! { message => message, details => details }
             }
@@ -213,6 +214,7 @@ impl Object for EventObject {
             Detail::Topic(_) => "topic",
             Detail::Caption(_) => "caption",
             Detail::Entity(_) => "entity",
+            Detail::Feedback(_) => "feedback",
             Detail::Error { .. } => "error",
             Detail::Lifecycle { .. } => "lifecycle",
             Detail::None => return Enumerator::Str(EVENT_FIELDS),

@@ -27,6 +27,7 @@ use tokio::sync::broadcast;
 use crate::sink::{QueuePolicy, Sink, SinkError};
 
 pub mod access;
+pub mod http;
 
 /// Messages a conversation's ring keeps for resuming clients.
 pub const RING: usize = 1_024;
@@ -36,20 +37,80 @@ pub const TRANSCRIPT_TAIL: usize = 200;
 const BROADCAST: usize = 256;
 /// Ended conversations whose feed is kept for late or reconnecting clients.
 const ENDED_KEPT: usize = 1_024;
+/// Live messages buffered for supervisor clients (every conversation) before they lag.
+const SUPERVISOR_BROADCAST: usize = 4_096;
 
 /// One message of a conversation's feed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FeedMessage {
-    /// `<epoch>-<seq>`.
+    /// `<epoch>-<seq>` (empty for the supervisor stream's own messages, which do not resume).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub id: String,
     /// The conversation.
     pub conversation_id: String,
     /// Position in the conversation's feed (1, 2, ...).
     #[serde(skip)]
     pub seq: u64,
+    /// When the hub produced it (unix milliseconds).
+    pub at_ms: u64,
     /// What it says.
     #[serde(flatten)]
     pub body: FeedBody,
+    /// Its JSON, made once however many clients it is sent to.
+    #[serde(skip)]
+    json: JsonCache,
+}
+
+impl FeedMessage {
+    /// A message; its id is `<epoch>-<seq>` (or empty for the supervisor stream's own).
+    pub fn new(id: String, conversation_id: String, seq: u64, body: FeedBody) -> Self {
+        FeedMessage {
+            id,
+            conversation_id,
+            seq,
+            at_ms: now_ms(),
+            body,
+            json: JsonCache::default(),
+        }
+    }
+
+    /// The message as JSON text (serialized on first use, then shared).
+    pub fn json(&self) -> axum::extract::ws::Utf8Bytes {
+        self.json
+            .0
+            .get_or_init(|| {
+                serde_json::to_string(self)
+                    .unwrap_or_else(|e| {
+                        format!("{{\"type\":\"error\",\"error\":\"unserializable: {e}\"}}")
+                    })
+                    .into()
+            })
+            .clone()
+    }
+
+    /// The message's `type`.
+    pub fn kind(&self) -> &'static str {
+        match &self.body {
+            FeedBody::Snapshot { .. } => "snapshot",
+            FeedBody::Final(_) => "transcript.final",
+            FeedBody::Partial(_) => "transcript.partial",
+            FeedBody::Upsert { .. } => "output.upsert",
+            FeedBody::Withdraw { .. } => "output.withdraw",
+            FeedBody::Ended => "conversation.ended",
+            FeedBody::Calls { .. } => "calls",
+            FeedBody::CallStarted { .. } => "call.started",
+        }
+    }
+}
+
+/// A message's serialized form, not part of what it is (equal whatever it holds).
+#[derive(Debug, Clone, Default)]
+struct JsonCache(std::sync::OnceLock<axum::extract::ws::Utf8Bytes>);
+
+impl PartialEq for JsonCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The content of a feed message (`type` in JSON).
@@ -82,6 +143,10 @@ pub enum FeedBody {
     Upsert {
         /// The output.
         output: Arc<Output>,
+        /// Milliseconds from the trigger's words in the call (the call's start plus
+        /// `trigger.offset_ms`) to this version reaching the feed; `None` when the call's clock
+        /// is unknown or runs faster than real time (a fast replay).
+        delay_ms: Option<u64>,
     },
     /// A card taken back.
     #[serde(rename = "output.withdraw")]
@@ -96,6 +161,35 @@ pub enum FeedBody {
     /// The call has ended.
     #[serde(rename = "conversation.ended")]
     Ended,
+    /// Supervisor stream: every conversation the hub holds (sent first, and again on resume).
+    #[serde(rename = "calls")]
+    Calls {
+        /// Live calls first, newest first.
+        calls: Vec<CallSummary>,
+    },
+    /// Supervisor stream: a conversation's first event.
+    #[serde(rename = "call.started")]
+    CallStarted {
+        /// The call's start (unix milliseconds), estimated from its first event.
+        started_at_ms: u64,
+    },
+}
+
+/// One call in the supervisor's list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallSummary {
+    /// The conversation.
+    pub conversation_id: String,
+    /// True once the call has ended.
+    pub ended: bool,
+    /// Live cards (withdrawn ones excluded).
+    pub cards: usize,
+    /// Final transcript lines so far.
+    pub lines: u64,
+    /// The last final line.
+    pub last_line: Option<Arc<TranscriptLine>>,
+    /// The call's start (unix milliseconds), when an event has been seen.
+    pub started_at_ms: Option<u64>,
 }
 
 /// A final transcript line as the feed shows it.
@@ -135,55 +229,82 @@ struct ConversationFeed {
     seq: u64,
     ring: VecDeque<Arc<FeedMessage>>,
     transcript: VecDeque<Arc<TranscriptLine>>,
+    lines: u64,
     caption: Option<Caption>,
     cards: BTreeMap<String, Arc<Output>>,
+    /// The last version of each withdrawn card (feedback may still name it).
+    retired: HashMap<String, Arc<Output>>,
     ended: bool,
+    /// The call's start on the wall clock (unix ms), estimated from its first folded event.
+    started_at_ms: Option<u64>,
     live: broadcast::Sender<Arc<FeedMessage>>,
+    /// The supervisor stream (shared by every conversation).
+    all: broadcast::Sender<Arc<FeedMessage>>,
 }
 
 impl ConversationFeed {
-    fn new(epoch: String) -> Self {
+    fn new(epoch: String, all: broadcast::Sender<Arc<FeedMessage>>) -> Self {
         ConversationFeed {
             epoch,
             seq: 0,
             ring: VecDeque::with_capacity(64),
             transcript: VecDeque::new(),
+            lines: 0,
             caption: None,
             cards: BTreeMap::new(),
+            retired: HashMap::new(),
             ended: false,
+            started_at_ms: None,
             live: broadcast::channel(BROADCAST).0,
+            all,
         }
     }
 
     fn push(&mut self, conversation: &str, body: FeedBody) {
         self.seq += 1;
-        let msg = Arc::new(FeedMessage {
-            id: format!("{}-{}", self.epoch, self.seq),
-            conversation_id: conversation.to_owned(),
-            seq: self.seq,
+        let to_supervisors = !matches!(body, FeedBody::Partial(_));
+        let msg = Arc::new(FeedMessage::new(
+            format!("{}-{}", self.epoch, self.seq),
+            conversation.to_owned(),
+            self.seq,
             body,
-        });
+        ));
         if self.ring.len() >= RING {
             self.ring.pop_front();
         }
         self.ring.push_back(msg.clone());
-        // No receiver is not an error: nobody is watching this call right now.
+        // No receiver is not an error: nobody is watching this call right now. Supervisors see
+        // everything but the live caption (which changes several times a second per call).
+        if to_supervisors && self.all.receiver_count() > 0 {
+            let _ = self.all.send(msg.clone());
+        }
         let _ = self.live.send(msg);
     }
 
-    fn snapshot(&self, conversation: &str, resync: bool) -> Arc<FeedMessage> {
-        Arc::new(FeedMessage {
-            id: format!("{}-{}", self.epoch, self.seq),
+    fn summary(&self, conversation: &str) -> CallSummary {
+        CallSummary {
             conversation_id: conversation.to_owned(),
-            seq: self.seq,
-            body: FeedBody::Snapshot {
+            ended: self.ended,
+            cards: self.cards.len(),
+            lines: self.lines,
+            last_line: self.transcript.back().cloned(),
+            started_at_ms: self.started_at_ms,
+        }
+    }
+
+    fn snapshot(&self, conversation: &str, resync: bool) -> Arc<FeedMessage> {
+        Arc::new(FeedMessage::new(
+            format!("{}-{}", self.epoch, self.seq),
+            conversation.to_owned(),
+            self.seq,
+            FeedBody::Snapshot {
                 resync,
                 transcript: self.transcript.iter().cloned().collect(),
                 caption: self.caption.clone(),
                 cards: self.cards.values().cloned().collect(),
                 ended: self.ended,
             },
-        })
+        ))
     }
 }
 
@@ -199,6 +320,7 @@ pub struct FeedHub {
     /// an earlier run never resume here by accident.
     epoch: String,
     feeds: Mutex<Feeds>,
+    all: broadcast::Sender<Arc<FeedMessage>>,
 }
 
 impl Default for FeedHub {
@@ -217,6 +339,7 @@ impl FeedHub {
         FeedHub {
             epoch: format!("{:x}", (nanos as u64) ^ u64::from(std::process::id())),
             feeds: Mutex::default(),
+            all: broadcast::channel(SUPERVISOR_BROADCAST).0,
         }
     }
 
@@ -236,7 +359,7 @@ impl FeedHub {
         feeds
             .live
             .entry(conversation.to_owned())
-            .or_insert_with(|| ConversationFeed::new(self.epoch.clone()))
+            .or_insert_with(|| ConversationFeed::new(self.epoch.clone(), self.all.clone()))
     }
 
     /// Subscribes to `conversation`, resuming after `last_id` (`<epoch>-<seq>`) when given.
@@ -261,12 +384,47 @@ impl FeedHub {
         Subscription { backlog, live }
     }
 
+    /// Subscribes to every conversation (the supervisor view): a `calls` list, then every
+    /// conversation's messages but the live caption, as they happen. This stream does not
+    /// resume: a reconnecting supervisor gets a fresh list.
+    pub fn subscribe_all(&self) -> Subscription {
+        let feeds = self.lock();
+        let live = self.all.subscribe();
+        let mut calls: Vec<CallSummary> = feeds.live.iter().map(|(id, f)| f.summary(id)).collect();
+        calls.sort_by(|a, b| {
+            a.ended
+                .cmp(&b.ended)
+                .then_with(|| b.started_at_ms.cmp(&a.started_at_ms))
+                .then_with(|| a.conversation_id.cmp(&b.conversation_id))
+        });
+        let list = Arc::new(FeedMessage::new(
+            String::new(),
+            String::new(),
+            0,
+            FeedBody::Calls { calls },
+        ));
+        Subscription {
+            backlog: vec![list],
+            live,
+        }
+    }
+
+    /// The latest version of `conversation`'s output `id`, live or withdrawn, if the hub holds
+    /// it.
+    pub fn card(&self, conversation: &str, id: &str) -> Option<Arc<Output>> {
+        let feeds = self.lock();
+        let feed = feeds.live.get(conversation)?;
+        feed.cards.get(id).or_else(|| feed.retired.get(id)).cloned()
+    }
+
     /// Delivers an output to its conversation's feed: an upsert, or a withdrawal.
     pub fn output(&self, output: Arc<Output>) {
         let conversation = output.conversation_id.clone();
         self.with_feed(&conversation, |feed| {
             if output.status == Status::Withdrawn {
-                feed.cards.remove(&output.id);
+                if let Some(last) = feed.cards.remove(&output.id) {
+                    feed.retired.insert(output.id.clone(), last);
+                }
                 let body = FeedBody::Withdraw {
                     output_id: output.id.clone(),
                     version: output.version,
@@ -286,9 +444,17 @@ impl FeedHub {
                     return;
                 }
                 feed.cards.insert(output.id.clone(), output.clone());
-                feed.push(&conversation, FeedBody::Upsert { output });
+                let delay_ms = feed.started_at_ms.and_then(|start| {
+                    now_ms().checked_sub(start.saturating_add(output.trigger.offset_ms))
+                });
+                feed.push(&conversation, FeedBody::Upsert { output, delay_ms });
             }
         });
+    }
+
+    /// True when `conversation`'s call has ended (or its feed is no longer held).
+    pub fn ended(&self, conversation: &str) -> bool {
+        self.lock().live.get(conversation).is_none_or(|f| f.ended)
     }
 
     /// The conversations with a feed, live ones first.
@@ -304,9 +470,32 @@ impl FeedHub {
     }
 }
 
+/// Now, in unix milliseconds.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl crate::engine::Observer for FeedHub {
+    /// One lock per folded event, whatever it is.
     fn folded(&self, event: &Event) {
         let conversation: &str = &event.conversation_id;
+        let mut feeds = self.lock();
+        let feed = self.feed(&mut feeds, conversation);
+        if feed.started_at_ms.is_none() {
+            // The call's start on the wall clock, from its first event; supervisors are told.
+            let started_at_ms = now_ms().saturating_sub(event.offset_ms);
+            feed.started_at_ms = Some(started_at_ms);
+            if self.all.receiver_count() > 0 {
+                let _ = self.all.send(Arc::new(FeedMessage::new(
+                    String::new(),
+                    conversation.to_owned(),
+                    0,
+                    FeedBody::CallStarted { started_at_ms },
+                )));
+            }
+        }
         match &event.detail {
             Detail::Message(m) => {
                 let line = Arc::new(TranscriptLine {
@@ -316,38 +505,31 @@ impl crate::engine::Observer for FeedHub {
                     message_id: m.id.clone(),
                     sentiment: m.sentiment,
                 });
-                self.with_feed(conversation, |feed| {
-                    feed.caption = None;
-                    if feed.transcript.len() >= TRANSCRIPT_TAIL {
-                        feed.transcript.pop_front();
-                    }
-                    feed.transcript.push_back(line.clone());
-                    feed.push(conversation, FeedBody::Final(line));
-                });
+                feed.caption = None;
+                if feed.transcript.len() >= TRANSCRIPT_TAIL {
+                    feed.transcript.pop_front();
+                }
+                feed.transcript.push_back(line.clone());
+                feed.lines += 1;
+                feed.push(conversation, FeedBody::Final(line));
             }
             Detail::Caption(c) => {
                 let caption = Caption {
                     speaker: c.speaker.as_ref().map(|s| s.label().to_owned()),
                     text: c.text.clone(),
                 };
-                self.with_feed(conversation, |feed| {
-                    feed.caption = Some(caption.clone());
-                    feed.push(conversation, FeedBody::Partial(caption));
-                });
+                feed.caption = Some(caption.clone());
+                feed.push(conversation, FeedBody::Partial(caption));
             }
-            _ if event.kind == EventKind::ConversationCompleted => {
-                let mut feeds = self.lock();
-                let feed = self.feed(&mut feeds, conversation);
-                if !feed.ended {
-                    feed.ended = true;
-                    feed.caption = None;
-                    feed.push(conversation, FeedBody::Ended);
-                    feeds.ended.push_back(conversation.to_owned());
-                    if feeds.ended.len() > ENDED_KEPT
-                        && let Some(oldest) = feeds.ended.pop_front()
-                    {
-                        feeds.live.remove(&oldest);
-                    }
+            _ if event.kind == EventKind::ConversationCompleted && !feed.ended => {
+                feed.ended = true;
+                feed.caption = None;
+                feed.push(conversation, FeedBody::Ended);
+                feeds.ended.push_back(conversation.to_owned());
+                if feeds.ended.len() > ENDED_KEPT
+                    && let Some(oldest) = feeds.ended.pop_front()
+                {
+                    feeds.live.remove(&oldest);
                 }
             }
             _ => {}

@@ -304,6 +304,7 @@ mod tests {
             trigger: Trigger::from_event(cx.event()),
             sources: vec![],
             timings: cx.timings(),
+            model: None,
             data: serde_json::Value::Null,
             degraded: None,
         }

@@ -259,6 +259,8 @@ impl Chat {
                         trigger: Trigger::from_event(event),
                         sources: cx.documents(None)?.to_vec(),
                         timings: cx.timings(),
+                        // The model is known once it answers; the provider is known now.
+                        model: Some(self.provider.name().to_owned()),
                         data: serde_json::Value::Null,
                         degraded: None,
                     },

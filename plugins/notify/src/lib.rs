@@ -208,6 +208,7 @@ impl Plugin for Notify {
             trigger: Trigger::from_event(event),
             sources,
             timings: cx.timings(),
+            model: cx.model(),
             data: if self.data.is_empty() {
                 serde_json::Value::Null
             } else {

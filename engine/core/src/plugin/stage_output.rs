@@ -182,6 +182,26 @@ impl StageOutput {
         }
     }
 
+    /// The model that answered, for a reply (`provider:model`, or the provider alone when it
+    /// names no model); `None` for other outputs.
+    pub fn model_label(&self) -> Option<String> {
+        let (provider, model) = match &self.typed {
+            Some(Typed::Reply { reply, .. }) => (reply.provider.as_str(), reply.model.as_deref()),
+            Some(_) => return None,
+            None => {
+                let v = self.value();
+                (
+                    v.get("provider")?.as_str()?,
+                    v.get("model").and_then(|m| m.as_str()),
+                )
+            }
+        };
+        Some(match model {
+            Some(m) if !m.is_empty() => format!("{provider}:{m}"),
+            _ => provider.to_owned(),
+        })
+    }
+
     /// The documents this output carries: `None` when it has no `documents`.
     ///
     /// # Errors

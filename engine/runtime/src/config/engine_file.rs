@@ -18,13 +18,15 @@ use super::yaml::{
 use super::{Settings, base_dir, read};
 use crate::registry::{Kind, Registry};
 
-const ENGINE_KEYS: &[&str] = &[
+/// The top-level sections of an engine config.
+pub const ENGINE_KEYS: &[&str] = &[
     "pipelines",
     "embedders",
     "knowledge",
     "llm",
     "symbl",
     "server",
+    "feed",
     "engine",
 ];
 
@@ -109,6 +111,13 @@ pub(super) fn engine_config(
         && let Some(cfg) = typed_config::<crate::server::ServerConfig>(file, server, diags)
     {
         settings.server = cfg;
+    }
+    if let Some(feed) = map.get_node("feed")
+        && let Some(mut cfg) = typed_config::<crate::feed::http::FeedConfig>(file, feed, diags)
+    {
+        // The feedback log is relative to the config's folder, like every path in it.
+        cfg.feedback_log = cfg.feedback_log.map(|p| base.join(p));
+        settings.feed = Some(cfg);
     }
     // Embedders first: stores name theirs.
     open_embedders(file, map, &base, registry, resources, diags);

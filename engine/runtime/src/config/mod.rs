@@ -36,7 +36,7 @@ pub mod wasm;
 pub mod yaml;
 
 use engine_file::engine_config;
-pub use engine_file::{OpenCx, StoreDecl, store_decl, typed_config};
+pub use engine_file::{ENGINE_KEYS, OpenCx, StoreDecl, store_decl, typed_config};
 use pipeline_file::pipeline;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,6 +64,8 @@ pub struct Settings {
     pub symbl: Option<prompter_symbl::SymblConfig>,
     /// The `server:` section: the engine's one HTTP server.
     pub server: crate::server::ServerConfig,
+    /// The `feed:` section: the agent feed and console, when given.
+    pub feed: Option<crate::feed::http::FeedConfig>,
 }
 
 impl Default for Settings {
@@ -74,6 +76,7 @@ impl Default for Settings {
             default_stage_timeout: Duration::from_secs(10),
             symbl: None,
             server: crate::server::ServerConfig::default(),
+            feed: None,
         }
     }
 }

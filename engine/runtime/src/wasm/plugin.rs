@@ -600,6 +600,7 @@ impl WasmPlugin {
                 trigger: Trigger::from_event(cx.event()),
                 sources: Vec::new(),
                 timings: cx.timings(),
+                model: cx.model(),
                 data,
                 degraded: None,
             };
@@ -720,9 +721,13 @@ pub fn wit_event(e: &Event) -> types::Event {
             speaker: i.from.as_ref().map(wit_speaker),
         }),
         Detail::Topic(t) => types::Detail::Topic(t.phrases.clone()),
-        Detail::Entity(_) | Detail::Lifecycle { .. } | Detail::Error { .. } | Detail::None => {
-            types::Detail::None
-        }
+        // The contract has no variant for these; a plugin reads them from `raw-json` (a
+        // feedback event's raw JSON is the feedback record).
+        Detail::Entity(_)
+        | Detail::Feedback(_)
+        | Detail::Lifecycle { .. }
+        | Detail::Error { .. }
+        | Detail::None => types::Detail::None,
     };
     types::Event {
         kind: e.kind.as_str().to_owned(),
