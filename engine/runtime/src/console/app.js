@@ -250,12 +250,18 @@
 
   /**
    * One feed WebSocket. Reconnects on its own (0.5 s doubling to 10 s, with jitter) and resumes
-   * after the last message id it saw (when `resume`); stops for good on 4401/4403 (access
-   * refused); treats 40 s without any message (heartbeats included) as a dead connection.
+   * after the last message id it saw (when `resume`); stops for good when access is refused;
+   * treats 40 s without any message (heartbeats included) as a dead connection.
+   *
+   * Access can be refused two ways: a close with code 4401/4403 after the upgrade, or an HTTP
+   * 401/403 before it, which a browser only reports as a failed connection (close code 1006).
+   * So when a socket fails before opening, `/feed/v1/whoami` tells whether the token is the
+   * reason (401/403) or not (200: retry as for any network failure).
    */
   class FeedConnection {
-    constructor({ path, resume, onMessage, onDenied }) {
+    constructor({ path, conversation, resume, onMessage, onDenied }) {
       this.path = path;
+      this.conversation = conversation || null; // null: the supervisor stream
       this.resume = resume;
       this.onMessage = onMessage;
       this.onDenied = onDenied;
@@ -307,7 +313,9 @@
         return;
       }
       this.ws = ws;
+      let opened = false;
       ws.onopen = () => {
+        opened = true;
         this.attempt = 0;
         this.opened = true;
         showConnection("live");
@@ -331,16 +339,59 @@
         this.ws = null;
         clearTimeout(this.watchdog);
         if (this.stopped) return;
-        if (event.code === 4401 || event.code === 4403) {
-          this.stopped = true;
-          showConnection("denied", event.reason);
-          this.onDenied(event.code, event.reason);
-          return;
-        }
-        this.retry();
+        if (event.code === 4403 && !this.conversation) {
+          this.probe({ code: event.code, reason: event.reason }); // a one-call link? whoami says
+        } else if (event.code === 4401 || event.code === 4403) {
+          this.deny(event.code, event.reason, null);
+        } else if (opened) this.retry();
+        else this.probe(null);
       };
       // An error is always followed by a close, which decides what to do.
       ws.onerror = () => {};
+    }
+
+    deny(code, reason, who) {
+      this.stopped = true;
+      clearTimeout(this.retryTimer);
+      showConnection("denied", reason);
+      this.onDenied(code, reason, who);
+    }
+
+    /**
+     * The socket failed before opening (or the supervisor stream was refused): asks the server
+     * whether the token is why. `refused`: the close that was already a refusal, if any.
+     */
+    async probe(refused) {
+      let res = null;
+      try {
+        const query = this.conversation ? `?conversation=${encodeURIComponent(this.conversation)}` : "";
+        res = await fetch(`/feed/v1/whoami${query}`, {
+          headers: { Authorization: `Bearer ${access.token}` },
+          cache: "no-store",
+        });
+      } catch (_) {
+        /* the server is unreachable: an ordinary retry */
+      }
+      if (this.stopped || this.ws) return;
+      let body = null;
+      if (res) {
+        try {
+          body = await res.json();
+        } catch (_) {
+          body = null;
+        }
+      }
+      if (this.stopped || this.ws) return;
+      if (res && (res.status === 401 || res.status === 403)) {
+        this.deny(res.status === 401 ? 4401 : 4403, (body && body.error) || "", null);
+      } else if (res && res.ok && body && !this.conversation && body.scope === "conversation") {
+        // A one-call token on the supervisor stream: the caller opens that call instead.
+        this.deny(4403, "the access link is for one call", body);
+      } else if (refused) {
+        this.deny(refused.code, refused.reason, null);
+      } else {
+        this.retry();
+      }
     }
 
     /** (Re)starts the 40 s watchdog; any message, heartbeats included, proves the link alive. */
@@ -443,6 +494,24 @@
   }
 
   /**
+   * The reason on the card's face, short: the phrases heard (new ones first) or the question
+   * asked. Empty for the questions list and the recap, whose text says it already.
+   */
+  function shortReason(out, fresh) {
+    const t = out.trigger || {};
+    if (out.kind === "open_questions" || out.kind === "summary") return "";
+    if (t.event === "tracker_response" && t.phrases && t.phrases.length) {
+      const ordered = [...fresh, ...t.phrases.filter((p) => !fresh.includes(p))];
+      const more = ordered.length > 2 ? ` +${ordered.length - 2}` : "";
+      return `Heard ${ordered.slice(0, 2).map((p) => `“${p}”`).join(", ")}${more}`;
+    }
+    if (t.text && ["insight_response", "message_response", "topic_response"].includes(t.event)) {
+      return triggerSentence(out);
+    }
+    return "";
+  }
+
+  /**
    * Renders card text: `- ` lines become lists, `Heading:` lines (in recaps and lists) become
    * headings, other lines paragraphs. Returns the last block, where a draft's caret goes.
    */
@@ -533,6 +602,7 @@
       this.versionEl = h("span", { class: "version" });
       this.pinEl = h("span", { class: "pin", hidden: true }, "Pinned");
       this.titleEl = h("h3", { class: "card-title", id: `${id}-title` });
+      this.headlineEl = h("span", { class: "reason" });
       this.latencyEl = h("span", { class: "latency" });
       this.degradedEl = h("span", { class: "badge badge-degraded", hidden: true }, "Fallback");
       this.whyBtn = h("button", {
@@ -591,7 +661,7 @@
       h("header", { class: "card-head" },
         h("div", { class: "card-eyebrow" }, this.kindEl, this.pinEl, this.versionEl),
         this.titleEl),
-      h("div", { class: "card-meta" }, this.latencyEl, this.degradedEl, this.whyBtn),
+      h("div", { class: "card-meta" }, this.headlineEl, this.latencyEl, this.degradedEl, this.whyBtn),
       this.bodyEl,
       this.noteEl,
       this.whyEl,
@@ -668,6 +738,12 @@
       }
       this.versionEl.title = versionTip;
       this.versionEl.classList.toggle("is-updated", updates > 0);
+
+      // Why, at a glance ("Heard “no budget”"); the full story is in the why panel.
+      const reason = shortReason(out, this.version > 1 ? this.newPhrases : []);
+      this.headlineEl.textContent = reason;
+      this.headlineEl.title = reason;
+      this.headlineEl.hidden = !reason;
 
       // "said 00:10 · +1.3 s": when the customer said it, and how late the card came.
       const parts = [];
@@ -1436,6 +1512,7 @@
 
   const state = {
     route: null, // "calls" | "call:<id>" | "empty"
+    routeToken: null, // the token the current route was opened with
     conn: null, // the FeedConnection
     call: null, // the Call shown
     calls: null, // the CallsList shown
@@ -1503,6 +1580,9 @@
   }
 
   function deniedMessage(code, reason, forCall) {
+    if (/origin/i.test(reason || "")) {
+      return ["This page's address may not read the feed", `The server said: ${reason}.`];
+    }
     if (code === 4403) {
       return forCall
         ? ["This access link is for another call", "Open the link you were given for this call, or ask your supervisor for one."]
@@ -1528,6 +1608,7 @@
     showView("call");
     state.conn = new FeedConnection({
       path: `${feedPath(id)}/ws`,
+      conversation: id,
       resume: true,
       onMessage: (msg) => {
         if (msg.conversation_id && msg.conversation_id !== id && msg.type !== "heartbeat") return;
@@ -1558,8 +1639,14 @@
       path: "/feed/v1/all/ws",
       resume: false, // the supervisor stream always starts with a fresh `calls`
       onMessage: (msg) => list.apply(msg),
-      onDenied: (code, reason) => {
+      onDenied: (code, reason, who) => {
         store(SUPERVISOR_KEY, null);
+        if (who && who.scope === "conversation" && who.conversation_id) {
+          // The link opens one call: show it.
+          history.replaceState(null, "", `${location.pathname}${location.search}#c=${encodeURIComponent(who.conversation_id)}`);
+          openCall(who.conversation_id);
+          return;
+        }
         const [title, detail] = deniedMessage(code, reason, false);
         showEmpty(title, detail, "prompter console-token --conversation <id>");
         showConnection("denied", reason);
@@ -1571,6 +1658,9 @@
   function route() {
     const call = absorbFragment();
     if (!access.token) return showNoToken();
+    // A new link (another token) in the same tab reconnects even if the view is the same.
+    if (state.routeToken !== access.token) state.route = null;
+    state.routeToken = access.token;
     if (call) return openCall(call);
     if (access.scope && access.scope.kind === "conversation") {
       // A one-call link without `c`: its payload names the call.
