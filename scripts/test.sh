@@ -17,6 +17,14 @@ if ! python3 -c 'import mockupdb, bson' >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check mockupdb==1.8.1 pymongo==4.20.0
 fi
 
+# The agent console's browser tests drive Debian's Chromium through its chromedriver.
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  echo "== apt-get install chromium chromium-driver (console browser tests)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
 echo "== cargo fmt --check (engine and sdk)"
 cargo fmt --all -- --check
 cargo fmt --manifest-path sdk/Cargo.toml --all -- --check

@@ -86,14 +86,16 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         return 1;
     }
 
-    let feed_config = loaded.settings.feed.clone();
-    if feed_config.is_some() && listen.is_none() {
-        say(
-            err,
-            "error: the `feed:` section serves the agent console on the engine's server: set `listen` under `server:` or pass --listen ADDR",
-        );
-        return 2;
-    }
+    // The console lives on the engine's server: without one, there is nothing to serve it on.
+    let feed_config = loaded.settings.feed.clone().filter(|_| {
+        if listen.is_none() {
+            say(
+                err,
+                "note: the agent console is off: it is served on the engine's server (set `listen` under `server:` or pass --listen ADDR)",
+            );
+        }
+        listen.is_some()
+    });
     let stats = Arc::new(Stats::default());
     let printer_out = out.clone();
     let printer = JsonLines::new(move |line| say(&printer_out, line));

@@ -12,6 +12,8 @@ use prompter_fakes::{NebulaFake, SymblFake};
 use serde_json::{Value, json};
 
 pub(crate) const WAIT: Duration = Duration::from_secs(20);
+/// The feed's token-signing secret the engine under test gets.
+pub(crate) const FEED_SECRET: &str = "the feed secret of the tests, 32 bytes+";
 
 pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -46,6 +48,11 @@ impl Fakes {
             .env("NEBULA_API_KEY", "nebula-key-value")
             .env("NEBULA_BASE_URL", &self.nebula.url)
             .env("PROMPTER_INDEX", self.dir.path().join("sales.json"))
+            .env("PROMPTER_FEED_SECRET", FEED_SECRET)
+            .env(
+                "PROMPTER_FEEDBACK_LOG",
+                self.dir.path().join("feedback.jsonl"),
+            )
             .env_remove("SYMBL_UPDATES_URL")
             .env_remove("PROMPTER_LISTEN")
             .env("RUST_LOG", "warn");

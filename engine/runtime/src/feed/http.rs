@@ -886,6 +886,12 @@ impl FeedbackLog {
         let file = match path {
             None => None,
             Some(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|source| FeedSetupError::Log {
+                        path: path.clone(),
+                        source,
+                    })?;
+                }
                 let f = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
