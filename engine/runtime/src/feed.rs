@@ -314,6 +314,18 @@ struct Feeds {
     ended: VecDeque<String>,
 }
 
+impl Feeds {
+    /// An ended conversation's feed stays readable until `ENDED_KEPT` newer ones have ended.
+    fn retire(&mut self, conversation: &str) {
+        self.ended.push_back(conversation.to_owned());
+        if self.ended.len() > ENDED_KEPT
+            && let Some(oldest) = self.ended.pop_front()
+        {
+            self.live.remove(&oldest);
+        }
+    }
+}
+
 /// Every conversation's feed.
 pub struct FeedHub {
     /// Prefix of this hub's epochs (random per process), so positions from another process or
@@ -525,15 +537,25 @@ impl crate::engine::Observer for FeedHub {
                 feed.ended = true;
                 feed.caption = None;
                 feed.push(conversation, FeedBody::Ended);
-                feeds.ended.push_back(conversation.to_owned());
-                if feeds.ended.len() > ENDED_KEPT
-                    && let Some(oldest) = feeds.ended.pop_front()
-                {
-                    feeds.live.remove(&oldest);
-                }
+                feeds.retire(conversation);
             }
             _ => {}
         }
+    }
+
+    /// A conversation released without its end (idle) joins the ended ones, so its feed is
+    /// let go in turn (it stays readable until then).
+    fn released(&self, conversation: &str) {
+        let mut feeds = self.lock();
+        let Some(feed) = feeds.live.get_mut(conversation) else {
+            return;
+        };
+        if feed.ended {
+            return;
+        }
+        feed.ended = true;
+        feed.caption = None;
+        feeds.retire(conversation);
     }
 }
 

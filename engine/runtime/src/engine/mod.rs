@@ -44,6 +44,12 @@ const RELEASED_BOOKS: usize = 4_096;
 pub trait Observer: Send + Sync + 'static {
     /// `event` was just folded into its conversation.
     fn folded(&self, event: &Event);
+
+    /// `conversation` was released (completed, or idle for `conversation_idle`), after its
+    /// last run settled. What an observer keeps for it may be let go.
+    fn released(&self, conversation: &str) {
+        let _ = conversation;
+    }
 }
 
 /// A conversation's whole state: what was folded and what the engine keeps for it. Taken with
@@ -474,6 +480,9 @@ impl Conversation {
             for s in &p.stages {
                 s.plugin.conversation_ended(&self.state.id);
             }
+        }
+        for o in self.observers.iter() {
+            o.released(&self.state.id);
         }
     }
 

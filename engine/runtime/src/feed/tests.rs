@@ -212,3 +212,33 @@ async fn the_engine_feeds_transcript_and_outputs_in_one_order_per_conversation()
     assert_eq!(json[1]["message_id"], "m1000");
     assert!(json[1]["id"].as_str().unwrap().ends_with("-2"));
 }
+
+#[test]
+fn a_conversation_released_idle_is_let_go_like_an_ended_one_and_supervisors_see_calls() {
+    let hub = FeedHub::new();
+    let mut all = hub.subscribe_all();
+    hub.folded(&said("idle", 1000, "Hello?"));
+    assert!(!hub.ended("idle"));
+    hub.released("idle");
+    assert!(hub.ended("idle"), "a released call takes no more feedback");
+    // Still readable, until 1,024 newer calls have ended.
+    assert!(matches!(
+        hub.subscribe("idle", None).backlog[0].body,
+        FeedBody::Snapshot { ended: true, .. }
+    ));
+    for i in 0..1_024 {
+        hub.released(&format!("never-seen-{i}"));
+        let c = format!("c{i}");
+        hub.folded(&said(&c, 1000, "Hi"));
+        hub.released(&c);
+    }
+    assert!(hub.conversations().iter().all(|(c, _)| c != "idle"));
+    // Supervisors got the list, then each call's start and lines.
+    assert!(matches!(all.backlog[0].body, FeedBody::Calls { .. }));
+    let first: Vec<&str> = drain(&mut all.live)
+        .iter()
+        .take(2)
+        .map(|m| m.kind())
+        .collect();
+    assert_eq!(first, ["call.started", "transcript.final"]);
+}
