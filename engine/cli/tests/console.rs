@@ -538,3 +538,67 @@ async fn cards_stream_update_withdraw_explain_themselves_and_take_feedback_in_ch
     assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains(&token), "a token reached the log");
 }
+
+/// One HTTP/1.1 request with headers; the whole response as text.
+async fn request(addr: &str, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("{head}\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    resp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_plays_its_call_into_the_console_and_prints_a_working_link() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prompter"))
+        .current_dir(dir.path())
+        .args([
+            "demo",
+            "--console",
+            "--listen",
+            "127.0.0.1:0",
+            "--speed",
+            "15",
+            "--exit-at-end",
+            "--no-color",
+        ])
+        .env_remove("PROMPTER_FEED_SECRET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The link comes first, before the call plays.
+    let link = loop {
+        let line = lines.next().expect("a console link").unwrap();
+        if let Some(l) = line.strip_prefix("console: ") {
+            break l.to_owned();
+        }
+    };
+    let rest = link.strip_prefix("http://").unwrap();
+    let (addr, fragment) = rest.split_once("/console/#token=").unwrap();
+    let (token, call) = fragment.split_once("&c=").unwrap();
+    assert_eq!(call, "acme-001");
+    let page = request(addr, "GET /console/ HTTP/1.1").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let who = request(
+        addr,
+        &format!("GET /feed/v1/whoami HTTP/1.1\r\nAuthorization: Bearer {token}"),
+    )
+    .await;
+    assert!(who.starts_with("HTTP/1.1 200"), "{who}");
+    assert!(who.ends_with("{\"scope\":\"supervisor\"}"), "{who}");
+    let refused = request(addr, "GET /feed/v1/whoami HTTP/1.1").await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    // The call plays on the terminal too, then the demo ends by itself.
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let text = rest.join("\n");
+    assert!(text.contains("SUGGESTION"), "{text}");
+    assert!(text.contains("[00:"), "{text}");
+}
