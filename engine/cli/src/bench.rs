@@ -156,7 +156,7 @@ pub async fn run(
 
 /// `recordings`, else `pipelines/recordings/*.jsonl` next to the config; `None` (said on
 /// `err`) when there are none.
-fn recordings_or_default(
+pub(crate) fn recordings_or_default(
     config: &Path,
     recordings: Vec<PathBuf>,
     err: &Stream,
@@ -439,7 +439,7 @@ impl LiveCall {
 }
 
 /// The `p`th percentile (nearest rank) of sorted `v`; 0 when empty.
-fn pct(v: &[u64], p: f64) -> u64 {
+pub(crate) fn pct(v: &[u64], p: f64) -> u64 {
     if v.is_empty() {
         return 0;
     }

@@ -115,8 +115,26 @@ enum Command {
         /// Recordings [default: pipelines/recordings/*.jsonl next to the config].
         recordings: Vec<PathBuf>,
         /// Instead, measure suggestions on calls this many sentences long (e.g. `250,4000`).
-        #[arg(long, value_delimiter = ',', value_name = "SENTENCES")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_name = "SENTENCES",
+            conflicts_with = "feed_clients"
+        )]
         long_call: Vec<usize>,
+        /// Instead, measure the agent feed's fan-out: this many WebSocket clients on loopback
+        /// during a real-time replay (0: the engine and feed alone, a baseline).
+        #[arg(long, value_name = "N", conflicts_with = "iterations")]
+        feed_clients: Option<usize>,
+        /// Calls replayed by the feed bench [default: 1000].
+        #[arg(long, value_name = "M", requires = "feed_clients")]
+        calls: Option<usize>,
+        /// Replay speed of the feed bench, times real time [default: 2].
+        #[arg(long, value_name = "S", requires = "feed_clients")]
+        speed: Option<f64>,
+        /// Print the feed bench's report as one JSON object.
+        #[arg(long, requires = "feed_clients")]
+        json: bool,
     },
     /// List the built-in plugins, knowledge-store kinds, LLM provider and embedder kinds.
     Plugins,
@@ -239,7 +257,7 @@ pub fn main(
             feedback_log,
             exit_at_end,
         } => {
-            let console = console.then(|| crate::console::DemoConsole {
+            let console = console.then_some(crate::console::DemoConsole {
                 listen,
                 feedback_log,
                 speed,
@@ -252,9 +270,29 @@ pub fn main(
         Command::ConsoleToken(args) => crate::console::token(&registry, args, &out, &err),
         Command::Bench {
             config,
+            recordings,
+            feed_clients: Some(clients),
+            calls,
+            speed,
+            json,
+            ..
+        } => {
+            let args = crate::feed_bench::FeedBenchArgs {
+                config,
+                recordings,
+                clients,
+                calls: calls.unwrap_or(crate::feed_bench::DEFAULT_CALLS),
+                speed: speed.unwrap_or(crate::feed_bench::DEFAULT_SPEED),
+                json,
+            };
+            runtime.block_on(crate::feed_bench::run(&registry, args, &out, &err))
+        }
+        Command::Bench {
+            config,
             iterations,
             recordings,
             long_call,
+            ..
         } => runtime.block_on(crate::bench::run(
             &registry, config, iterations, recordings, &long_call, &out, &err,
         )),

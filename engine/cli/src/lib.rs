@@ -7,7 +7,8 @@
 //! - [`demo`]: `prompter demo`, with its embedded defaults in [`bundle`].
 //! - [`console`]: the agent console's wiring (`run` with `feed:`, `demo --console`) and
 //!   `prompter console-token`.
-//! - [`bench`](mod@bench): `prompter bench` and `prompter plugin bench`.
+//! - [`bench`](mod@bench): `prompter bench` and `prompter plugin bench`; [`feed_bench`]:
+//!   `prompter bench --feed-clients N`, the agent feed's fan-out under load.
 //! - [`kb`]: `prompter kb ingest`; [`plugin_cli`]: `prompter plugin new|test`;
 //!   `trackers_cli`: `prompter trackers sync`.
 
@@ -16,6 +17,7 @@ pub mod bundle;
 pub mod cli;
 pub mod console;
 pub mod demo;
+pub mod feed_bench;
 pub mod kb;
 pub mod live;
 pub mod plugin_cli;
