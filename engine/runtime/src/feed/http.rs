@@ -269,7 +269,7 @@ impl FeedService {
             let host = host.to_ascii_lowercase();
             origin == format!("http://{host}") || origin == format!("https://{host}")
         });
-        if same || self.origins.iter().any(|o| *o == origin) {
+        if same || self.origins.contains(&origin) {
             Ok(())
         } else {
             Err(Refusal::Origin(origin))
