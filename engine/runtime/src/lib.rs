@@ -24,6 +24,7 @@
 //! [`Engine`]: engine::Engine
 
 pub mod config;
+pub mod delivery;
 pub mod engine;
 pub mod feed;
 pub mod pipeline;

@@ -69,6 +69,12 @@ pub trait Sink: Send + 'static {
     /// with the next one (retrying is the sink's own business).
     async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError>;
 
+    /// Takes an output that will not be delivered because the engine is stopping and the
+    /// drain deadline passed: a sink that keeps dead letters records it there. Default: logged.
+    async fn abandon(&mut self, output: Arc<Output>, reason: &str) {
+        tracing::error!(sink = %self.name(), output = %output.id, version = output.version, reason, "An output was not delivered.");
+    }
+
     /// Called once after the last output, before the engine stops.
     async fn close(&mut self) {}
 }
@@ -279,21 +285,41 @@ impl SinkQueue {
 pub struct Outlets {
     queues: Vec<Arc<SinkQueue>>,
     tasks: Mutex<JoinSet<()>>,
+    /// Turns true when the drain deadline passes: sinks abandon what is left.
+    give_up: tokio::sync::watch::Sender<bool>,
 }
+
+/// Why outputs still queued at the drain deadline are abandoned.
+pub const DRAIN_DEADLINE_PASSED: &str = "the engine stopped and the sink's drain deadline passed";
 
 impl Outlets {
     /// Starts one task per sink.
     pub fn start(sinks: Vec<Box<dyn Sink>>) -> Self {
         let mut tasks = JoinSet::new();
         let mut queues = Vec::with_capacity(sinks.len());
+        let (give_up, _) = tokio::sync::watch::channel(false);
         for mut sink in sinks {
             let q = Arc::new(SinkQueue::new(sink.name(), sink.policy()));
             queues.push(q.clone());
+            let mut deadline = give_up.subscribe();
             tasks.spawn(async move {
                 while let Some(o) = q.pop().await {
-                    if let Err(e) = sink.deliver(o).await {
-                        q.failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(sink = %q.name, error = %e, "A sink failed to deliver an output.");
+                    tokio::select! {
+                        r = sink.deliver(o.clone()) => {
+                            if let Err(e) = r {
+                                q.failed.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(sink = %q.name, error = %e, "A sink failed to deliver an output.");
+                            }
+                        }
+                        () = async { let _ = deadline.wait_for(|g| *g).await; } => {
+                            // Out of time: this output and every one still queued are handed
+                            // back to the sink to record, not dropped silently.
+                            sink.abandon(o, DRAIN_DEADLINE_PASSED).await;
+                            while let Some(rest) = q.pop().await {
+                                sink.abandon(rest, DRAIN_DEADLINE_PASSED).await;
+                            }
+                            break;
+                        }
                     }
                 }
                 sink.close().await;
@@ -302,6 +328,7 @@ impl Outlets {
         Outlets {
             queues,
             tasks: Mutex::new(tasks),
+            give_up,
         }
     }
 
@@ -317,8 +344,9 @@ impl Outlets {
         &self.queues
     }
 
-    /// Lets every sink take what is queued, then stops them.
-    pub async fn close(&self) {
+    /// Lets every sink take what is queued, then stops them. A sink still busy after `drain`
+    /// abandons what it has left ([`Sink::abandon`]: dead letters), then stops.
+    pub async fn close(&self, drain: std::time::Duration) {
         for q in &self.queues {
             q.close();
         }
@@ -328,9 +356,19 @@ impl Outlets {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        while let Some(r) = tasks.join_next().await {
-            if let Err(e) = r {
-                tracing::error!(error = %e, "A sink task panicked.");
+        let deadline = tokio::time::Instant::now() + drain;
+        loop {
+            let next = tokio::select! {
+                r = tasks.join_next() => r,
+                () = tokio::time::sleep_until(deadline), if !*self.give_up.borrow() => {
+                    let _ = self.give_up.send(true);
+                    continue;
+                }
+            };
+            match next {
+                None => break,
+                Some(Err(e)) => tracing::error!(error = %e, "A sink task panicked."),
+                Some(Ok(())) => {}
             }
         }
     }
@@ -400,7 +438,8 @@ mod tests {
             t0.elapsed() < Duration::from_millis(1),
             "pushing never waits"
         );
-        outlets.close().await;
+        // Three deliveries of 10 s each: within a 60 s drain deadline.
+        outlets.close(Duration::from_secs(60)).await;
         assert_eq!(
             fast_seen.lock().unwrap().len(),
             7,
@@ -433,5 +472,53 @@ mod tests {
             ids.push(o.id.clone());
         }
         assert_eq!(ids, ["final", "new"]);
+    }
+
+    /// A sink whose target never answers; records what it had to abandon.
+    struct Down {
+        abandoned: Arc<Mutex<Vec<(String, String)>>>,
+    }
+
+    #[prompter_core::async_trait]
+    impl Sink for Down {
+        fn name(&self) -> &str {
+            "down"
+        }
+        async fn deliver(&mut self, _: Arc<Output>) -> Result<(), SinkError> {
+            std::future::pending().await
+        }
+        async fn abandon(&mut self, o: Arc<Output>, reason: &str) {
+            self.abandoned
+                .lock()
+                .unwrap()
+                .push((o.id.clone(), reason.to_owned()));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_drain_deadline_a_stuck_sink_abandons_everything_it_holds_and_stops() {
+        let abandoned = Arc::new(Mutex::new(Vec::new()));
+        let outlets = Outlets::start(vec![Box::new(Down {
+            abandoned: abandoned.clone(),
+        })]);
+        for id in ["a", "b", "c"] {
+            outlets.push(out(id, 1, Status::Final)).await;
+        }
+        tokio::task::yield_now().await;
+        let t0 = tokio::time::Instant::now();
+        outlets.close(Duration::from_secs(5)).await;
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_secs(5),
+            "stopped at the deadline"
+        );
+        let got = abandoned.lock().unwrap().clone();
+        let ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["a", "b", "c"],
+            "the one in flight, then the queued ones"
+        );
+        assert!(got.iter().all(|(_, why)| why == DRAIN_DEADLINE_PASSED));
     }
 }

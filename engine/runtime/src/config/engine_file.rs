@@ -88,6 +88,7 @@ pub(super) fn engine_config(
                 "conversation_idle_secs",
                 "queue_capacity",
                 "default_stage_timeout_ms",
+                "sink_drain_ms",
             ],
             "`engine`",
             diags,
@@ -100,6 +101,9 @@ pub(super) fn engine_config(
         }
         if let Some(v) = opt_u64(file, engine, "default_stage_timeout_ms", diags) {
             settings.default_stage_timeout = Duration::from_millis(v.max(1));
+        }
+        if let Some(v) = opt_u64(file, engine, "sink_drain_ms", diags) {
+            settings.sink_drain = Duration::from_millis(v);
         }
     }
     if let Some(symbl) = map.get_node("symbl")

@@ -60,6 +60,9 @@ pub struct Settings {
     pub queue_capacity: usize,
     /// Stage timeout when a stage sets no `timeout_ms`. Default 10 s.
     pub default_stage_timeout: Duration,
+    /// On shutdown, how long sinks may take to deliver what is queued before the rest is
+    /// dead-lettered (`engine.sink_drain_ms`). Default 10 s.
+    pub sink_drain: Duration,
     /// The `symbl:` section (credentials by variable name, live sources, trackers), when given.
     pub symbl: Option<prompter_symbl::SymblConfig>,
     /// The `server:` section: the engine's one HTTP server.
@@ -74,6 +77,7 @@ impl Default for Settings {
             conversation_idle: Duration::from_secs(1800),
             queue_capacity: 64,
             default_stage_timeout: Duration::from_secs(10),
+            sink_drain: Duration::from_secs(10),
             symbl: None,
             server: crate::server::ServerConfig::default(),
             feed: None,

@@ -290,7 +290,7 @@ impl Engine {
                 tracing::error!(error = %e, "A conversation task panicked.");
             }
         }
-        self.outlets.close().await;
+        self.outlets.close(self.settings.sink_drain).await;
     }
 }
 

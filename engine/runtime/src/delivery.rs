@@ -1,0 +1,404 @@
+//! Delivery to remote targets (webhooks, Slack, e-mail, SMS): what every notifier sink shares.
+//!
+//! A [`Target`] knows one service: how to send an output and how to read the answer as
+//! delivered, failed for now (`Transient`, with the server's `Retry-After` when it gave one) or
+//! failed for good (`Permanent`, or `Disable` when the endpoint says it is gone). [`Delivery`]
+//! wraps a target into a [`Sink`]: it paces requests to the target's rate, retries transient
+//! failures on the target's schedule with jitter (honouring `Retry-After`), and writes what it
+//! could not deliver to a dead-letter JSONL file with the reason, counting everything. The
+//! engine puts a bounded queue in front of it (coalescing: a card updated while the target is
+//! slow is sent once, at its latest version), so a failing target never slows a pipeline or
+//! another sink. On shutdown the queue drains up to the engine's deadline and the rest is
+//! dead-lettered: nothing is dropped silently.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prompter_core::output::Output;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+
+use crate::sink::{QueuePolicy, Sink, SinkError};
+
+pub mod webhook;
+
+/// How a send ended, as the target reads the service's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Sent {
+    /// Delivered (or deliberately not sent: nothing to do for this output).
+    Done,
+    /// A failure that may pass (429, 5xx, a timeout, a refused connection).
+    Transient {
+        /// What went wrong.
+        reason: String,
+        /// The wait the service asked for.
+        retry_after: Option<Duration>,
+    },
+    /// A failure retrying cannot fix (a 4xx, a rejected number).
+    Permanent {
+        /// What went wrong.
+        reason: String,
+    },
+    /// The target is gone for good (a webhook's 410): this and every later output is
+    /// dead-lettered without a request.
+    Disable {
+        /// What the service said.
+        reason: String,
+    },
+}
+
+/// One remote service a sink delivers to.
+#[prompter_core::async_trait]
+pub trait Target: Send + 'static {
+    /// Sends one output (an upsert or a withdrawal) once; never retries itself.
+    async fn send(&mut self, output: &Output) -> Sent;
+}
+
+/// How a [`Delivery`] paces and retries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryPolicy {
+    /// Requests per second to the target at most (0: no limit).
+    pub rate_per_sec: f64,
+    /// Waits before each retry (the first attempt is immediate); its length is the number of
+    /// retries. Each wait is jittered by ±10 %, and a longer `Retry-After` wins.
+    pub retry_schedule: Vec<Duration>,
+    /// The dead-letter file (JSONL), when any.
+    pub dead_letter: Option<PathBuf>,
+}
+
+/// What a [`Delivery`] has done, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    /// Outputs delivered.
+    pub delivered: AtomicU64,
+    /// Retries made.
+    pub retries: AtomicU64,
+    /// Outputs dead-lettered (failed for good, out of retries, target disabled or shutdown).
+    pub dead_lettered: AtomicU64,
+    /// 1 once the target was disabled.
+    pub disabled: AtomicU64,
+}
+
+/// One line of a dead-letter file.
+#[derive(Debug, Serialize)]
+struct DeadLetter<'a> {
+    sink: &'a str,
+    reason: &'a str,
+    attempts: u32,
+    at_ms: u64,
+    output: &'a Output,
+}
+
+/// A [`Target`] as a [`Sink`]: pacing, retries, dead letters and counters.
+pub struct Delivery<T> {
+    name: String,
+    target: T,
+    policy: DeliveryPolicy,
+    next_send: Instant,
+    disabled: Option<String>,
+    dead_letters: Option<tokio::fs::File>,
+    stats: Arc<DeliveryStats>,
+}
+
+impl<T: Target> Delivery<T> {
+    /// Delivery to `target` as the sink `name`.
+    pub fn new(name: &str, target: T, policy: DeliveryPolicy) -> Self {
+        Delivery {
+            name: name.to_owned(),
+            target,
+            policy,
+            next_send: Instant::now(),
+            disabled: None,
+            dead_letters: None,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> Arc<DeliveryStats> {
+        self.stats.clone()
+    }
+
+    /// Waits for the target's rate.
+    async fn pace(&mut self) {
+        let now = Instant::now();
+        if self.next_send > now {
+            tokio::time::sleep_until(self.next_send.into()).await;
+        }
+        if self.policy.rate_per_sec > 0.0 {
+            let gap = Duration::from_secs_f64(1.0 / self.policy.rate_per_sec);
+            self.next_send = Instant::now().max(self.next_send) + gap;
+        }
+    }
+
+    async fn dead_letter(&mut self, output: &Output, reason: &str, attempts: u32) {
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(sink = %self.name, output = %output.id, version = output.version, reason, "An output was not delivered; dead-lettered.");
+        let Some(path) = self.policy.dead_letter.clone() else {
+            return;
+        };
+        let line = DeadLetter {
+            sink: &self.name,
+            reason,
+            attempts,
+            at_ms: crate::feed::now_ms(),
+            output,
+        };
+        let mut text = serde_json::to_string(&line).unwrap_or_default();
+        text.push('\n');
+        if let Err(e) = self.append(&path, text.as_bytes()).await {
+            tracing::error!(sink = %self.name, file = %path.display(), error = %e, "Cannot write the dead-letter file; the output is only in this log.");
+        }
+    }
+
+    async fn append(&mut self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        if self.dead_letters.is_none() {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                tokio::fs::create_dir_all(dir).await?;
+            }
+            let f = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .await?;
+            self.dead_letters = Some(f);
+        }
+        if let Some(f) = &mut self.dead_letters {
+            f.write_all(bytes).await?;
+            f.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// `d` jittered by up to ±10 %.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    // A factor in [0.9, 1.1), from the clock's low bits: enough to spread retries apart.
+    let factor = 0.9 + f64::from(nanos % 1_000) / 5_000.0;
+    d.mul_f64(factor)
+}
+
+#[prompter_core::async_trait]
+impl<T: Target> Sink for Delivery<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn policy(&self) -> QueuePolicy {
+        QueuePolicy::COALESCING
+    }
+
+    async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError> {
+        if let Some(why) = self.disabled.clone() {
+            self.dead_letter(&output, &format!("the target is disabled: {why}"), 0)
+                .await;
+            return Ok(());
+        }
+        let mut attempt = 0u32;
+        loop {
+            self.pace().await;
+            attempt += 1;
+            let (reason, retry_after) = match self.target.send(&output).await {
+                Sent::Done => {
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Sent::Permanent { reason } => {
+                    self.dead_letter(&output, &reason, attempt).await;
+                    return Ok(());
+                }
+                Sent::Disable { reason } => {
+                    tracing::error!(sink = %self.name, reason = %reason, "The target is gone; the sink is disabled and dead-letters from now on.");
+                    self.stats.disabled.store(1, Ordering::Relaxed);
+                    self.disabled = Some(reason.clone());
+                    self.dead_letter(&output, &reason, attempt).await;
+                    return Ok(());
+                }
+                Sent::Transient {
+                    reason,
+                    retry_after,
+                } => (reason, retry_after),
+            };
+            let Some(step) = self
+                .policy
+                .retry_schedule
+                .get(attempt as usize - 1)
+                .copied()
+            else {
+                let why = format!("{reason} (gave up after {attempt} attempts)");
+                self.dead_letter(&output, &why, attempt).await;
+                return Ok(());
+            };
+            let wait = retry_after.map_or(jitter(step), |ra| ra.max(jitter(step)));
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(sink = %self.name, output = %output.id, attempt, wait_ms = wait.as_millis() as u64, reason = %reason, "Delivery failed; retrying.");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn abandon(&mut self, output: Arc<Output>, reason: &str) {
+        self.dead_letter(&output, reason, 0).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    /// Answers from a script; records what it was sent and when.
+    struct Scripted {
+        answers: VecDeque<Sent>,
+        sent: Log,
+    }
+
+    #[prompter_core::async_trait]
+    impl Target for Scripted {
+        async fn send(&mut self, output: &Output) -> Sent {
+            self.sent
+                .lock()
+                .unwrap()
+                .push((output.id.clone(), Instant::now()));
+            self.answers.pop_front().unwrap_or(Sent::Done)
+        }
+    }
+
+    fn output(id: &str) -> Arc<Output> {
+        Arc::new(Output {
+            id: id.into(),
+            version: 1,
+            text: "hello".into(),
+            ..Output::default()
+        })
+    }
+
+    type Log = Arc<Mutex<Vec<(String, Instant)>>>;
+
+    fn delivery(answers: Vec<Sent>, dir: &Path, rate: f64) -> (Delivery<Scripted>, Log) {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let d = Delivery::new(
+            "hook",
+            Scripted {
+                answers: answers.into(),
+                sent: sent.clone(),
+            },
+            DeliveryPolicy {
+                rate_per_sec: rate,
+                retry_schedule: vec![Duration::from_millis(10), Duration::from_millis(20)],
+                dead_letter: Some(dir.join("dead.jsonl")),
+            },
+        );
+        (d, sent)
+    }
+
+    fn dead(dir: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("dead.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_honouring_retry_after_then_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, sent) = delivery(
+            vec![
+                Sent::Transient {
+                    reason: "429".into(),
+                    retry_after: Some(Duration::from_millis(120)),
+                },
+                Sent::Transient {
+                    reason: "503".into(),
+                    retry_after: None,
+                },
+            ],
+            dir.path(),
+            0.0,
+        );
+        d.deliver(output("a")).await.unwrap();
+        let sent = sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 3);
+        assert!(
+            sent[1].1 - sent[0].1 >= Duration::from_millis(120),
+            "Retry-After honoured"
+        );
+        assert_eq!(d.stats().delivered.load(Ordering::Relaxed), 1);
+        assert_eq!(d.stats().retries.load(Ordering::Relaxed), 2);
+        assert!(dead(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn out_of_retries_and_permanent_failures_are_dead_lettered_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let busy = || Sent::Transient {
+            reason: "answered 500".into(),
+            retry_after: None,
+        };
+        let (mut d, _) = delivery(
+            vec![
+                busy(),
+                busy(),
+                busy(),
+                Sent::Permanent {
+                    reason: "answered 400: bad payload".into(),
+                },
+            ],
+            dir.path(),
+            0.0,
+        );
+        d.deliver(output("a")).await.unwrap();
+        d.deliver(output("b")).await.unwrap();
+        let dead = dead(dir.path());
+        assert_eq!(dead.len(), 2);
+        assert_eq!(dead[0]["sink"], "hook");
+        assert_eq!(dead[0]["reason"], "answered 500 (gave up after 3 attempts)");
+        assert_eq!(dead[0]["attempts"], 3);
+        assert_eq!(dead[0]["output"]["id"], "a");
+        assert_eq!(dead[1]["reason"], "answered 400: bad payload");
+        assert_eq!(d.stats().dead_lettered.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_gone_target_is_disabled_and_later_outputs_are_dead_lettered_without_a_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, sent) = delivery(
+            vec![Sent::Disable {
+                reason: "answered 410 Gone".into(),
+            }],
+            dir.path(),
+            0.0,
+        );
+        d.deliver(output("a")).await.unwrap();
+        d.deliver(output("b")).await.unwrap();
+        assert_eq!(sent.lock().unwrap().len(), 1, "no request after the 410");
+        let dead = dead(dir.path());
+        assert_eq!(
+            dead[1]["reason"],
+            "the target is disabled: answered 410 Gone"
+        );
+        assert_eq!(d.stats().disabled.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn requests_are_paced_to_the_targets_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, sent) = delivery(vec![], dir.path(), 20.0);
+        for id in ["a", "b", "c", "d"] {
+            d.deliver(output(id)).await.unwrap();
+        }
+        let sent = sent.lock().unwrap().clone();
+        let span = sent[3].1 - sent[0].1;
+        assert!(
+            span >= Duration::from_millis(149),
+            "4 sends at 20/s: {span:?}"
+        );
+    }
+}
