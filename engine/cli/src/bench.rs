@@ -92,6 +92,8 @@ pub async fn run(
                 v.push(o.timings.total_us);
             }
         },
+        // The engine's own cost: no notifier sinks.
+        Vec::new(),
     )
     .await;
     let mut samples = taken(stats.samples.as_ref());

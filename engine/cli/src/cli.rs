@@ -555,6 +555,57 @@ pub(crate) fn read_recordings(
     }
 }
 
+/// The notifier sinks the engine config declares (`sinks:`), secrets from the environment; an
+/// error (printed) when one cannot start. Also returns each one's name and counters.
+pub(crate) fn notifiers(
+    loaded: &prompter_engine::config::Loaded,
+    err: &Stream,
+) -> Option<(Sinks, Vec<Notifier>)> {
+    let env = |name: &str| std::env::var(name).ok();
+    match prompter_engine::delivery::build_sinks(&loaded.settings.sinks, &loaded.pipelines, &env) {
+        Ok(built) => {
+            let mut sinks = Vec::with_capacity(built.len());
+            let mut named = Vec::with_capacity(built.len());
+            for (sink, stats) in built {
+                named.push((sink.name().to_owned(), stats));
+                sinks.push(sink);
+            }
+            Some((sinks, named))
+        }
+        Err(e) => {
+            say(err, &format!("error: {e}"));
+            None
+        }
+    }
+}
+
+/// Sinks for an engine.
+pub(crate) type Sinks = Vec<Box<dyn prompter_engine::sink::Sink>>;
+
+/// A notifier sink's name and counters.
+pub(crate) type Notifier = (String, Arc<prompter_engine::delivery::DeliveryStats>);
+
+/// One line per notifier sink: what it delivered, retried and dead-lettered.
+pub(crate) fn report_notifiers(notifiers: &[Notifier], err: &Stream) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for (name, s) in notifiers {
+        let disabled = if s.disabled.load(Relaxed) > 0 {
+            " (disabled: the target is gone)"
+        } else {
+            ""
+        };
+        say(
+            err,
+            &format!(
+                "sink {name}: {} delivered, {} retried, {} dead-lettered{disabled}",
+                s.delivered.load(Relaxed),
+                s.retries.load(Relaxed),
+                s.dead_lettered.load(Relaxed)
+            ),
+        );
+    }
+}
+
 async fn replay(
     registry: &Registry,
     config: Option<PathBuf>,
@@ -568,6 +619,9 @@ async fn replay(
         return 1;
     };
     let Some((lines, skipped)) = read_recordings(paths, err) else {
+        return 1;
+    };
+    let Some((sinks, notifiers)) = notifiers(&loaded, err) else {
         return 1;
     };
     let printer = out.clone();
@@ -584,8 +638,10 @@ async fn replay(
             Ok(line) => say(&printer, &line),
             Err(e) => tracing::error!(error = %e, "An output did not serialize."),
         },
+        sinks,
     )
     .await;
+    report_notifiers(&notifiers, err);
     say(
         err,
         &format!(

@@ -151,6 +151,9 @@ pub async fn run(
         )),
     );
     say(out, "");
+    let Some((sinks, notifiers)) = crate::cli::notifiers(&loaded, err) else {
+        return 1;
+    };
     let out_events = out.clone();
     let out_cards = out.clone();
     let err2 = err.clone();
@@ -167,8 +170,10 @@ pub async fn run(
         },
         move |p| say(&err2, &format!("warning: {p}")),
         move |o| say(&out_cards, &card(o, style)),
+        sinks,
     )
     .await;
+    crate::cli::report_notifiers(&notifiers, err);
     let replay_hint = if bundle_dir.is_some() {
         String::new()
     } else {

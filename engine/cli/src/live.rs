@@ -101,7 +101,11 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     let printer = JsonLines::new(move |line| say(&printer_out, line));
     let printed = printer.written();
     let feed = feed_config.as_ref().map(|_| FeedWiring::new());
+    let Some((notifier_sinks, notifiers)) = crate::cli::notifiers(&loaded, err) else {
+        return 1;
+    };
     let mut sinks: Vec<Box<dyn prompter_engine::sink::Sink>> = vec![Box::new(printer)];
+    sinks.extend(notifier_sinks);
     if let Some(feed) = &feed {
         sinks.push(feed.sink());
     }
@@ -170,6 +174,7 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
             stats.stage_errors.load(Ordering::Relaxed)
         ),
     );
+    crate::cli::report_notifiers(&notifiers, err);
     0
 }
 

@@ -24,6 +24,44 @@ use crate::sink::{QueuePolicy, Sink, SinkError};
 
 pub mod webhook;
 
+/// A built notifier sink and its counters.
+pub type BuiltSink = (Box<dyn Sink>, Arc<DeliveryStats>);
+
+/// Builds the sinks the engine config declares (`sinks:`), each taking what its `take:` and the
+/// pipelines naming it say, with secrets read through `env`.
+///
+/// # Errors
+/// A sink that cannot start (a missing secret, a bad URL), naming it.
+pub fn build_sinks(
+    decls: &[crate::config::sinks::SinkDecl],
+    pipelines: &[crate::pipeline::Pipeline],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<BuiltSink>, String> {
+    let mut out: Vec<BuiltSink> = Vec::with_capacity(decls.len());
+    for decl in decls {
+        let mut take = decl.take.clone();
+        let named_by = pipelines
+            .iter()
+            .filter(|p| p.sinks.contains(&decl.name))
+            .map(|p| p.name.clone());
+        take.pipelines.extend(named_by);
+        let take = Arc::new(take);
+        let filter: crate::sink::Filter = Arc::new(move |o: &Output| take.accepts(o));
+        match &decl.spec {
+            crate::config::sinks::SinkSpec::Webhook(cfg) => {
+                let target = webhook::Webhook::new(cfg, env)
+                    .map_err(|e| format!("sink `{}`: {e}", decl.name))?;
+                let mut policy = cfg.policy();
+                policy.dead_letter = Some(decl.dead_letter.clone());
+                let d = Delivery::new(&decl.name, target, policy).with_filter(filter);
+                let stats = d.stats();
+                out.push((Box::new(d), stats));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// How a send ended, as the target reads the service's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
@@ -101,6 +139,7 @@ pub struct Delivery<T> {
     disabled: Option<String>,
     dead_letters: Option<tokio::fs::File>,
     stats: Arc<DeliveryStats>,
+    filter: Option<crate::sink::Filter>,
 }
 
 impl<T: Target> Delivery<T> {
@@ -114,7 +153,15 @@ impl<T: Target> Delivery<T> {
             disabled: None,
             dead_letters: None,
             stats: Arc::default(),
+            filter: None,
         }
+    }
+
+    /// Takes only the outputs `filter` accepts.
+    #[must_use]
+    pub fn with_filter(mut self, filter: crate::sink::Filter) -> Self {
+        self.filter = Some(filter);
+        self
     }
 
     /// Its counters.
@@ -192,6 +239,10 @@ impl<T: Target> Sink for Delivery<T> {
 
     fn policy(&self) -> QueuePolicy {
         QueuePolicy::COALESCING
+    }
+
+    fn filter(&self) -> Option<crate::sink::Filter> {
+        self.filter.clone()
     }
 
     async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError> {

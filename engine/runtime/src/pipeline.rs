@@ -76,6 +76,8 @@ pub struct Pipeline {
     pub key: Option<Template>,
     /// Which runs a newer one supersedes under `latest_wins` (`supersede`; default: `key`).
     pub supersede: Option<Template>,
+    /// Named sinks (the engine config's `sinks:`) this pipeline's outputs go to.
+    pub sinks: Vec<String>,
 }
 
 impl Pipeline {
@@ -361,6 +363,7 @@ mod tests {
             concurrency: Concurrency::Parallel,
             key: None,
             supersede: None,
+            sinks: Vec::new(),
         }
     }
 

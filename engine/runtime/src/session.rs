@@ -38,7 +38,7 @@ pub struct Summary {
 ///
 /// `on_event` sees each event just before it is routed (the demo prints transcript lines from
 /// it); `on_problem` gets each line that is skipped; `on_output` runs on a separate task for
-/// each output as it is delivered.
+/// each output as it is delivered. `sinks` (the engine config's notifiers) get the outputs too.
 #[allow(
     clippy::too_many_arguments,
     reason = "a driver with three observers reads best flat"
@@ -52,6 +52,7 @@ pub async fn run(
     on_event: impl FnMut(&Event) + Send + 'static,
     on_problem: impl FnMut(&LineProblem) + Send + 'static,
     mut on_output: impl FnMut(&Output) + Send + 'static,
+    sinks: Vec<Box<dyn crate::sink::Sink>>,
 ) -> Summary {
     let started = Instant::now();
     let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -60,10 +61,12 @@ pub async fn run(
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         on_output(o);
     });
+    let mut all: Vec<Box<dyn crate::sink::Sink>> = vec![Box::new(printer)];
+    all.extend(sinks);
     let engine = Arc::new(Engine::new(
         loaded.pipelines,
         loaded.settings,
-        vec![Box::new(printer)],
+        all,
         stats.clone(),
     ));
     let source = RecordingSource::new(lines, paths.to_vec(), pace)

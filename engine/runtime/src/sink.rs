@@ -69,6 +69,12 @@ pub trait Sink: Send + 'static {
     /// with the next one (retrying is the sink's own business).
     async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError>;
 
+    /// Which outputs it takes, asked once when it starts and checked before an output is
+    /// queued, so its queue holds only its own. Default: every output.
+    fn filter(&self) -> Option<Filter> {
+        None
+    }
+
     /// Takes an output that will not be delivered because the engine is stopping and the
     /// drain deadline passed: a sink that keeps dead letters records it there. Default: logged.
     async fn abandon(&mut self, output: Arc<Output>, reason: &str) {
@@ -78,6 +84,9 @@ pub trait Sink: Send + 'static {
     /// Called once after the last output, before the engine stops.
     async fn close(&mut self) {}
 }
+
+/// Which outputs a sink takes (see [`Sink::filter`]).
+pub type Filter = Arc<dyn Fn(&Output) -> bool + Send + Sync>;
 
 /// A sink from a closure (replay printers, tests).
 pub struct FnSink<F> {
@@ -284,6 +293,8 @@ impl SinkQueue {
 /// Every sink of an engine, each behind its queue and drained by its own task.
 pub struct Outlets {
     queues: Vec<Arc<SinkQueue>>,
+    /// Each queue's filter (same order).
+    filters: Vec<Option<Filter>>,
     tasks: Mutex<JoinSet<()>>,
     /// Turns true when the drain deadline passes: sinks abandon what is left.
     give_up: tokio::sync::watch::Sender<bool>,
@@ -297,10 +308,12 @@ impl Outlets {
     pub fn start(sinks: Vec<Box<dyn Sink>>) -> Self {
         let mut tasks = JoinSet::new();
         let mut queues = Vec::with_capacity(sinks.len());
+        let mut filters = Vec::with_capacity(sinks.len());
         let (give_up, _) = tokio::sync::watch::channel(false);
         for mut sink in sinks {
             let q = Arc::new(SinkQueue::new(sink.name(), sink.policy()));
             queues.push(q.clone());
+            filters.push(sink.filter());
             let mut deadline = give_up.subscribe();
             tasks.spawn(async move {
                 while let Some(o) = q.pop().await {
@@ -327,6 +340,7 @@ impl Outlets {
         }
         Outlets {
             queues,
+            filters,
             tasks: Mutex::new(tasks),
             give_up,
         }
@@ -334,8 +348,10 @@ impl Outlets {
 
     /// Hands `output` to every sink's queue.
     pub async fn push(&self, output: Arc<Output>) {
-        for q in &self.queues {
-            q.push(output.clone()).await;
+        for (q, filter) in self.queues.iter().zip(&self.filters) {
+            if filter.as_ref().is_none_or(|f| f(&output)) {
+                q.push(output.clone()).await;
+            }
         }
     }
 

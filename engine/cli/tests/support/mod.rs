@@ -192,9 +192,14 @@ impl Engine {
     }
 
     /// Sends SIGINT (Ctrl-C) and waits for the exit; returns the exit code.
-    pub(crate) fn interrupt(mut self) -> (i32, String, Vec<Value>) {
+    pub(crate) fn interrupt(self) -> (i32, String, Vec<Value>) {
+        self.signal("INT")
+    }
+
+    /// Sends `signal` (`INT`, `TERM`) and waits for the exit; returns the exit code.
+    pub(crate) fn signal(mut self, signal: &str) -> (i32, String, Vec<Value>) {
         let status = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
@@ -203,7 +208,7 @@ impl Engine {
             if let Some(s) = self.child.try_wait().unwrap() {
                 break s.code().unwrap_or(-1);
             }
-            assert!(Instant::now() < deadline, "did not stop on SIGINT");
+            assert!(Instant::now() < deadline, "did not stop on SIG{signal}");
             std::thread::sleep(Duration::from_millis(20));
         };
         // Let the reader threads take the last lines.

@@ -27,6 +27,7 @@ pub const ENGINE_KEYS: &[&str] = &[
     "symbl",
     "server",
     "feed",
+    "sinks",
     "engine",
 ];
 
@@ -123,6 +124,7 @@ pub(super) fn engine_config(
         cfg.feedback_log = cfg.feedback_log.map(|p| base.join(p));
         settings.feed = Some(cfg);
     }
+    settings.sinks = super::sinks::sinks(file, map, &base, diags);
     // Embedders first: stores name theirs.
     open_embedders(file, map, &base, registry, resources, diags);
     let section = |key, kind_key, what| Section {

@@ -32,6 +32,7 @@
 pub mod diagnostics;
 mod engine_file;
 mod pipeline_file;
+pub mod sinks;
 pub mod wasm;
 pub mod yaml;
 
@@ -69,6 +70,8 @@ pub struct Settings {
     pub server: crate::server::ServerConfig,
     /// The `feed:` section: the agent feed and console, when given.
     pub feed: Option<crate::feed::http::FeedConfig>,
+    /// The `sinks:` section: notifier sinks, by name.
+    pub sinks: Vec<sinks::SinkDecl>,
 }
 
 impl Default for Settings {
@@ -81,6 +84,7 @@ impl Default for Settings {
             symbl: None,
             server: crate::server::ServerConfig::default(),
             feed: None,
+            sinks: Vec::new(),
         }
     }
 }

@@ -30,6 +30,7 @@ const PIPELINE_KEYS: &[&str] = &[
     "concurrency",
     "key",
     "supersede",
+    "sinks",
     "stages",
 ];
 const STAGE_KEYS: &[&str] = &[
@@ -170,6 +171,42 @@ pub(super) fn pipeline(
                 .help(Some(
                     "add `concurrency: latest_wins`, or remove `supersede`".into(),
                 ));
+        }
+    }
+
+    // Named sinks this pipeline's outputs go to, each one the engine config declares.
+    let mut sinks = Vec::new();
+    if let Some(n) = map.get_node("sinks") {
+        for item in expect_seq(file, n, "`sinks`", diags)
+            .into_iter()
+            .flat_map(|s| s.iter())
+        {
+            let Some(s) = expect_scalar(file, item, "a `sinks` entry", diags) else {
+                continue;
+            };
+            let name = s.as_str().trim();
+            if settings.sinks.iter().any(|d| d.name == name) {
+                sinks.push(name.to_owned());
+                continue;
+            }
+            let declared = settings.sinks.iter().map(|d| d.name.as_str());
+            let hint = did_you_mean(name, declared.clone()).map_or_else(
+                || {
+                    let all: Vec<String> = declared.map(|d| format!("`{d}`")).collect();
+                    if all.is_empty() {
+                        "the engine config declares no `sinks:`".to_owned()
+                    } else {
+                        format!(
+                            "declared in the engine config's `sinks:`: {}",
+                            all.join(", ")
+                        )
+                    }
+                },
+                |s| format!("did you mean `{s}`?"),
+            );
+            diags
+                .error_node(file, item, format!("unknown sink `{name}`"))
+                .help(Some(hint));
         }
     }
 
@@ -356,6 +393,7 @@ pub(super) fn pipeline(
         concurrency,
         key,
         supersede,
+        sinks,
     })
 }
 

@@ -148,6 +148,15 @@ pub fn sign(key: &SigningKey, id: &str, timestamp: u64, body: &[u8]) -> String {
     )
 }
 
+/// A webhook request's body.
+#[derive(serde::Serialize)]
+struct Payload<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    timestamp: String,
+    data: &'a Output,
+}
+
 /// A webhook endpoint.
 pub struct Webhook {
     client: reqwest::Client,
@@ -217,11 +226,13 @@ impl Target for Webhook {
         } else {
             "output.upserted"
         };
-        let body = serde_json::json!({
-            "type": kind,
-            "timestamp": rfc3339(now),
-            "data": output,
-        });
+        // Serialized straight from the output (not through a JSON value), so numbers read
+        // exactly as every other sink prints them.
+        let body = Payload {
+            kind,
+            timestamp: rfc3339(now),
+            data: output,
+        };
         let body = match serde_json::to_vec(&body) {
             Ok(b) => b,
             Err(e) => {

@@ -105,6 +105,7 @@ fn pipeline(probe: Arc<Probe>, concurrency: Concurrency, key: Option<&str>) -> P
         concurrency,
         key: key.map(|k| Template::compile(k).unwrap()),
         supersede: None,
+        sinks: Vec::new(),
     }
 }
 

@@ -1,0 +1,349 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests fail loudly on broken invariants"
+)]
+//! Notifier sinks declared in the engine config, on a replayed call: the real `prompter replay`
+//! delivering to a local webhook receiver that checks every Standard Webhooks signature and
+//! answers with the failures a real endpoint has (500, 429 with `Retry-After`, 410).
+
+mod support;
+
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use axum::http::{HeaderMap, StatusCode};
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+use support::*;
+
+/// The receiver's secret (`whsec_` + base64 of 32 bytes).
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYqrTw==";
+
+/// What the receiver saw: (webhook-id, body) of every request, and whether each signature held.
+#[derive(Default)]
+struct Seen {
+    requests: Vec<(String, Value)>,
+    bad_signatures: usize,
+    /// Status codes to answer with, in order; then 204.
+    script: Vec<(u16, Option<&'static str>)>,
+}
+
+/// Checks a request's signature as a receiver would, independently of the engine's code:
+/// HMAC-SHA256 over `id.timestamp.body` with the secret's key, base64, `v1,` prefix.
+fn verifies(headers: &HeaderMap, body: &[u8]) -> bool {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(SECRET.trim_start_matches("whsec_"))
+        .unwrap();
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{}.{}.", h("webhook-id"), h("webhook-timestamp")).as_bytes());
+    mac.update(body);
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    h("webhook-signature").split(' ').any(|s| s == expected)
+}
+
+async fn receiver(seen: Arc<Mutex<Seen>>) -> String {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let seen = seen.clone();
+            async move {
+                let mut s = seen.lock().unwrap();
+                if !verifies(&headers, &body) {
+                    s.bad_signatures += 1;
+                }
+                let id = headers["webhook-id"].to_str().unwrap().to_owned();
+                s.requests
+                    .push((id, serde_json::from_slice(&body).unwrap()));
+                let (code, retry_after) = if s.script.is_empty() {
+                    (204, None)
+                } else {
+                    s.script.remove(0)
+                };
+                let mut r = axum::response::Response::new(axum::body::Body::empty());
+                *r.status_mut() = StatusCode::from_u16(code).unwrap();
+                if let Some(ra) = retry_after {
+                    r.headers_mut().insert("retry-after", ra.parse().unwrap());
+                }
+                r
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/hook")
+}
+
+/// The shipped `prompter.yaml` plus a webhook sink taking the final suggestions.
+fn config(dir: &std::path::Path, url: &str) -> String {
+    let root = root();
+    let shipped = std::fs::read_to_string(root.join("prompter.yaml")).unwrap();
+    let shipped = shipped.replace("pipelines/", &format!("{}/pipelines/", root.display()));
+    let yaml = format!(
+        "{shipped}
+sinks:
+  hook:
+    type: webhook
+    config:
+      url: \"{url}\"
+      secret_env: TEST_WEBHOOK_SECRET
+      retry_schedule_ms: [50, 50, 50]
+    take:
+      kinds: [suggestion]
+      statuses: [final]
+    dead_letter: dead/hook.jsonl
+"
+    );
+    let path = dir.join("prompter.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path.display().to_string()
+}
+
+fn replay(config: &str) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_prompter"))
+        .args([
+            "replay",
+            "--config",
+            config,
+            &root()
+                .join("tests/fixtures/recordings/support-call.jsonl")
+                .display()
+                .to_string(),
+        ])
+        .env("TEST_WEBHOOK_SECRET", SECRET)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn final_suggestions(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "suggestion" && v["status"] == "final")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_call_reaches_the_webhook_signed_once_per_version_through_500_and_429() {
+    let seen = Arc::new(Mutex::new(Seen {
+        script: vec![(500, None), (429, Some("1"))],
+        ..Seen::default()
+    }));
+    let url = receiver(seen.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &url);
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || replay(&cfg))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    let wanted = final_suggestions(&stdout);
+    assert_eq!(wanted.len(), 2, "{stdout}");
+    let s = seen.lock().unwrap();
+    assert_eq!(s.bad_signatures, 0, "every signature verifies");
+    // The first card was tried three times (500, 429, then accepted): same id each time.
+    let ids: Vec<&str> = s.requests.iter().map(|(id, _)| id.as_str()).collect();
+    let first = format!(
+        "{}:{}",
+        wanted[0]["id"].as_str().unwrap(),
+        wanted[0]["version"]
+    );
+    let second = format!(
+        "{}:{}",
+        wanted[1]["id"].as_str().unwrap(),
+        wanted[1]["version"]
+    );
+    assert_eq!(ids, [&first, &first, &first, &second], "{ids:?}");
+    for (_, body) in &s.requests {
+        assert_eq!(body["type"], "output.upserted");
+        assert_eq!(body["data"]["kind"], "suggestion");
+        assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+    assert_eq!(s.requests[3].1["data"], wanted[1], "the output as printed");
+    assert!(
+        stderr.contains("sink hook: 2 delivered, 2 retried, 0 dead-lettered"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("dead/hook.jsonl").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_endpoint_is_disabled_and_what_it_missed_is_dead_lettered_with_reasons() {
+    let seen = Arc::new(Mutex::new(Seen {
+        script: vec![(410, None)],
+        ..Seen::default()
+    }));
+    let url = receiver(seen.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &url);
+    let (code, stdout, stderr) = tokio::task::spawn_blocking(move || replay(&cfg))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        seen.lock().unwrap().requests.len(),
+        1,
+        "nothing after the 410"
+    );
+    let dead: Vec<Value> = std::fs::read_to_string(dir.path().join("dead/hook.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let wanted = final_suggestions(&stdout);
+    assert_eq!(dead.len(), wanted.len());
+    assert_eq!(dead[0]["reason"], "the webhook answered 410 Gone");
+    assert_eq!(
+        dead[1]["reason"],
+        "the target is disabled: the webhook answered 410 Gone"
+    );
+    assert_eq!(dead[1]["output"], wanted[1]);
+    assert!(
+        stderr.contains("sink hook: 0 delivered, 0 retried, 2 dead-lettered (disabled"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn validate_points_at_unknown_sinks_types_and_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("prompter.yaml");
+    std::fs::write(
+        &cfg,
+        "pipelines: [p.yaml]\nsinks:\n  hook:\n    type: webhok\n  crm:\n    type: webhook\n    config: { url: \"http://127.0.0.1:1/\" }\n    take: { statuses: [done] }\nllm:\n  offline: { provider: offline }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "pipeline: p\non: [message_response]\nsinks: [crn]\nstages:\n  - id: out\n    plugin: notify\n    config: { kind: note, text: hi }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_prompter"))
+        .current_dir(dir.path())
+        .args(["validate", "--config", "prompter.yaml", "p.yaml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let text = format!("{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("prompter.yaml:4:11: error: unknown sink type `webhok`"),
+        "{text}"
+    );
+    assert!(text.contains("did you mean `webhook`?"), "{text}");
+    assert!(
+        text.contains("prompter.yaml:8:24: error: unknown status `done`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("p.yaml:3:9: error: unknown sink `crn`"),
+        "{text}"
+    );
+    assert!(text.contains("did you mean `crm`?"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_webhook_is_down_exits_within_the_drain_deadline_and_dead_letters_all() {
+    let f = fakes().await;
+    // Nothing listens here: every attempt is refused, and the next retry is a minute away.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", closed.local_addr().unwrap());
+    drop(closed);
+    let root = root();
+    let live = std::fs::read_to_string(root.join("prompter-live.yaml"))
+        .unwrap()
+        .replace("pipelines/", &format!("{}/pipelines/", root.display()))
+        .replacen("engine:\n", "engine:\n  sink_drain_ms: 700\n", 1);
+    let cfg = f.dir.path().join("live.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{live}
+sinks:
+  hook:
+    type: webhook
+    config: {{ url: \"{url}\", secret_env: TEST_WEBHOOK_SECRET, retry_schedule_ms: [60000] }}
+    take: {{ kinds: [suggestion], statuses: [final] }}
+    dead_letter: {}
+",
+            f.dir.path().join("dead.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let ingest = f
+        .command(&[
+            "kb",
+            "ingest",
+            "pipelines/data/sales_objections.csv",
+            "--store",
+            "sales",
+            "--config",
+            &cfg,
+        ])
+        .output()
+        .unwrap();
+    assert!(ingest.status.success(), "{ingest:?}");
+    let mut cmd = f.command(&["run", "--config", &cfg, "--connection", "conn-d"]);
+    cmd.env("TEST_WEBHOOK_SECRET", SECRET);
+    let engine = Engine::spawn(cmd);
+    assert!(
+        f.symbl.wait_subscribed("conn-d", 1, WAIT).await,
+        "{}",
+        engine.stderr()
+    );
+    f.symbl
+        .push("conn-d", tracker("Budget Constraints", "too expensive", 1));
+    f.symbl.push("conn-d", tracker("Timing", "next quarter", 2));
+    for title in ["Budget Constraints", "Timing"] {
+        engine
+            .output(title, |v| v["title"] == title && v["status"] == "final")
+            .await;
+    }
+    let stopped = std::time::Instant::now();
+    let (code, stderr, outputs) = engine.signal("TERM");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stopped.elapsed() < std::time::Duration::from_secs(5),
+        "stopped within the drain deadline: {:?}",
+        stopped.elapsed()
+    );
+    let finals: Vec<&Value> = outputs
+        .iter()
+        .filter(|v| v["kind"] == "suggestion" && v["status"] == "final")
+        .collect();
+    let dead: Vec<Value> = std::fs::read_to_string(f.dir.path().join("dead.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut dead_ids: Vec<&str> = dead
+        .iter()
+        .map(|d| d["output"]["id"].as_str().unwrap())
+        .collect();
+    let mut final_ids: Vec<&str> = finals.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    dead_ids.sort_unstable();
+    final_ids.sort_unstable();
+    assert_eq!(
+        dead_ids, final_ids,
+        "every undelivered output is in the dead-letter file"
+    );
+    assert!(
+        dead.iter()
+            .all(|d| d["reason"] == "the engine stopped and the sink's drain deadline passed"),
+        "{dead:?}"
+    );
+    assert!(stderr.contains("sink hook: 0 delivered"), "{stderr}");
+}
