@@ -13,6 +13,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
@@ -346,4 +347,143 @@ sinks:
         "{dead:?}"
     );
     assert!(stderr.contains("sink hook: 0 delivered"), "{stderr}");
+}
+
+/// What the Slack fake saw: (method, when, body).
+type SlackCalls = Arc<Mutex<Vec<(String, std::time::Instant, Value)>>>;
+
+/// A fake of Slack's Web API (`chat.postMessage`, `chat.update`, `chat.delete`): checks the bot
+/// token, answers the first call 429 with `Retry-After: 1`, then `ok: true` with a `ts`.
+async fn slack(calls: SlackCalls) -> String {
+    let app = axum::Router::new().route(
+        "/api/{method}",
+        axum::routing::post(
+            move |axum::extract::Path(method): axum::extract::Path<String>,
+                  headers: HeaderMap,
+                  body: axum::body::Bytes| {
+                let calls = calls.clone();
+                async move {
+                    let ok_auth = headers
+                        .get("authorization")
+                        .is_some_and(|v| v == "Bearer xoxb-test-token");
+                    let body: Value = serde_json::from_slice(&body).unwrap();
+                    let mut c = calls.lock().unwrap();
+                    let first = c.is_empty();
+                    c.push((method.clone(), std::time::Instant::now(), body.clone()));
+                    if first {
+                        let mut r = axum::response::Response::new(axum::body::Body::empty());
+                        *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                        r.headers_mut().insert("retry-after", "1".parse().unwrap());
+                        return r;
+                    }
+                    let answer = if !ok_auth {
+                        serde_json::json!({"ok": false, "error": "invalid_auth"})
+                    } else {
+                        let ts = body["ts"]
+                            .as_str()
+                            .map_or_else(|| format!("1700000000.{:06}", c.len()), str::to_owned);
+                        serde_json::json!({"ok": true, "channel": body["channel"], "ts": ts})
+                    };
+                    axum::Json(answer).into_response()
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/api")
+}
+
+/// A call where the same tracker fires twice with another phrase: one card, two versions.
+const REFIRED: &str = r#"{"conversation": "s-1", "offset_ms": 1000, "event": {"type": "message_response", "sequenceNumber": 0, "messages": [{"from": {"id": "c", "name": "Elena"}, "payload": {"content": "My order still hasn't arrived.", "contentType": "text/plain"}, "id": "m1"}]}}
+{"conversation": "s-1", "offset_ms": 1500, "event": {"type": "tracker_response", "isFinal": true, "trackers": [{"name": "Late Delivery", "matches": [{"type": "vocabulary", "value": "hasn't arrived", "messageRefs": [{"id": "m1", "text": "My order still hasn't arrived.", "offset": 15}], "insightRefs": []}]}], "sequenceNumber": 1}}
+{"conversation": "s-1", "offset_ms": 4000, "event": {"type": "message_response", "sequenceNumber": 2, "messages": [{"from": {"id": "c", "name": "Elena"}, "payload": {"content": "It is a week late now.", "contentType": "text/plain"}, "id": "m2"}]}}
+{"conversation": "s-1", "offset_ms": 4500, "event": {"type": "tracker_response", "isFinal": true, "trackers": [{"name": "Late Delivery", "matches": [{"type": "vocabulary", "value": "a week late", "messageRefs": [{"id": "m2", "text": "It is a week late now.", "offset": 6}], "insightRefs": []}]}], "sequenceNumber": 3}}
+{"conversation": "s-1", "offset_ms": 6000, "event": {"type": "message", "message": {"type": "conversation_completed", "data": {"conversationId": "s-1"}}}}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_gets_one_message_per_card_posted_once_then_updated_in_place_at_most_once_a_second() {
+    let calls: SlackCalls = Arc::default();
+    let api = slack(calls.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = root();
+    let shipped = std::fs::read_to_string(root.join("prompter.yaml"))
+        .unwrap()
+        .replace("pipelines/", &format!("{}/pipelines/", root.display()));
+    let cfg = dir.path().join("prompter.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{shipped}
+sinks:
+  team:
+    type: slack
+    config: {{ channel: C0TEAM, token_env: TEST_SLACK_TOKEN, api_base: \"{api}\" }}
+    take: {{ kinds: [suggestion] }}
+"
+        ),
+    )
+    .unwrap();
+    let call = dir.path().join("refired.jsonl");
+    std::fs::write(&call, REFIRED).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_prompter"))
+            .args([
+                "replay",
+                "--config",
+                &cfg.display().to_string(),
+                &call.display().to_string(),
+            ])
+            .env("TEST_SLACK_TOKEN", "xoxb-test-token")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stderr}");
+    let versions: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "suggestion")
+        .collect();
+    assert_eq!(versions.len(), 2, "one card, two versions: {stdout}");
+    assert_eq!(versions[0]["id"], versions[1]["id"]);
+
+    let calls = calls.lock().unwrap().clone();
+    let methods: Vec<&str> = calls.iter().map(|(m, _, _)| m.as_str()).collect();
+    // The 429, its retry after `Retry-After`, then the second version edits the same message.
+    assert_eq!(
+        methods,
+        ["chat.postMessage", "chat.postMessage", "chat.update"],
+        "{calls:#?}"
+    );
+    assert!(
+        calls[1].1 - calls[0].1 >= std::time::Duration::from_secs(1),
+        "Retry-After honoured"
+    );
+    assert!(
+        calls[2].1 - calls[1].1 >= std::time::Duration::from_millis(990),
+        "one call a second"
+    );
+    let (post, update) = (&calls[1].2, &calls[2].2);
+    assert_eq!(post["channel"], "C0TEAM");
+    assert_eq!(
+        update["ts"], "1700000000.000002",
+        "the posted message is the one edited"
+    );
+    assert_eq!(post["metadata"]["event_payload"]["id"], versions[0]["id"]);
+    let why = update["blocks"][2]["elements"][0]["text"].as_str().unwrap();
+    assert!(
+        why.contains("Late Delivery heard \u{201c}a week late\u{201d}"),
+        "{why}"
+    );
+    assert!(why.contains("rta · offline"), "{why}");
+    assert!(
+        stderr.contains("sink team: 2 delivered, 1 retried, 0 dead-lettered"),
+        "{stderr}"
+    );
 }

@@ -22,7 +22,23 @@ use tokio::io::AsyncWriteExt;
 
 use crate::sink::{QueuePolicy, Sink, SinkError};
 
+pub mod slack;
 pub mod webhook;
+
+use crate::config::sinks::{SinkDecl, SinkSpec};
+
+/// `target` delivered as `decl` says, dead letters included.
+fn delivery<T: Target>(
+    decl: &SinkDecl,
+    target: T,
+    mut policy: DeliveryPolicy,
+    filter: crate::sink::Filter,
+) -> BuiltSink {
+    policy.dead_letter = Some(decl.dead_letter.clone());
+    let d = Delivery::new(&decl.name, target, policy).with_filter(filter);
+    let stats = d.stats();
+    (Box::new(d), stats)
+}
 
 /// A built notifier sink and its counters.
 pub type BuiltSink = (Box<dyn Sink>, Arc<DeliveryStats>);
@@ -33,7 +49,7 @@ pub type BuiltSink = (Box<dyn Sink>, Arc<DeliveryStats>);
 /// # Errors
 /// A sink that cannot start (a missing secret, a bad URL), naming it.
 pub fn build_sinks(
-    decls: &[crate::config::sinks::SinkDecl],
+    decls: &[SinkDecl],
     pipelines: &[crate::pipeline::Pipeline],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Vec<BuiltSink>, String> {
@@ -47,17 +63,22 @@ pub fn build_sinks(
         take.pipelines.extend(named_by);
         let take = Arc::new(take);
         let filter: crate::sink::Filter = Arc::new(move |o: &Output| take.accepts(o));
-        match &decl.spec {
-            crate::config::sinks::SinkSpec::Webhook(cfg) => {
-                let target = webhook::Webhook::new(cfg, env)
-                    .map_err(|e| format!("sink `{}`: {e}", decl.name))?;
-                let mut policy = cfg.policy();
-                policy.dead_letter = Some(decl.dead_letter.clone());
-                let d = Delivery::new(&decl.name, target, policy).with_filter(filter);
-                let stats = d.stats();
-                out.push((Box::new(d), stats));
+        let fail = |e: String| format!("sink `{}`: {e}", decl.name);
+        let built = match &decl.spec {
+            SinkSpec::Webhook(cfg) => {
+                let target = webhook::Webhook::new(cfg, env).map_err(|e| fail(e.to_string()))?;
+                delivery(decl, target, cfg.policy(), filter)
             }
-        }
+            SinkSpec::Slack(cfg) => {
+                let target = slack::Slack::new(cfg, env).map_err(fail)?;
+                delivery(decl, target, cfg.policy(), filter)
+            }
+            SinkSpec::SlackWebhook(cfg) => {
+                let target = slack::SlackWebhook::new(cfg, env).map_err(fail)?;
+                delivery(decl, target, cfg.policy(), filter)
+            }
+        };
+        out.push(built);
     }
     Ok(out)
 }

@@ -24,10 +24,11 @@ use prompter_core::template::Expr;
 
 use super::diagnostics::{Diagnostics, WithHelp};
 use super::yaml::{check_keys, expect_map, expect_scalar, expect_seq, required};
+use crate::delivery::slack::{SlackConfig, SlackWebhookConfig};
 use crate::delivery::webhook::WebhookConfig;
 
 /// The sink types, for hints.
-pub const SINK_TYPES: &[&str] = &["webhook"];
+pub const SINK_TYPES: &[&str] = &["webhook", "slack", "slack_webhook"];
 
 /// One declared sink.
 #[derive(Debug, Clone)]
@@ -47,6 +48,10 @@ pub struct SinkDecl {
 pub enum SinkSpec {
     /// `type: webhook`.
     Webhook(WebhookConfig),
+    /// `type: slack` (the Web API, with a bot token).
+    Slack(SlackConfig),
+    /// `type: slack_webhook` (an incoming webhook).
+    SlackWebhook(SlackWebhookConfig),
 }
 
 /// Which outputs a sink takes (`take:`); every output when empty.
@@ -116,6 +121,12 @@ pub(super) fn sinks(
         let spec = match kind.as_str() {
             "webhook" => super::engine_file::typed_config::<WebhookConfig>(file, config, diags)
                 .map(SinkSpec::Webhook),
+            "slack" => super::engine_file::typed_config::<SlackConfig>(file, config, diags)
+                .map(SinkSpec::Slack),
+            "slack_webhook" => {
+                super::engine_file::typed_config::<SlackWebhookConfig>(file, config, diags)
+                    .map(SinkSpec::SlackWebhook)
+            }
             other => {
                 let hint =
                     prompter_core::diagnostic::did_you_mean(other, SINK_TYPES.iter().copied())
