@@ -487,3 +487,212 @@ sinks:
         "{stderr}"
     );
 }
+
+/// What an SMS fake saw: (path, authorization header, form fields).
+type SmsCalls = Arc<Mutex<Vec<(String, String, Vec<(String, String)>)>>>;
+
+fn parse_form(body: &[u8]) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let s = s.replace('+', " ");
+        let bytes = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    };
+    std::str::from_utf8(body)
+        .unwrap()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+/// Fakes of Twilio's Messages API (429 with error 20429 first, then 201) and Vonage's SMS API.
+async fn sms_fakes(calls: SmsCalls) -> String {
+    let twilio_calls = calls.clone();
+    let app = axum::Router::new()
+        .route(
+            "/2010-04-01/Accounts/{sid}/Messages.json",
+            axum::routing::post(
+                move |axum::extract::Path(sid): axum::extract::Path<String>,
+                      headers: HeaderMap,
+                      body: axum::body::Bytes| {
+                    let calls = twilio_calls.clone();
+                    async move {
+                        let auth = headers["authorization"].to_str().unwrap().to_owned();
+                        let mut c = calls.lock().unwrap();
+                        let first = c.is_empty();
+                        c.push((format!("twilio/{sid}"), auth, parse_form(&body)));
+                        if first {
+                            return (
+                                StatusCode::TOO_MANY_REQUESTS,
+                                axum::Json(serde_json::json!({"code": 20429, "message": "Too Many Requests", "status": 429})),
+                            )
+                                .into_response();
+                        }
+                        (
+                            StatusCode::CREATED,
+                            axum::Json(serde_json::json!({"sid": format!("SM{}", c.len()), "status": "queued", "error_code": null})),
+                        )
+                            .into_response()
+                    }
+                },
+            ),
+        )
+        .route(
+            "/sms/json",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let calls = calls.clone();
+                async move {
+                    let form = parse_form(&body);
+                    calls.lock().unwrap().push(("vonage".into(), String::new(), form));
+                    axum::Json(serde_json::json!({"message-count": "1", "messages": [{"to": "15550002222", "message-id": "m1", "status": "0"}]}))
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recap_reaches_the_customer_by_twilio_split_to_the_limit_and_by_vonage_cut() {
+    let calls: SmsCalls = Arc::default();
+    let base = sms_fakes(calls.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = root();
+    let shipped = std::fs::read_to_string(root.join("prompter.yaml"))
+        .unwrap()
+        .replace("pipelines/", &format!("{}/pipelines/", root.display()));
+    let cfg = dir.path().join("prompter.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{shipped}
+sinks:
+  twilio:
+    type: twilio_sms
+    config:
+      from: \"+15550001111\"
+      to: \"+15550002222\"
+      body: \"{{{{ output.title }}}}: {{{{ output.text }}}}\"
+      max_chars: 160
+      overflow: split
+      api_base: \"{base}\"
+      retry_schedule_ms: [50]
+    take: {{ kinds: [summary] }}
+  vonage:
+    type: vonage_sms
+    config: {{ from: \"+15550001111\", to: \"+15550002222\", max_chars: 120, api_base: \"{base}\" }}
+    take: {{ kinds: [summary] }}
+  bad_number:
+    type: twilio_sms
+    config: {{ from: \"+15550001111\", to: \"555-0102\", api_base: \"{base}\" }}
+    take: {{ kinds: [summary] }}
+    dead_letter: dead/bad.jsonl
+"
+        ),
+    )
+    .unwrap();
+    let recording = root.join("tests/fixtures/recordings/support-call.jsonl");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_prompter"))
+            .args([
+                "replay",
+                "--config",
+                &cfg.display().to_string(),
+                &recording.display().to_string(),
+            ])
+            .env("TWILIO_ACCOUNT_SID", "AC123")
+            .env("TWILIO_AUTH_TOKEN", "twilio-token")
+            .env("VONAGE_API_KEY", "vkey")
+            .env("VONAGE_API_SECRET", "vsecret")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let recap: Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["kind"] == "summary")
+        .unwrap();
+    let calls = calls.lock().unwrap().clone();
+    let twilio: Vec<_> = calls.iter().filter(|c| c.0 == "twilio/AC123").collect();
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("AC123:twilio-token")
+    );
+    assert!(
+        twilio.iter().all(|c| c.1 == basic),
+        "basic auth with the sid and token"
+    );
+    let field = |form: &[(String, String)], k: &str| {
+        form.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    // The first part was refused with 20429 and sent again; then every part once, in order.
+    let bodies: Vec<String> = twilio.iter().map(|c| field(&c.2, "Body")).collect();
+    assert_eq!(bodies[0], bodies[1], "the throttled part was retried");
+    let parts = &bodies[1..];
+    assert!(parts.len() >= 2, "{parts:?}");
+    for (i, p) in parts.iter().enumerate() {
+        assert!(p.chars().count() <= 160, "{p}");
+        assert!(p.ends_with(&format!("({}/{})", i + 1, parts.len())), "{p}");
+    }
+    let whole: Vec<&str> = parts
+        .iter()
+        .map(|p| p.rsplit_once(" (").unwrap().0)
+        .collect();
+    let sent = whole.join(" ");
+    let expected = format!(
+        "{}: {}",
+        recap["title"].as_str().unwrap(),
+        recap["text"].as_str().unwrap()
+    );
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert_eq!(
+        squash(&sent),
+        squash(&expected),
+        "nothing lost between the parts"
+    );
+    assert_eq!(field(&twilio[1].2, "To"), "+15550002222");
+    assert_eq!(field(&twilio[1].2, "From"), "+15550001111");
+    // Vonage: the documented `text` field, numbers without `+`, the text cut to its limit.
+    let vonage: Vec<_> = calls.iter().filter(|c| c.0 == "vonage").collect();
+    assert_eq!(vonage.len(), 1);
+    let form = &vonage[0].2;
+    assert_eq!(field(form, "api_key"), "vkey");
+    assert_eq!(field(form, "to"), "15550002222");
+    assert!(
+        form.iter().all(|(k, _)| k != "message"),
+        "Vonage's field is `text`"
+    );
+    let text = field(form, "text");
+    assert!(text.chars().count() <= 120 && text.ends_with('…'), "{text}");
+    // A number that is not E.164 is never sent; it is dead-lettered with the reason.
+    let dead = std::fs::read_to_string(dir.path().join("dead/bad.jsonl")).unwrap();
+    assert!(dead.contains("`555-0102` is not an E.164 number"), "{dead}");
+    assert!(
+        stderr.contains("sink twilio: 1 delivered, 1 retried, 0 dead-lettered"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("sink bad_number: 0 delivered, 0 retried, 1 dead-lettered"),
+        "{stderr}"
+    );
+}

@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 use crate::sink::{QueuePolicy, Sink, SinkError};
 
 pub mod slack;
+pub mod sms;
 pub mod webhook;
 
 use crate::config::sinks::{SinkDecl, SinkSpec};
@@ -75,6 +76,10 @@ pub fn build_sinks(
             }
             SinkSpec::SlackWebhook(cfg) => {
                 let target = slack::SlackWebhook::new(cfg, env).map_err(fail)?;
+                delivery(decl, target, cfg.policy(), filter)
+            }
+            SinkSpec::Sms(provider, cfg) => {
+                let target = sms::Sms::new(*provider, cfg, env).map_err(fail)?;
                 delivery(decl, target, cfg.policy(), filter)
             }
         };

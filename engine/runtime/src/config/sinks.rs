@@ -25,10 +25,17 @@ use prompter_core::template::Expr;
 use super::diagnostics::{Diagnostics, WithHelp};
 use super::yaml::{check_keys, expect_map, expect_scalar, expect_seq, required};
 use crate::delivery::slack::{SlackConfig, SlackWebhookConfig};
+use crate::delivery::sms::{Provider, SmsConfig};
 use crate::delivery::webhook::WebhookConfig;
 
 /// The sink types, for hints.
-pub const SINK_TYPES: &[&str] = &["webhook", "slack", "slack_webhook"];
+pub const SINK_TYPES: &[&str] = &[
+    "webhook",
+    "slack",
+    "slack_webhook",
+    "twilio_sms",
+    "vonage_sms",
+];
 
 /// One declared sink.
 #[derive(Debug, Clone)]
@@ -52,6 +59,8 @@ pub enum SinkSpec {
     Slack(SlackConfig),
     /// `type: slack_webhook` (an incoming webhook).
     SlackWebhook(SlackWebhookConfig),
+    /// `type: twilio_sms` or `vonage_sms`.
+    Sms(Provider, SmsConfig),
 }
 
 /// Which outputs a sink takes (`take:`); every output when empty.
@@ -123,6 +132,10 @@ pub(super) fn sinks(
                 .map(SinkSpec::Webhook),
             "slack" => super::engine_file::typed_config::<SlackConfig>(file, config, diags)
                 .map(SinkSpec::Slack),
+            "twilio_sms" => super::engine_file::typed_config::<SmsConfig>(file, config, diags)
+                .map(|c| SinkSpec::Sms(Provider::Twilio, c)),
+            "vonage_sms" => super::engine_file::typed_config::<SmsConfig>(file, config, diags)
+                .map(|c| SinkSpec::Sms(Provider::Vonage, c)),
             "slack_webhook" => {
                 super::engine_file::typed_config::<SlackWebhookConfig>(file, config, diags)
                     .map(SinkSpec::SlackWebhook)
