@@ -17,6 +17,12 @@ if ! python3 -c 'import mockupdb, bson' >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check mockupdb==1.8.1 pymongo==4.20.0
 fi
 
+# The e-mail sink's tests deliver to a real SMTP server: aiosmtpd (PyPI).
+if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
+  echo "== python3 -m pip install aiosmtpd (e-mail sink tests)"
+  python3 -m pip install --quiet --disable-pip-version-check aiosmtpd==1.4.6
+fi
+
 # The agent console's browser tests drive Debian's Chromium through its chromedriver.
 if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
   echo "== apt-get install chromium chromium-driver (console browser tests)"

@@ -696,3 +696,185 @@ sinks:
         "{stderr}"
     );
 }
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real SMTP server (aiosmtpd) storing what it receives in a maildir; stopped when dropped.
+struct Smtp {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn smtp(maildir: &std::path::Path) -> Smtp {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+        .args(["-c", "aiosmtpd.handlers.Mailbox"])
+        .arg(maildir)
+        .spawn()
+        .expect("python3 with aiosmtpd (scripts/test.sh installs it)");
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "aiosmtpd did not start (pip install aiosmtpd)"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Smtp { child, port }
+}
+
+/// A received message's headers and decoded MIME parts, read with Python's `email` package.
+fn parse_mail(path: &std::path::Path) -> Value {
+    let script = r#"
+import email, json, sys
+from email import policy
+m = email.message_from_binary_file(open(sys.argv[1], 'rb'), policy=policy.default)
+parts = [{"type": p.get_content_type(), "body": p.get_content()} for p in m.walk() if not p.is_multipart()]
+print(json.dumps({"subject": m["subject"], "to": m["to"], "from": m["from"], "type": m.get_content_type(), "parts": parts}))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_post_call_email_reaches_a_real_smtp_server_with_the_summary_and_the_cards() {
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("mail");
+    let server = smtp(&maildir);
+    let down = free_port();
+    let root = root();
+    let shipped = std::fs::read_to_string(root.join("prompter.yaml"))
+        .unwrap()
+        .replace("pipelines/", &format!("{}/pipelines/", root.display()));
+    let cfg = dir.path().join("prompter.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{shipped}
+sinks:
+  recap_mail:
+    type: email
+    config:
+      host: 127.0.0.1
+      port: {port}
+      security: none
+      from: \"Prompter <prompter@example.com>\"
+      to: \"agent-{{{{ conversation_id }}}}@example.com, team@example.com\"
+      subject: \"{{{{ summary.title }}}} ({{{{ conversation_id }}}}, {{{{ cards | length }}}} cards)\"
+  down_mail:
+    type: email
+    config: {{ host: 127.0.0.1, port: {down}, security: none, from: prompter@example.com, to: team@example.com, retry_schedule_ms: [50] }}
+    dead_letter: dead/mail.jsonl
+",
+            port = server.port
+        ),
+    )
+    .unwrap();
+    let recording = root.join("tests/fixtures/recordings/support-call.jsonl");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_prompter"))
+            .args([
+                "replay",
+                "--config",
+                &cfg.display().to_string(),
+                &recording.display().to_string(),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let outputs: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = outputs.iter().find(|v| v["kind"] == "summary").unwrap();
+
+    let files: Vec<_> = std::fs::read_dir(maildir.join("new"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "one e-mail per call");
+    let mail = parse_mail(&files[0]);
+    assert_eq!(mail["type"], "multipart/alternative");
+    assert_eq!(mail["subject"], "Call recap (support-1, 3 cards)");
+    assert_eq!(mail["to"], "agent-support-1@example.com, team@example.com");
+    let part = |t: &str| {
+        mail["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["type"] == t)
+            .unwrap()["body"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (text, html) = (part("text/plain"), part("text/html"));
+    // The summary itself, with its action items, questions and topics.
+    for line in summary["text"].as_str().unwrap().lines() {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+    assert!(
+        text.contains("Action items:") && text.contains("Topics: order delivery"),
+        "{text}"
+    );
+    // And every suggestion shown, with why.
+    for card in outputs.iter().filter(|v| v["kind"] == "suggestion") {
+        let title = card["title"].as_str().unwrap();
+        assert!(text.contains(title), "{title} missing from:\n{text}");
+        assert!(html.contains(title), "{title} missing from the HTML");
+    }
+    assert!(
+        text.contains("why: Late Delivery, heard \"hasn't arrived\""),
+        "{text}"
+    );
+    assert!(html.contains("<h3>Suggestions shown (3)</h3>"), "{html}");
+
+    // The server that is down: retried, then dead-lettered with the reason.
+    let dead = std::fs::read_to_string(dir.path().join("dead/mail.jsonl")).unwrap();
+    let dead: Value = serde_json::from_str(dead.lines().next().unwrap()).unwrap();
+    assert_eq!(dead["output"]["kind"], "summary");
+    assert!(
+        dead["reason"].as_str().unwrap().starts_with("SMTP: "),
+        "{dead}"
+    );
+    assert!(
+        dead["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("(gave up after 2 attempts)"),
+        "{dead}"
+    );
+    assert!(
+        stderr.contains("sink recap_mail: 1 delivered, 0 retried, 0 dead-lettered"),
+        "{stderr}"
+    );
+}

@@ -22,6 +22,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::sink::{QueuePolicy, Sink, SinkError};
 
+pub mod email;
 pub mod slack;
 pub mod sms;
 pub mod webhook;
@@ -78,6 +79,10 @@ pub fn build_sinks(
                 let target = slack::SlackWebhook::new(cfg, env).map_err(fail)?;
                 delivery(decl, target, cfg.policy(), filter)
             }
+            SinkSpec::Email(cfg) => {
+                let target = email::Email::new(cfg, env).map_err(fail)?;
+                delivery(decl, target, cfg.policy(), filter)
+            }
             SinkSpec::Sms(provider, cfg) => {
                 let target = sms::Sms::new(*provider, cfg, env).map_err(fail)?;
                 delivery(decl, target, cfg.policy(), filter)
@@ -92,8 +97,11 @@ pub fn build_sinks(
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
 pub enum Sent {
-    /// Delivered (or deliberately not sent: nothing to do for this output).
+    /// Delivered.
     Done,
+    /// Nothing to send for this output (a draft for a sink of final versions, a card kept for
+    /// a later e-mail); not counted as delivered.
+    Skipped,
     /// A failure that may pass (429, 5xx, a timeout, a refused connection).
     Transient {
         /// What went wrong.
@@ -119,6 +127,19 @@ pub enum Sent {
 pub trait Target: Send + 'static {
     /// Sends one output (an upsert or a withdrawal) once; never retries itself.
     async fn send(&mut self, output: &Output) -> Sent;
+
+    /// Whether it wants a conversation's release marker ([`crate::sink::released`]) after the
+    /// conversation's last output. Default: no.
+    fn wants_release(&self) -> bool {
+        false
+    }
+
+    /// What a dead letter for `output` should hold, when not `output` itself (the e-mail sink
+    /// sends a call's summary when it sees the call's release marker). Default: `None`.
+    fn dead_letter_subject(&self, output: &Output) -> Option<Output> {
+        let _ = output;
+        None
+    }
 }
 
 /// How a [`Delivery`] paces and retries.
@@ -208,6 +229,8 @@ impl<T: Target> Delivery<T> {
     }
 
     async fn dead_letter(&mut self, output: &Output, reason: &str, attempts: u32) {
+        let subject = self.target.dead_letter_subject(output);
+        let output = subject.as_ref().unwrap_or(output);
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(sink = %self.name, output = %output.id, version = output.version, reason, "An output was not delivered; dead-lettered.");
         let Some(path) = self.policy.dead_letter.clone() else {
@@ -271,6 +294,10 @@ impl<T: Target> Sink for Delivery<T> {
         self.filter.clone()
     }
 
+    fn wants_release(&self) -> bool {
+        self.target.wants_release()
+    }
+
     async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError> {
         if let Some(why) = self.disabled.clone() {
             self.dead_letter(&output, &format!("the target is disabled: {why}"), 0)
@@ -286,6 +313,7 @@ impl<T: Target> Sink for Delivery<T> {
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
+                Sent::Skipped => return Ok(()),
                 Sent::Permanent { reason } => {
                     self.dead_letter(&output, &reason, attempt).await;
                     return Ok(());

@@ -69,6 +69,12 @@ pub trait Sink: Send + 'static {
     /// with the next one (retrying is the sink's own business).
     async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError>;
 
+    /// Whether it wants to hear that a conversation was released (after the last of its
+    /// outputs), as a [`released`] marker in its queue. Default: no.
+    fn wants_release(&self) -> bool {
+        false
+    }
+
     /// Which outputs it takes, asked once when it starts and checked before an output is
     /// queued, so its queue holds only its own. Default: every output.
     fn filter(&self) -> Option<Filter> {
@@ -83,6 +89,20 @@ pub trait Sink: Send + 'static {
 
     /// Called once after the last output, before the engine stops.
     async fn close(&mut self) {}
+}
+
+/// The `kind` of the marker a sink that [`Sink::wants_release`] gets after a conversation's
+/// last output: its run settled and the engine let the conversation go.
+pub const RELEASED_KIND: &str = "conversation.released";
+
+/// The release marker for `conversation` (see [`RELEASED_KIND`]).
+pub fn released(conversation: &str) -> Output {
+    Output {
+        id: format!("{conversation}/~released"),
+        kind: RELEASED_KIND.to_owned(),
+        conversation_id: conversation.to_owned(),
+        ..Output::default()
+    }
 }
 
 /// Which outputs a sink takes (see [`Sink::filter`]).
@@ -295,6 +315,8 @@ pub struct Outlets {
     queues: Vec<Arc<SinkQueue>>,
     /// Each queue's filter (same order).
     filters: Vec<Option<Filter>>,
+    /// The queues of sinks that want release markers.
+    release_to: Vec<Arc<SinkQueue>>,
     tasks: Mutex<JoinSet<()>>,
     /// Turns true when the drain deadline passes: sinks abandon what is left.
     give_up: tokio::sync::watch::Sender<bool>,
@@ -309,11 +331,15 @@ impl Outlets {
         let mut tasks = JoinSet::new();
         let mut queues = Vec::with_capacity(sinks.len());
         let mut filters = Vec::with_capacity(sinks.len());
+        let mut release_to = Vec::new();
         let (give_up, _) = tokio::sync::watch::channel(false);
         for mut sink in sinks {
             let q = Arc::new(SinkQueue::new(sink.name(), sink.policy()));
             queues.push(q.clone());
             filters.push(sink.filter());
+            if sink.wants_release() {
+                release_to.push(q.clone());
+            }
             let mut deadline = give_up.subscribe();
             tasks.spawn(async move {
                 while let Some(o) = q.pop().await {
@@ -341,6 +367,7 @@ impl Outlets {
         Outlets {
             queues,
             filters,
+            release_to,
             tasks: Mutex::new(tasks),
             give_up,
         }
@@ -352,6 +379,17 @@ impl Outlets {
             if filter.as_ref().is_none_or(|f| f(&output)) {
                 q.push(output.clone()).await;
             }
+        }
+    }
+
+    /// Tells the sinks that want it that `conversation` was released, after its outputs.
+    pub async fn released(&self, conversation: &str) {
+        if self.release_to.is_empty() {
+            return;
+        }
+        let marker = Arc::new(released(conversation));
+        for q in &self.release_to {
+            q.push(marker.clone()).await;
         }
     }
 

@@ -24,6 +24,7 @@ use prompter_core::template::Expr;
 
 use super::diagnostics::{Diagnostics, WithHelp};
 use super::yaml::{check_keys, expect_map, expect_scalar, expect_seq, required};
+use crate::delivery::email::EmailConfig;
 use crate::delivery::slack::{SlackConfig, SlackWebhookConfig};
 use crate::delivery::sms::{Provider, SmsConfig};
 use crate::delivery::webhook::WebhookConfig;
@@ -35,6 +36,7 @@ pub const SINK_TYPES: &[&str] = &[
     "slack_webhook",
     "twilio_sms",
     "vonage_sms",
+    "email",
 ];
 
 /// One declared sink.
@@ -61,6 +63,8 @@ pub enum SinkSpec {
     SlackWebhook(SlackWebhookConfig),
     /// `type: twilio_sms` or `vonage_sms`.
     Sms(Provider, SmsConfig),
+    /// `type: email` (SMTP).
+    Email(EmailConfig),
 }
 
 /// Which outputs a sink takes (`take:`); every output when empty.
@@ -132,6 +136,8 @@ pub(super) fn sinks(
                 .map(SinkSpec::Webhook),
             "slack" => super::engine_file::typed_config::<SlackConfig>(file, config, diags)
                 .map(SinkSpec::Slack),
+            "email" => super::engine_file::typed_config::<EmailConfig>(file, config, diags)
+                .map(SinkSpec::Email),
             "twilio_sms" => super::engine_file::typed_config::<SmsConfig>(file, config, diags)
                 .map(|c| SinkSpec::Sms(Provider::Twilio, c)),
             "vonage_sms" => super::engine_file::typed_config::<SmsConfig>(file, config, diags)

@@ -326,7 +326,7 @@ impl Target for Slack {
         let channel = &self.config.channel;
         let result = match (output.status, ts) {
             // Never posted: nothing to take back.
-            (Status::Withdrawn, None) => return Sent::Done,
+            (Status::Withdrawn, None) => return Sent::Skipped,
             (Status::Withdrawn, Some(ts)) if self.config.on_withdraw == OnWithdraw::Delete => {
                 let r = self
                     .call("chat.delete", &json!({"channel": channel, "ts": ts}))
@@ -407,7 +407,7 @@ impl Target for SlackWebhook {
     async fn send(&mut self, output: &Output) -> Sent {
         // Post only, final only: an incoming webhook's message cannot be edited later.
         if output.status != Status::Final {
-            return Sent::Done;
+            return Sent::Skipped;
         }
         let (blocks, text) = card(output);
         let sent = self

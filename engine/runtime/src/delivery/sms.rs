@@ -429,7 +429,7 @@ impl Target for Sms {
     async fn send(&mut self, output: &Output) -> Sent {
         // A text message cannot be edited or taken back: final versions only.
         if output.status != Status::Final {
-            return Sent::Done;
+            return Sent::Skipped;
         }
         let ctx = prompter_core::minijinja::context! {
             output => prompter_core::minijinja::Value::from_serialize(output)

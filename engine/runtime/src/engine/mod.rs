@@ -484,6 +484,7 @@ impl Conversation {
         for o in self.observers.iter() {
             o.released(&self.state.id);
         }
+        self.shared.outlets.released(&self.state.id).await;
     }
 
     /// Answers a snapshot request once every run in flight has finished.
