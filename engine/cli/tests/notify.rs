@@ -396,6 +396,7 @@ async fn slack(calls: SlackCalls) -> String {
 }
 
 /// A call where the same tracker fires twice with another phrase: one card, two versions.
+/// Played in real time (x4) so the first answer is complete before the tracker fires again.
 const REFIRED: &str = r#"{"conversation": "s-1", "offset_ms": 1000, "event": {"type": "message_response", "sequenceNumber": 0, "messages": [{"from": {"id": "c", "name": "Elena"}, "payload": {"content": "My order still hasn't arrived.", "contentType": "text/plain"}, "id": "m1"}]}}
 {"conversation": "s-1", "offset_ms": 1500, "event": {"type": "tracker_response", "isFinal": true, "trackers": [{"name": "Late Delivery", "matches": [{"type": "vocabulary", "value": "hasn't arrived", "messageRefs": [{"id": "m1", "text": "My order still hasn't arrived.", "offset": 15}], "insightRefs": []}]}], "sequenceNumber": 1}}
 {"conversation": "s-1", "offset_ms": 4000, "event": {"type": "message_response", "sequenceNumber": 2, "messages": [{"from": {"id": "c", "name": "Elena"}, "payload": {"content": "It is a week late now.", "contentType": "text/plain"}, "id": "m2"}]}}
@@ -432,6 +433,9 @@ sinks:
         Command::new(env!("CARGO_BIN_EXE_prompter"))
             .args([
                 "replay",
+                "--realtime",
+                "--speed",
+                "4",
                 "--config",
                 &cfg.display().to_string(),
                 &call.display().to_string(),
@@ -530,7 +534,7 @@ async fn sms_fakes(calls: SmsCalls) -> String {
                     async move {
                         let auth = headers["authorization"].to_str().unwrap().to_owned();
                         let mut c = calls.lock().unwrap();
-                        let first = c.is_empty();
+                        let first = !c.iter().any(|call| call.0.starts_with("twilio/"));
                         c.push((format!("twilio/{sid}"), auth, parse_form(&body)));
                         if first {
                             return (
