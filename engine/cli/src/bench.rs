@@ -74,6 +74,11 @@ pub async fn run(
         }
     }
     copies.sort_by_key(|l| l.offset_ms);
+    // The config's notifier sinks run too (none in the shipped config): a failing one must not
+    // show in the engine's figures.
+    let Some((sinks, notifiers)) = crate::cli::notifiers(&loaded, err) else {
+        return 1;
+    };
     let stats = Arc::new(Stats::sampling());
     let rta_us: Arc<Mutex<Vec<u64>>> = Arc::default();
     let rta_sink = rta_us.clone();
@@ -92,10 +97,10 @@ pub async fn run(
                 v.push(o.timings.total_us);
             }
         },
-        // The engine's own cost: no notifier sinks.
-        Vec::new(),
+        sinks,
     )
     .await;
+    crate::cli::report_notifiers(&notifiers, err);
     let mut samples = taken(stats.samples.as_ref());
     samples.sort_unstable();
     let mut rta = rta_us.lock().map(|v| v.clone()).unwrap_or_default();

@@ -882,3 +882,118 @@ sinks:
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replayed_call_feeds_slack_a_webhook_an_email_and_an_sms_at_once() {
+    let hooks = Arc::new(Mutex::new(Seen::default()));
+    let hook_url = receiver(hooks.clone()).await;
+    let slack_calls: SlackCalls = Arc::default();
+    let slack_api = slack(slack_calls.clone()).await;
+    let sms_calls: SmsCalls = Arc::default();
+    let sms_base = sms_fakes(sms_calls.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("mail");
+    let server = smtp(&maildir);
+    let root = root();
+    let shipped = std::fs::read_to_string(root.join("prompter.yaml"))
+        .unwrap()
+        .replace("pipelines/", &format!("{}/pipelines/", root.display()));
+    let cfg = dir.path().join("prompter.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{shipped}
+sinks:
+  hook:
+    type: webhook
+    config: {{ url: \"{hook_url}\", secret_env: TEST_WEBHOOK_SECRET }}
+    take: {{ kinds: [suggestion] }}
+  team:
+    type: slack
+    config: {{ channel: C0TEAM, token_env: TEST_SLACK_TOKEN, api_base: \"{slack_api}\" }}
+    take: {{ kinds: [suggestion] }}
+  recap_mail:
+    type: email
+    config: {{ host: 127.0.0.1, port: {port}, security: none, from: prompter@example.com, to: team@example.com }}
+  customer_sms:
+    type: twilio_sms
+    config: {{ from: \"+15550001111\", to: \"+15550002222\", max_chars: 160, overflow: split, api_base: \"{sms_base}\", retry_schedule_ms: [50] }}
+    take: {{ kinds: [summary] }}
+",
+            port = server.port
+        ),
+    )
+    .unwrap();
+    let call = dir.path().join("refired.jsonl");
+    std::fs::write(&call, REFIRED).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_prompter"))
+            .args(["replay", "--realtime", "--speed", "4", "--config"])
+            .arg(&cfg)
+            .arg(&call)
+            .env("TEST_WEBHOOK_SECRET", SECRET)
+            .env("TEST_SLACK_TOKEN", "xoxb-test-token")
+            .env("TWILIO_ACCOUNT_SID", "AC123")
+            .env("TWILIO_AUTH_TOKEN", "twilio-token")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for sink in ["hook", "team", "recap_mail", "customer_sms"] {
+        assert!(
+            stderr.contains(&format!("sink {sink}: 1 delivered"))
+                || stderr.contains(&format!("sink {sink}: 2 delivered")),
+            "{sink}: {stderr}"
+        );
+        assert!(
+            !stderr.contains(&format!("sink {sink}: 0 delivered")),
+            "{stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains("dead-lettered (") && stderr.matches("0 dead-lettered").count() == 4,
+        "{stderr}"
+    );
+    // Slack: one message for the card, posted once (after a 429) and updated in place.
+    let methods: Vec<String> = slack_calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.0.clone())
+        .collect();
+    assert_eq!(
+        methods,
+        ["chat.postMessage", "chat.postMessage", "chat.update"]
+    );
+    // The webhook: every version once, every signature good.
+    let h = hooks.lock().unwrap();
+    assert_eq!(h.bad_signatures, 0);
+    let ids: Vec<&str> = h.requests.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["s-1/rta/k-late-delivery:1", "s-1/rta/k-late-delivery:2"]
+    );
+    // The e-mail with the recap, and the SMS within its limit.
+    let files: Vec<_> = std::fs::read_dir(maildir.join("new"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    let mail = parse_mail(&files[0]);
+    assert!(
+        mail["parts"][0]["body"]
+            .as_str()
+            .unwrap()
+            .contains("Objections: Late Delivery"),
+        "{mail}"
+    );
+    let sms = sms_calls.lock().unwrap();
+    assert!(!sms.is_empty());
+    for (_, _, form) in sms.iter() {
+        let body = &form.iter().find(|(k, _)| k == "Body").unwrap().1;
+        assert!(body.chars().count() <= 160, "{body}");
+    }
+}
