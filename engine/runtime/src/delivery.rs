@@ -134,6 +134,14 @@ pub trait Target: Send + 'static {
         false
     }
 
+    /// Whether `output`, abandoned at the drain deadline, is a delivery lost (and so a dead
+    /// letter). Default: yes. The e-mail sink only keeps a call's cards for its e-mail: losing
+    /// one of those is not a lost delivery, losing the summary is.
+    fn lost_if_abandoned(&self, output: &Output) -> bool {
+        let _ = output;
+        true
+    }
+
     /// What a dead letter for `output` should hold, when not `output` itself (the e-mail sink
     /// sends a call's summary when it sees the call's release marker). Default: `None`.
     fn dead_letter_subject(&self, output: &Output) -> Option<Output> {
@@ -348,7 +356,9 @@ impl<T: Target> Sink for Delivery<T> {
     }
 
     async fn abandon(&mut self, output: Arc<Output>, reason: &str) {
-        self.dead_letter(&output, reason, 0).await;
+        if self.target.lost_if_abandoned(&output) {
+            self.dead_letter(&output, reason, 0).await;
+        }
     }
 }
 

@@ -259,6 +259,12 @@ impl Target for Email {
         true
     }
 
+    fn lost_if_abandoned(&self, output: &Output) -> bool {
+        // The summary (its marker may not come now), or the marker of a call with a summary.
+        (output.kind == "summary" && output.status == Status::Final)
+            || self.dead_letter_subject(output).is_some()
+    }
+
     fn dead_letter_subject(&self, output: &Output) -> Option<Output> {
         if output.kind != crate::sink::RELEASED_KIND {
             return None;
@@ -350,5 +356,61 @@ impl Target for Email {
                 retry_after: None,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(kind: &str) -> Output {
+        Output {
+            id: format!("c/{kind}"),
+            kind: kind.into(),
+            conversation_id: "c".into(),
+            status: Status::Final,
+            ..Output::default()
+        }
+    }
+
+    #[test]
+    fn at_shutdown_only_a_summary_not_yet_mailed_is_a_lost_delivery() {
+        let config = EmailConfig {
+            host: "127.0.0.1".into(),
+            port: Some(1),
+            security: Security::None,
+            username_env: None,
+            password_env: None,
+            from: "prompter@example.com".into(),
+            to: "team@example.com".into(),
+            subject: default_subject(),
+            retry_schedule_ms: vec![],
+            timeout_ms: 100,
+        };
+        let mut email = Email::new(&config, &|_| None).unwrap();
+        let card = output("suggestion");
+        assert!(
+            !email.lost_if_abandoned(&card),
+            "a card only waits for the e-mail"
+        );
+        assert!(email.lost_if_abandoned(&output("summary")));
+        let marker = crate::sink::released("c");
+        assert!(
+            !email.lost_if_abandoned(&marker),
+            "no summary: nothing to send"
+        );
+        email.keep(&output("summary"));
+        assert!(email.lost_if_abandoned(&marker));
+        assert_eq!(email.dead_letter_subject(&marker).unwrap().kind, "summary");
+        // Plain SMTP only to this machine.
+        let remote = EmailConfig {
+            host: "smtp.example.com".into(),
+            ..config
+        };
+        let refused = Email::new(&remote, &|_| None).err().unwrap();
+        assert!(
+            refused.contains("only for a server on this machine"),
+            "{refused}"
+        );
     }
 }
