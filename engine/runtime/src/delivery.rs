@@ -278,6 +278,29 @@ impl<T: Target> Delivery<T> {
     }
 }
 
+/// A request that got no answer (a timeout, a refused connection): a failure that may pass.
+pub(crate) fn unanswered(what: &str, e: &reqwest::Error) -> Sent {
+    let how = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "failed"
+    };
+    Sent::Transient {
+        reason: format!("{what} {how}"),
+        retry_after: None,
+    }
+}
+
+/// The wait a response asks for (`Retry-After`), when it gives a valid one.
+pub(crate) fn retry_after(r: &reqwest::Response) -> Option<Duration> {
+    r.headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(prompter_core::backoff::parse_retry_after)
+}
+
 /// `d` jittered by up to ±10 %.
 fn jitter(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()

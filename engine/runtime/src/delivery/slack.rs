@@ -239,23 +239,9 @@ pub fn card(o: &Output) -> (Vec<Value>, String) {
 
 /// Reads Slack's answer: HTTP status, `Retry-After`, then `ok` and `error`.
 async fn read(sent: Result<reqwest::Response, reqwest::Error>, call: &str) -> Result<Value, Sent> {
-    let r = sent.map_err(|e| Sent::Transient {
-        reason: format!(
-            "{call}: the request {}",
-            if e.is_timeout() {
-                "timed out"
-            } else {
-                "failed"
-            }
-        ),
-        retry_after: None,
-    })?;
+    let r = sent.map_err(|e| super::unanswered(&format!("{call}: the request"), &e))?;
     let status = r.status().as_u16();
-    let retry_after = r
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(prompter_core::backoff::parse_retry_after);
+    let retry_after = super::retry_after(&r);
     if status == 429 || status >= 500 {
         return Err(Sent::Transient {
             reason: format!("{call}: Slack answered {status}"),
@@ -419,30 +405,14 @@ impl Target for SlackWebhook {
             .await;
         let r = match sent {
             Ok(r) => r,
-            Err(e) => {
-                return Sent::Transient {
-                    reason: format!(
-                        "the incoming webhook request {}",
-                        if e.is_timeout() {
-                            "timed out"
-                        } else {
-                            "failed"
-                        }
-                    ),
-                    retry_after: None,
-                };
-            }
+            Err(e) => return super::unanswered("the incoming webhook request", &e),
         };
         let status = r.status().as_u16();
         match status {
             200..=299 => Sent::Done,
             429 | 500..=599 => Sent::Transient {
                 reason: format!("the incoming webhook answered {status}"),
-                retry_after: r
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(prompter_core::backoff::parse_retry_after),
+                retry_after: super::retry_after(&r),
             },
             404 | 410 => Sent::Disable {
                 reason: format!("the incoming webhook answered {status} (removed or disabled)"),

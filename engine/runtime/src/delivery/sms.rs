@@ -325,26 +325,10 @@ impl Sms {
             .await;
         let r = match sent {
             Ok(r) => r,
-            Err(e) => {
-                return Sent::Transient {
-                    reason: format!(
-                        "the SMS request {}",
-                        if e.is_timeout() {
-                            "timed out"
-                        } else {
-                            "failed"
-                        }
-                    ),
-                    retry_after: None,
-                };
-            }
+            Err(e) => return super::unanswered("the SMS request", &e),
         };
         let status = r.status().as_u16();
-        let retry_after = r
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(prompter_core::backoff::parse_retry_after);
+        let retry_after = super::retry_after(&r);
         let body: Value =
             serde_json::from_slice(&r.bytes().await.unwrap_or_default()).unwrap_or(Value::Null);
         match self.provider {

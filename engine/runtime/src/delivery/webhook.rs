@@ -256,26 +256,10 @@ impl Target for Webhook {
             .await;
         let response = match sent {
             Ok(r) => r,
-            Err(e) => {
-                let what = if e.is_timeout() {
-                    "timed out"
-                } else if e.is_connect() {
-                    "refused the connection"
-                } else {
-                    "failed"
-                };
-                return Sent::Transient {
-                    reason: format!("the request to the webhook {what}"),
-                    retry_after: None,
-                };
-            }
+            Err(e) => return super::unanswered("the request to the webhook", &e),
         };
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(prompter_core::backoff::parse_retry_after);
+        let retry_after = super::retry_after(&response);
         match status {
             200..=299 => Sent::Done,
             410 => Sent::Disable {
