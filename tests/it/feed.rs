@@ -12,7 +12,7 @@ use prompter_engine::config::{self, LoadRequest};
 use prompter_engine::engine::Engine;
 use prompter_engine::feed::FeedHub;
 use prompter_engine::feed::access::{FeedAccess, Scope};
-use prompter_engine::feed::http::{FeedConfig, FeedService};
+use prompter_engine::feed::http::{ActionConfig, FeedConfig, FeedService};
 use prompter_engine::registry;
 use prompter_engine::sink::FnSink;
 use prompter_engine::source::Source;
@@ -99,6 +99,13 @@ async fn serve() -> Served {
         allowed_origins: vec!["https://agents.example.com".into()],
         feedback_log: Some(dir.path().join("feedback.jsonl")),
         heartbeat_ms: 300,
+        actions: vec![ActionConfig {
+            name: "text_customer".into(),
+            label: "Text the customer the recap".into(),
+            sink: "customer_sms".into(),
+            text: "Thanks for calling. {{ summary.text if summary else 'We will follow up.' }}"
+                .into(),
+        }],
         ..FeedConfig::default()
     };
     let env = |name: &str| match name {
@@ -596,4 +603,96 @@ async fn the_console_page_is_served_self_contained_with_a_strict_policy() {
     let first = socket.next().await.unwrap().unwrap();
     assert!(first.to_text().unwrap().contains("\"type\":\"snapshot\""));
     socket.close(None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_action_sends_the_edited_text_through_its_sink_and_is_recorded() {
+    let s = serve().await;
+    let played = play(&s, 20.0);
+    // The call's recap arrives at its end.
+    let summary = loop {
+        if let Some(c) = s.hub.cards(CALL).into_iter().find(|c| c.kind == "summary") {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    played.await.unwrap();
+    let http = reqwest::Client::new();
+    let listed: Value = http
+        .get(format!("{}/feed/v1/conversations/{CALL}/actions", s.http))
+        .bearer_auth(call_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["name"], "text_customer");
+    assert_eq!(listed[0]["sink"], "customer_sms");
+    let prefilled = listed[0]["text"].as_str().unwrap();
+    assert_eq!(
+        prefilled,
+        format!("Thanks for calling. {}", summary.text.trim())
+    );
+    // The agent edits it and sends it.
+    let send = |name: &str, body: Value, token: String| {
+        http.post(format!(
+            "{}/feed/v1/conversations/{CALL}/actions/{name}",
+            s.http
+        ))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+    };
+    let r = send(
+        "text_customer",
+        json!({"text": "Your refund is on its way."}),
+        call_token(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 202);
+    let sent: Value = r.json().await.unwrap();
+    assert_eq!(sent["sink"], "customer_sms");
+    assert_eq!(
+        send("nope", json!({}), call_token())
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        send("text_customer", json!({"text": ""}), call_token())
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let other = token(Scope::Conversation("another".into()));
+    assert_eq!(
+        send("text_customer", json!({}), other)
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    s.engine.finish().await;
+    // Delivered as an output for that sink...
+    let out = s
+        .outputs
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|o| o.kind == "agent_action")
+        .cloned()
+        .expect("the action's output");
+    assert_eq!(out.id, sent["output_id"]);
+    assert_eq!(out.text, "Your refund is on its way.");
+    assert_eq!(out.data["sink"], "customer_sms");
+    assert_eq!(out.title.as_deref(), Some("Text the customer the recap"));
+    // ...and recorded like feedback.
+    let log = std::fs::read_to_string(s.dir.path().join("feedback.jsonl")).unwrap();
+    let record: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(record["action"], "action:text_customer");
+    assert_eq!(record["output_id"], out.id);
 }

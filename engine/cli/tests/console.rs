@@ -183,7 +183,17 @@ fn one_card_at_a_time(f: &Fakes) -> String {
             &format!("  - {}\n", rta_path.display()),
             1,
         )
-        .replace("pipelines/", &format!("{}/pipelines/", root.display()));
+        .replace("pipelines/", &format!("{}/pipelines/", root.display()))
+        // After the call, the agent can text the customer (through a webhook sink here).
+        .replacen(
+            "feed:\n",
+            "feed:\n  actions:\n    - { name: text_customer, label: Text the customer, sink: customer_sms, text: \"Thanks for calling. {{ summary.text }}\" }\n",
+            1,
+        );
+    let live = format!(
+        "{live}\nsinks:\n  customer_sms:\n    type: webhook\n    config: {{ url: \"http://127.0.0.1:9/sms\", secret_env: TEST_WEBHOOK_SECRET, retry_schedule_ms: [] }}\n    dead_letter: {}\n",
+        f.dir.path().join("dead.jsonl").display()
+    );
     let path = f.dir.path().join("console.yaml");
     std::fs::write(&path, live).unwrap();
     path.display().to_string()
@@ -211,7 +221,7 @@ async fn cards_stream_update_withdraw_explain_themselves_and_take_feedback_in_ch
         .unwrap();
     assert!(ingest.status.success(), "{ingest:?}");
     f.nebula.set_chat_delay(Duration::from_millis(700));
-    let engine = Engine::spawn(f.command(&[
+    let mut run = f.command(&[
         "run",
         "--config",
         &config,
@@ -219,7 +229,12 @@ async fn cards_stream_update_withdraw_explain_themselves_and_take_feedback_in_ch
         CALL,
         "--listen",
         "127.0.0.1:0",
-    ]));
+    ]);
+    run.env(
+        "TEST_WEBHOOK_SECRET",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    );
+    let engine = Engine::spawn(run);
     assert!(
         f.symbl.wait_subscribed(CALL, 1, WAIT).await,
         "{}",
@@ -497,6 +512,86 @@ async fn cards_stream_update_withdraw_explain_themselves_and_take_feedback_in_ch
         ),
     )
     .await;
+
+    // The call ends: the report offers the operator's action, prefilled; the agent edits and
+    // sends it, and it is recorded like feedback.
+    f.symbl.push(
+        CALL,
+        json!({"type": "message", "message": {"type": "conversation_completed"}}),
+    );
+    let action =
+        "article.card[data-kind=\"summary\"] button.action-btn[data-action=\"text_customer\"]";
+    until(
+        &c,
+        "the report's action",
+        &format!("document.querySelector('{action}')"),
+    )
+    .await;
+    c.find(Locator::Css(action))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let prefilled = until(
+        &c,
+        "the prefilled text",
+        "document.querySelector('article.card[data-kind=\"summary\"] textarea.action-text')?.value",
+    )
+    .await;
+    assert!(
+        prefilled
+            .as_str()
+            .unwrap()
+            .starts_with("Thanks for calling. "),
+        "{prefilled}"
+    );
+    c.execute(
+        "document.querySelector('textarea.action-text').value = 'Your budget question is answered in the recap we just sent.'; return true;",
+        vec![],
+    )
+    .await
+    .unwrap();
+    screenshot(&c, "console-report.png").await;
+    c.find(Locator::Css(
+        "article.card[data-kind=\"summary\"] button.action-send",
+    ))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    until(
+        &c,
+        "the action was sent",
+        "document.querySelector('.action-status')?.textContent === 'Sent'",
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("\"action\":\"action:text_customer\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the action was not recorded:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Sent through its sink (the webhook is down here: it is dead-lettered, not lost).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let dead = std::fs::read_to_string(f.dir.path().join("dead.jsonl")).unwrap_or_default();
+        if dead.contains("Your budget question is answered") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the action never reached its sink"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A supervisor sees the call in the list of live calls.
     let supervisor = access.mint(

@@ -222,7 +222,7 @@ fn validate_points_at_unknown_sinks_types_and_statuses() {
     let cfg = dir.path().join("prompter.yaml");
     std::fs::write(
         &cfg,
-        "pipelines: [p.yaml]\nsinks:\n  hook:\n    type: webhok\n  crm:\n    type: webhook\n    config: { url: \"http://127.0.0.1:1/\" }\n    take: { statuses: [done] }\nllm:\n  offline: { provider: offline }\n",
+        "pipelines: [p.yaml]\nsinks:\n  hook:\n    type: webhok\n  crm:\n    type: webhook\n    config: { url: \"http://127.0.0.1:1/\" }\n    take: { statuses: [done] }\nfeed:\n  actions: [{ name: text, label: Text, sink: nowhere, text: hi }]\nllm:\n  offline: { provider: offline }\n",
     )
     .unwrap();
     std::fs::write(
@@ -253,6 +253,10 @@ fn validate_points_at_unknown_sinks_types_and_statuses() {
         "{text}"
     );
     assert!(text.contains("did you mean `crm`?"), "{text}");
+    assert!(
+        text.contains("error: feed action `text` sends through sink `nowhere`, which `sinks:` does not declare"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,7 +64,15 @@ pub fn build_sinks(
             .map(|p| p.name.clone());
         take.pipelines.extend(named_by);
         let take = Arc::new(take);
-        let filter: crate::sink::Filter = Arc::new(move |o: &Output| take.accepts(o));
+        let name = decl.name.clone();
+        // An agent action goes to the sink it names, and only there.
+        let filter: crate::sink::Filter = Arc::new(move |o: &Output| {
+            if o.kind == crate::feed::http::AGENT_ACTION_KIND {
+                o.data["sink"] == name.as_str()
+            } else {
+                take.accepts(o)
+            }
+        });
         let fail = |e: String| format!("sink `{}`: {e}", decl.name);
         let built = match &decl.spec {
             SinkSpec::Webhook(cfg) => {
@@ -523,6 +531,40 @@ mod tests {
             "the target is disabled: answered 410 Gone"
         );
         assert_eq!(d.stats().disabled.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_sink_takes_what_its_take_says_and_agent_actions_addressed_to_it_only() {
+        let decl = crate::config::sinks::SinkDecl {
+            name: "sms".into(),
+            spec: crate::config::sinks::SinkSpec::Webhook(webhook::WebhookConfig {
+                url: "http://127.0.0.1:1/".into(),
+                secret_env: "S".into(),
+                timeout_ms: 100,
+                rate_per_sec: 0.0,
+                retry_schedule_ms: None,
+            }),
+            take: crate::config::sinks::Take {
+                kinds: vec!["summary".into()],
+                ..Default::default()
+            },
+            dead_letter: "dead.jsonl".into(),
+        };
+        let env = |_: &str| Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned());
+        let built = build_sinks(&[decl], &[], &env).unwrap();
+        let filter = built[0].0.filter().unwrap();
+        let kind = |k: &str, sink: &str| Output {
+            kind: k.into(),
+            data: serde_json::json!({"sink": sink}),
+            ..Output::default()
+        };
+        assert!(filter(&kind("summary", "")));
+        assert!(!filter(&kind("suggestion", "")));
+        assert!(filter(&kind("agent_action", "sms")));
+        assert!(
+            !filter(&kind("agent_action", "mail")),
+            "another sink's action"
+        );
     }
 
     #[tokio::test]

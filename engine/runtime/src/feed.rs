@@ -421,6 +421,17 @@ impl FeedHub {
         }
     }
 
+    /// `conversation`'s live cards (latest versions), oldest first.
+    pub fn cards(&self, conversation: &str) -> Vec<Arc<Output>> {
+        let feeds = self.lock();
+        let Some(feed) = feeds.live.get(conversation) else {
+            return Vec::new();
+        };
+        let mut cards: Vec<Arc<Output>> = feed.cards.values().cloned().collect();
+        cards.sort_by_key(|c| c.seq);
+        cards
+    }
+
     /// The latest version of `conversation`'s output `id`, live or withdrawn, if the hub holds
     /// it.
     pub fn card(&self, conversation: &str, id: &str) -> Option<Arc<Output>> {

@@ -125,6 +125,32 @@ pub(super) fn engine_config(
         settings.feed = Some(cfg);
     }
     settings.sinks = super::sinks::sinks(file, map, &base, diags);
+    // Agent actions deliver through declared sinks.
+    if let (Some(feed), Some(node)) = (&settings.feed, map.get_node("feed")) {
+        for a in &feed.actions {
+            if !settings.sinks.iter().any(|s| s.name == a.sink) {
+                let declared: Vec<String> = settings
+                    .sinks
+                    .iter()
+                    .map(|s| format!("`{}`", s.name))
+                    .collect();
+                diags
+                    .error_node(
+                        file,
+                        node,
+                        format!(
+                            "feed action `{}` sends through sink `{}`, which `sinks:` does not declare",
+                            a.name, a.sink
+                        ),
+                    )
+                    .help(Some(if declared.is_empty() {
+                        "declare it under `sinks:`".to_owned()
+                    } else {
+                        format!("declared sinks: {}", declared.join(", "))
+                    }));
+            }
+        }
+    }
     // Embedders first: stores name theirs.
     open_embedders(file, map, &base, registry, resources, diags);
     let section = |key, kind_key, what| Section {

@@ -671,6 +671,72 @@
       this.dismissEl,
       this.statusEl);
       this.el.addEventListener("animationend", () => this.el.classList.remove("is-new", "is-updated"));
+      // The call report offers the operator's actions (text the customer, ...).
+      if (this.out.kind === "summary") {
+        this.actionsEl = h("div", { class: "agent-actions", role: "group", "aria-label": "Actions after the call" });
+        this.el.append(this.actionsEl);
+        this.loadActions();
+      }
+    }
+
+    /** Lists the configured actions, each with its text prefilled from the call. */
+    async loadActions() {
+      let actions = [];
+      try {
+        const res = await fetch(`${feedPath(this.call.id)}/actions`, {
+          headers: { Authorization: `Bearer ${access.token}` },
+        });
+        if (res.ok) actions = await res.json();
+      } catch (_) {
+        return; // offline: the report stays readable without its actions
+      }
+      for (const action of actions) this.actionsEl.append(this.actionForm(action));
+    }
+
+    /** One action: a button that opens an editable text, and a Send button. */
+    actionForm(action) {
+      const id = `act-${++uid}`;
+      const text = h("textarea", { class: "action-text", id, rows: "4", maxlength: "4000" });
+      text.value = action.text || "";
+      const status = h("span", { class: "action-status", role: "status" });
+      const send = h("button", { type: "button", class: "primary-btn action-send" }, "Send");
+      const editor = h("div", { class: "action-editor", hidden: true },
+        h("label", { for: id, class: "action-label" }, `${action.label} (via ${action.sink})`),
+        text,
+        h("div", { class: "action-row" }, send, status));
+      const open = h("button", {
+        type: "button",
+        class: "fb-btn action-btn",
+        "aria-expanded": "false",
+        dataset: { action: action.name },
+        onclick: () => {
+          editor.hidden = !editor.hidden;
+          open.setAttribute("aria-expanded", String(!editor.hidden));
+          if (!editor.hidden) text.focus();
+        },
+      }, action.label);
+      send.addEventListener("click", async () => {
+        send.disabled = true;
+        status.textContent = "Sending…";
+        try {
+          const res = await fetch(`${feedPath(this.call.id)}/actions/${encodeURIComponent(action.name)}`, {
+            method: "POST",
+            headers: { Authorization: `Bearer ${access.token}`, "Content-Type": "application/json" },
+            body: JSON.stringify({ text: text.value }),
+          });
+          if (!res.ok) {
+            const body = await res.json().catch(() => ({}));
+            throw new Error(body.error || `HTTP ${res.status}`);
+          }
+          status.textContent = "Sent";
+          open.setAttribute("aria-pressed", "true");
+          text.readOnly = true;
+        } catch (e) {
+          status.textContent = `Not sent: ${e.message}. Try again.`;
+          send.disabled = false;
+        }
+      });
+      return h("div", { class: "agent-action" }, open, editor);
     }
 
     /** Takes a newer version. Returns what changed, for the caller's announcements. */

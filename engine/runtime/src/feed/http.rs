@@ -97,7 +97,31 @@ pub struct FeedConfig {
     /// Heartbeat interval, in milliseconds.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_ms: u64,
+    /// What an agent can do from a call's report (text the customer, e-mail a colleague):
+    /// each delivered through a named sink, its text prefilled from a template over the call.
+    #[serde(default)]
+    pub actions: Vec<ActionConfig>,
 }
+
+/// One agent action (`feed.actions`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionConfig {
+    /// Its name (in URLs and records).
+    pub name: String,
+    /// The button's label.
+    pub label: String,
+    /// The sink (`sinks:`) that delivers it.
+    pub sink: String,
+    /// The prefilled text: a template over `conversation_id`, `summary` (the call's summary
+    /// card, if any) and `cards` (its live cards).
+    pub text: String,
+}
+
+/// The `kind` of the output an agent action sends; only the sink it names takes it.
+pub const AGENT_ACTION_KIND: &str = "agent_action";
+/// Longest text an agent may send with an action.
+const ACTION_TEXT_MAX: usize = 4_000;
 
 fn default_secret_env() -> String {
     "PROMPTER_FEED_SECRET".into()
@@ -121,6 +145,7 @@ impl Default for FeedConfig {
             feedback_log: None,
             token_ttl_s: default_ttl(),
             heartbeat_ms: default_heartbeat(),
+            actions: Vec::new(),
         }
     }
 }
@@ -141,6 +166,14 @@ pub enum FeedSetupError {
         env: String,
         /// Why.
         source: super::access::WeakSecret,
+    },
+    /// An action's text template does not compile.
+    #[error("feed action `{name}`: bad `text` template: {message}")]
+    Action {
+        /// The action.
+        name: String,
+        /// Why.
+        message: String,
     },
     /// The feedback log cannot be opened.
     #[error("cannot open the feedback log `{path}`: {source}")]
@@ -163,6 +196,7 @@ pub struct FeedService {
     engine: Option<Arc<Engine>>,
     feedback: FeedbackLog,
     shutdown: watch::Receiver<bool>,
+    actions: Vec<(ActionConfig, prompter_core::template::Template)>,
 }
 
 impl std::fmt::Debug for FeedService {
@@ -199,6 +233,16 @@ impl FeedService {
             .filter(|s| !s.trim().is_empty())
             .map(Secret::new);
         let feedback = FeedbackLog::open(config.feedback_log.clone())?;
+        let mut actions = Vec::with_capacity(config.actions.len());
+        for a in &config.actions {
+            let t = prompter_core::template::Template::compile(&a.text).map_err(|e| {
+                FeedSetupError::Action {
+                    name: a.name.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            actions.push((a.clone(), t));
+        }
         Ok(FeedService {
             hub,
             access,
@@ -213,6 +257,7 @@ impl FeedService {
             engine,
             feedback,
             shutdown,
+            actions,
         })
     }
 
@@ -244,6 +289,11 @@ impl FeedService {
             .route("/feed/v1/session", post(session))
             .route("/feed/v1/tokens", post(tokens))
             .route("/feed/v1/feedback/summary", get(feedback_summary))
+            .route("/feed/v1/conversations/{id}/actions", get(list_actions))
+            .route(
+                "/feed/v1/conversations/{id}/actions/{name}",
+                post(run_action),
+            )
             .with_state(self)
     }
 
@@ -1068,4 +1118,153 @@ async fn feedback_summary(State(svc): Shared, creds: Credentials) -> Response {
         "counts": svc.feedback.counts(),
     }))
     .into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent actions.
+
+#[derive(Debug, Serialize)]
+struct ActionView {
+    name: String,
+    label: String,
+    sink: String,
+    text: String,
+}
+
+impl FeedService {
+    /// `conversation`'s cards, its summary first when it has one.
+    fn call_context(&self, conversation: &str) -> prompter_core::minijinja::Value {
+        let cards = self.hub.cards(conversation);
+        let summary = cards.iter().find(|c| c.kind == "summary").cloned();
+        prompter_core::minijinja::context! {
+            conversation_id => conversation,
+            summary => prompter_core::minijinja::Value::from_serialize(summary.as_deref()),
+            cards => prompter_core::minijinja::Value::from_serialize(&cards),
+        }
+    }
+}
+
+/// The call's actions, each with its text prefilled from the call as it is now.
+async fn list_actions(
+    State(svc): Shared,
+    Path(conversation): Path<String>,
+    creds: Credentials,
+) -> Response {
+    if let Err(r) = svc.admit(&creds, Some(&conversation)) {
+        return r.into_response();
+    }
+    let ctx = svc.call_context(&conversation);
+    let mut views = Vec::with_capacity(svc.actions.len());
+    for (a, t) in &svc.actions {
+        let text = match t.render(&ctx) {
+            Ok(text) => text.trim().to_owned(),
+            Err(e) => {
+                tracing::warn!(action = %a.name, error = %e, "An action's text template failed; it is offered empty.");
+                String::new()
+            }
+        };
+        views.push(ActionView {
+            name: a.name.clone(),
+            label: a.label.clone(),
+            sink: a.sink.clone(),
+            text,
+        });
+    }
+    Json(views).into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionRequest {
+    #[serde(default)]
+    text: Option<String>,
+}
+
+/// Runs an action: its text (as the agent edited it, or prefilled) goes to its sink as an
+/// `agent_action` output, and the action is recorded like feedback.
+async fn run_action(
+    State(svc): Shared,
+    Path((conversation, name)): Path<(String, String)>,
+    creds: Credentials,
+    body: Result<Json<ActionRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = svc.admit(&creds, Some(&conversation)) {
+        return r.into_response();
+    }
+    let Some((action, template)) = svc.actions.iter().find(|(a, _)| a.name == name) else {
+        let names: Vec<&str> = svc.actions.iter().map(|(a, _)| a.name.as_str()).collect();
+        return Refusal::Unknown(format!(
+            "no action `{name}` (configured: {})",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        ))
+        .into_response();
+    };
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return Refusal::Bad(e.body_text()).into_response(),
+    };
+    let text = match req.text.map(|t| t.trim().to_owned()) {
+        Some(t) => t,
+        None => match template.render(&svc.call_context(&conversation)) {
+            Ok(t) => t.trim().to_owned(),
+            Err(e) => {
+                return Refusal::Bad(format!("the action's text template failed: {e}"))
+                    .into_response();
+            }
+        },
+    };
+    if text.is_empty() || text.chars().count() > ACTION_TEXT_MAX {
+        return Refusal::Bad(format!(
+            "the text must be 1 to {ACTION_TEXT_MAX} characters"
+        ))
+        .into_response();
+    }
+    let Some(engine) = &svc.engine else {
+        return Refusal::Unknown("this server has no engine to deliver actions".into())
+            .into_response();
+    };
+    let at_ms = now_ms();
+    let output = prompter_core::output::Output {
+        id: format!(
+            "{}/console/a-{}-{at_ms}",
+            url_encode(&conversation),
+            url_encode(&action.name)
+        ),
+        version: 1,
+        status: prompter_core::output::Status::Final,
+        kind: AGENT_ACTION_KIND.to_owned(),
+        conversation_id: conversation.clone(),
+        pipeline: "console".to_owned(),
+        title: Some(action.label.clone()),
+        text,
+        data: serde_json::json!({"action": action.name, "sink": action.sink}),
+        ..Default::default()
+    };
+    let record = FeedbackRecord {
+        conversation_id: conversation.clone(),
+        feedback: Feedback {
+            output_id: output.id.clone(),
+            version: 1,
+            action: format!("action:{}", action.name),
+            reason: None,
+            pipeline: "console".to_owned(),
+            kind: AGENT_ACTION_KIND.to_owned(),
+            model: None,
+            at_ms,
+        },
+    };
+    if let Err(r) = svc.feedback.record(&record) {
+        return r.into_response();
+    }
+    let id = output.id.clone();
+    engine.outlets().push(Arc::new(output)).await;
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "sent": true, "output_id": id, "sink": action.sink })),
+    )
+        .into_response()
 }
