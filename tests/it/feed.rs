@@ -39,7 +39,30 @@ stages:
       text: \"{{ event.feedback.action }} on {{ event.feedback.output_id }} v{{ event.feedback.version }} ({{ event.feedback.pipeline }})\"
 ";
 
+/// A sink that reports on calls: it asks for agents' feedback notes.
+struct Reporter(Arc<Mutex<Vec<Value>>>);
+
+#[prompter_core::async_trait]
+impl prompter_engine::sink::Sink for Reporter {
+    fn name(&self) -> &str {
+        "reporter"
+    }
+    fn wants_feedback(&self) -> bool {
+        true
+    }
+    fn filter(&self) -> Option<prompter_engine::sink::Filter> {
+        // Outputs are not what it reports on here: only the notes.
+        Some(Arc::new(|_: &Output| false))
+    }
+    async fn deliver(&mut self, o: Arc<Output>) -> Result<(), prompter_engine::sink::SinkError> {
+        assert_eq!(o.kind, prompter_engine::sink::FEEDBACK_KIND);
+        self.0.lock().unwrap().push(o.data.clone());
+        Ok(())
+    }
+}
+
 struct Served {
+    notes: Arc<Mutex<Vec<Value>>>,
     http: String,
     ws: String,
     hub: Arc<FeedHub>,
@@ -80,6 +103,7 @@ async fn serve() -> Served {
     let loaded =
         config::load(&req, &registry::builtin()).unwrap_or_else(|d| panic!("{}", d.render()));
     let wiring = FeedWiring::new();
+    let notes: Arc<Mutex<Vec<Value>>> = Arc::default();
     let outputs: Arc<Mutex<Vec<Output>>> = Arc::default();
     let into = outputs.clone();
     let collect = FnSink::new("test", move |o: &Output| {
@@ -89,7 +113,11 @@ async fn serve() -> Served {
         Engine::new(
             loaded.pipelines,
             loaded.settings,
-            vec![wiring.sink(), Box::new(collect)],
+            vec![
+                wiring.sink(),
+                Box::new(collect),
+                Box::new(Reporter(notes.clone())),
+            ],
             Arc::new(Stats::default()),
         )
         .with_observer(wiring.observer()),
@@ -127,6 +155,7 @@ async fn serve() -> Served {
         .await
         .unwrap();
     Served {
+        notes,
         http: format!("http://{addr}"),
         ws: format!("ws://{addr}"),
         hub: wiring.hub.clone(),
@@ -531,6 +560,15 @@ async fn feedback_is_recorded_with_pipeline_and_model_and_routed_to_pipelines() 
     );
     assert_eq!(records[1]["action"], "dismissed");
     assert_eq!(records[1]["reason"], "already_handled");
+    // Sinks that report on calls (the post-call e-mail) got both as notes.
+    let notes = s.notes.lock().unwrap().clone();
+    let actions: Vec<&str> = notes
+        .iter()
+        .map(|n| n["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["useful", "dismissed"]);
+    assert_eq!(notes[1]["reason"], "already_handled");
+    assert_eq!(notes[0]["output_id"], card_id);
     // A pipeline on `feedback` saw both.
     let notes: Vec<String> = s
         .outputs

@@ -142,6 +142,11 @@ pub trait Target: Send + 'static {
         false
     }
 
+    /// Whether it wants agents' feedback notes ([`crate::sink::feedback_note`]). Default: no.
+    fn wants_feedback(&self) -> bool {
+        false
+    }
+
     /// Whether `output`, abandoned at the drain deadline, is a delivery lost (and so a dead
     /// letter). Default: yes. The e-mail sink only keeps a call's cards for its e-mail: losing
     /// one of those is not a lost delivery, losing the summary is.
@@ -335,6 +340,10 @@ impl<T: Target> Sink for Delivery<T> {
 
     fn wants_release(&self) -> bool {
         self.target.wants_release()
+    }
+
+    fn wants_feedback(&self) -> bool {
+        self.target.wants_feedback()
     }
 
     async fn deliver(&mut self, output: Arc<Output>) -> Result<(), SinkError> {

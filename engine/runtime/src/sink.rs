@@ -75,6 +75,12 @@ pub trait Sink: Send + 'static {
         false
     }
 
+    /// Whether it wants agents' feedback on outputs, as [`feedback_note`]s in its queue.
+    /// Default: no.
+    fn wants_feedback(&self) -> bool {
+        false
+    }
+
     /// Which outputs it takes, asked once when it starts and checked before an output is
     /// queued, so its queue holds only its own. Default: every output.
     fn filter(&self) -> Option<Filter> {
@@ -94,6 +100,21 @@ pub trait Sink: Send + 'static {
 /// The `kind` of the marker a sink that [`Sink::wants_release`] gets after a conversation's
 /// last output: its run settled and the engine let the conversation go.
 pub const RELEASED_KIND: &str = "conversation.released";
+
+/// The `kind` of the note a sink that [`Sink::wants_feedback`] gets when an agent gives
+/// feedback on an output; its `data` is the feedback record.
+pub const FEEDBACK_KIND: &str = "feedback";
+
+/// A feedback note for `conversation`, carrying `record` (see [`FEEDBACK_KIND`]).
+pub fn feedback_note(conversation: &str, at_ms: u64, record: serde_json::Value) -> Output {
+    Output {
+        id: format!("{conversation}/~feedback-{at_ms}"),
+        kind: FEEDBACK_KIND.to_owned(),
+        conversation_id: conversation.to_owned(),
+        data: record,
+        ..Output::default()
+    }
+}
 
 /// The release marker for `conversation` (see [`RELEASED_KIND`]).
 pub fn released(conversation: &str) -> Output {
@@ -317,6 +338,8 @@ pub struct Outlets {
     filters: Vec<Option<Filter>>,
     /// The queues of sinks that want release markers.
     release_to: Vec<Arc<SinkQueue>>,
+    /// The queues of sinks that want feedback notes.
+    feedback_to: Vec<Arc<SinkQueue>>,
     tasks: Mutex<JoinSet<()>>,
     /// Turns true when the drain deadline passes: sinks abandon what is left.
     give_up: tokio::sync::watch::Sender<bool>,
@@ -332,6 +355,7 @@ impl Outlets {
         let mut queues = Vec::with_capacity(sinks.len());
         let mut filters = Vec::with_capacity(sinks.len());
         let mut release_to = Vec::new();
+        let mut feedback_to = Vec::new();
         let (give_up, _) = tokio::sync::watch::channel(false);
         for mut sink in sinks {
             let q = Arc::new(SinkQueue::new(sink.name(), sink.policy()));
@@ -339,6 +363,9 @@ impl Outlets {
             filters.push(sink.filter());
             if sink.wants_release() {
                 release_to.push(q.clone());
+            }
+            if sink.wants_feedback() {
+                feedback_to.push(q.clone());
             }
             let mut deadline = give_up.subscribe();
             tasks.spawn(async move {
@@ -368,6 +395,7 @@ impl Outlets {
             queues,
             filters,
             release_to,
+            feedback_to,
             tasks: Mutex::new(tasks),
             give_up,
         }
@@ -390,6 +418,17 @@ impl Outlets {
         let marker = Arc::new(released(conversation));
         for q in &self.release_to {
             q.push(marker.clone()).await;
+        }
+    }
+
+    /// Hands a feedback note (see [`feedback_note`]) to the sinks that want it.
+    pub async fn feedback(&self, note: Output) {
+        if self.feedback_to.is_empty() {
+            return;
+        }
+        let note = Arc::new(note);
+        for q in &self.feedback_to {
+            q.push(note.clone()).await;
         }
     }
 

@@ -121,6 +121,8 @@ pub struct Email {
     /// Per call, its cards by id (latest version), oldest call first.
     calls: HashMap<String, BTreeMap<String, Output>>,
     order: VecDeque<String>,
+    /// Per call, the agents' feedback by output id (`useful`, `dismissed (already_handled)`).
+    feedback: HashMap<String, BTreeMap<String, Vec<String>>>,
 }
 
 impl Email {
@@ -177,6 +179,7 @@ impl Email {
             subject: template(&config.subject, "subject")?,
             calls: HashMap::new(),
             order: VecDeque::new(),
+            feedback: HashMap::new(),
         })
     }
 
@@ -188,6 +191,7 @@ impl Email {
                 && let Some(oldest) = self.order.pop_front()
             {
                 self.calls.remove(&oldest);
+                self.feedback.remove(&oldest);
             }
             self.order.push_back(call.clone());
         }
@@ -198,8 +202,13 @@ impl Email {
     }
 }
 
-/// The e-mail's text and HTML for `summary` and the call's `cards`.
-pub fn compose(summary: &Output, cards: &[&Output]) -> (String, String) {
+/// The e-mail's text and HTML for `summary`, the call's `cards` and the agents' `feedback` on
+/// them (by output id).
+pub fn compose(
+    summary: &Output,
+    cards: &[&Output],
+    feedback: &BTreeMap<String, Vec<String>>,
+) -> (String, String) {
     let title = summary.title.as_deref().unwrap_or("Call recap");
     let mut text = format!("{title}\n\n{}\n", summary.text.trim());
     let mut html = format!(
@@ -228,16 +237,21 @@ pub fn compose(summary: &Output, cards: &[&Output]) -> (String, String) {
                 c.trigger.offset_ms / 60_000,
                 (c.trigger.offset_ms / 1000) % 60
             );
+            let said = feedback
+                .get(&c.id)
+                .map(|f| f.join(", "))
+                .unwrap_or_else(|| "none".to_owned());
             text.push_str(&format!(
-                "- [{at}] {name}{state}: {}\n  why: {why}\n",
+                "- [{at}] {name}{state}: {}\n  why: {why}\n  agent feedback: {said}\n",
                 c.text.trim()
             ));
             html.push_str(&format!(
-                "<li><p><b>{}</b>{} <small>at {at}</small></p><p>{}</p><p><small>Why: {}</small></p></li>",
+                "<li><p><b>{}</b>{} <small>at {at}</small></p><p>{}</p><p><small>Why: {}<br>Agent feedback: {}</small></p></li>",
                 esc(name),
                 esc(&state),
                 esc(c.text.trim()),
-                esc(&why)
+                esc(&why),
+                esc(&said)
             ));
         }
         html.push_str("</ol>");
@@ -256,6 +270,10 @@ fn esc(s: &str) -> String {
 #[prompter_core::async_trait]
 impl Target for Email {
     fn wants_release(&self) -> bool {
+        true
+    }
+
+    fn wants_feedback(&self) -> bool {
         true
     }
 
@@ -279,6 +297,22 @@ impl Target for Email {
     /// Keeps the call's outputs; once the call is released (its last run settled, so no card
     /// comes later), sends the e-mail if a summary came.
     async fn send(&mut self, output: &Output) -> Sent {
+        if output.kind == crate::sink::FEEDBACK_KIND {
+            let d = &output.data;
+            if let Some(id) = d["output_id"].as_str() {
+                let mut said = d["action"].as_str().unwrap_or("?").replace('_', " ");
+                if let Some(r) = d["reason"].as_str() {
+                    said.push_str(&format!(" ({})", r.replace('_', " ")));
+                }
+                self.feedback
+                    .entry(output.conversation_id.clone())
+                    .or_default()
+                    .entry(id.to_owned())
+                    .or_default()
+                    .push(said);
+            }
+            return Sent::Skipped;
+        }
         if output.kind != crate::sink::RELEASED_KIND {
             self.keep(output);
             return Sent::Skipped;
@@ -333,7 +367,8 @@ impl Target for Email {
                 reason: "the `to` template gave no recipient".into(),
             };
         }
-        let (text, html) = compose(output, &cards);
+        let feedback = self.feedback.get(&call).cloned().unwrap_or_default();
+        let (text, html) = compose(output, &cards, &feedback);
         let message = match message.multipart(MultiPart::alternative_plain_html(text, html)) {
             Ok(m) => m,
             Err(e) => {
@@ -345,6 +380,7 @@ impl Target for Email {
         match self.transport.send(message).await {
             Ok(_) => {
                 self.calls.remove(&call);
+                self.feedback.remove(&call);
                 self.order.retain(|c| *c != call);
                 Sent::Done
             }
@@ -412,5 +448,31 @@ mod tests {
             refused.contains("only for a server on this machine"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn the_email_shows_what_the_agent_said_of_each_card() {
+        let summary = output("summary");
+        let mut card = output("suggestion");
+        card.title = Some("Budget".into());
+        let mut feedback = BTreeMap::new();
+        feedback.insert(
+            card.id.clone(),
+            vec![
+                "useful".to_owned(),
+                "dismissed (already handled)".to_owned(),
+            ],
+        );
+        let (text, html) = compose(&summary, &[&card], &feedback);
+        assert!(
+            text.contains("agent feedback: useful, dismissed (already handled)"),
+            "{text}"
+        );
+        assert!(
+            html.contains("Agent feedback: useful, dismissed (already handled)"),
+            "{html}"
+        );
+        let (text, _) = compose(&summary, &[&card], &BTreeMap::new());
+        assert!(text.contains("agent feedback: none"), "{text}");
     }
 }

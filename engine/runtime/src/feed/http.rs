@@ -1074,6 +1074,15 @@ async fn feedback(
     if let Err(r) = svc.feedback.record(&record) {
         return r.into_response();
     }
+    // Sinks that report on calls (the post-call e-mail) hear it too.
+    if let Some(engine) = &svc.engine {
+        let note = crate::sink::feedback_note(
+            &conversation,
+            record.feedback.at_ms,
+            serde_json::to_value(&record).unwrap_or_default(),
+        );
+        engine.outlets().feedback(note).await;
+    }
     let live = !svc.hub.ended(&conversation);
     let routed = match (&svc.engine, live) {
         (Some(engine), true) => {
