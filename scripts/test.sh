@@ -23,6 +23,12 @@ if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check aiosmtpd==1.4.6
 fi
 
+# The Twilio webhook tests sign requests with Twilio's own helper library (npm).
+if [ ! -d tests/twilio-node/node_modules/twilio ]; then
+  echo "== npm install (tests/twilio-node: Twilio's helper library, for webhook signatures)"
+  (cd tests/twilio-node && npm install --no-audit --no-fund --silent)
+fi
+
 # The agent console's browser tests drive Debian's Chromium through its chromedriver.
 if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
   echo "== apt-get install chromium chromium-driver (console browser tests)"

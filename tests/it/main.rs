@@ -14,6 +14,7 @@ mod feed;
 mod kb;
 mod plugin_tool;
 mod replay;
+mod twilio;
 mod wasm;
 mod wasm_config;
 mod wasm_grants;

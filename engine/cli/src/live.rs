@@ -87,6 +87,7 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     }
 
     // The console lives on the engine's server: without one, there is nothing to serve it on.
+    let loaded_twilio = loaded.settings.twilio.clone();
     let feed_config = loaded.settings.feed.clone().filter(|_| {
         if listen.is_none() {
             say(
@@ -125,6 +126,23 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
             Err(e) => {
                 say(err, &format!("error: {e}"));
                 return 1;
+            }
+        }
+    }
+    if let Some(twilio) = loaded_twilio {
+        if listen.is_none() {
+            say(
+                err,
+                "note: Twilio's webhooks are off: they are served on the engine's server (set `listen` under `server:` or pass --listen ADDR)",
+            );
+        } else {
+            let env = |name: &str| std::env::var(name).ok();
+            match prompter_engine::twilio::TwilioHooks::new(twilio, &env) {
+                Ok(hooks) => routes = routes.merge(Arc::new(hooks).routes()),
+                Err(e) => {
+                    say(err, &format!("error: {e}"));
+                    return 1;
+                }
             }
         }
     }

@@ -35,4 +35,5 @@ pub mod session;
 pub mod sink;
 pub mod source;
 pub mod stats;
+pub mod twilio;
 pub mod wasm;

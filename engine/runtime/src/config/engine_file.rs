@@ -28,6 +28,7 @@ pub const ENGINE_KEYS: &[&str] = &[
     "server",
     "feed",
     "sinks",
+    "twilio",
     "engine",
 ];
 
@@ -125,6 +126,11 @@ pub(super) fn engine_config(
         settings.feed = Some(cfg);
     }
     settings.sinks = super::sinks::sinks(file, map, &base, diags);
+    if let Some(node) = map.get_node("twilio")
+        && let Some(cfg) = typed_config::<crate::twilio::TwilioConfig>(file, node, diags)
+    {
+        settings.twilio = Some(cfg);
+    }
     // Agent actions deliver through declared sinks.
     if let (Some(feed), Some(node)) = (&settings.feed, map.get_node("feed")) {
         for a in &feed.actions {

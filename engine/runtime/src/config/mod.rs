@@ -72,6 +72,8 @@ pub struct Settings {
     pub feed: Option<crate::feed::http::FeedConfig>,
     /// The `sinks:` section: notifier sinks, by name.
     pub sinks: Vec<sinks::SinkDecl>,
+    /// The `twilio:` section: Twilio's voice webhooks, when given.
+    pub twilio: Option<crate::twilio::TwilioConfig>,
 }
 
 impl Default for Settings {
@@ -85,6 +87,7 @@ impl Default for Settings {
             server: crate::server::ServerConfig::default(),
             feed: None,
             sinks: Vec::new(),
+            twilio: None,
         }
     }
 }
