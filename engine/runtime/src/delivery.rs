@@ -175,6 +175,33 @@ pub struct DeliveryPolicy {
     pub dead_letter: Option<PathBuf>,
 }
 
+impl DeliveryPolicy {
+    /// A policy of `rate_per_sec` (negative: no limit) and retry waits in milliseconds, with no
+    /// dead-letter file yet (the sink's declaration gives it).
+    pub fn from_ms(rate_per_sec: f64, retry_schedule_ms: &[u64]) -> Self {
+        DeliveryPolicy {
+            rate_per_sec: rate_per_sec.max(0.0),
+            retry_schedule: retry_schedule_ms
+                .iter()
+                .map(|m| Duration::from_millis(*m))
+                .collect(),
+            dead_letter: None,
+        }
+    }
+}
+
+/// A sink's secret, read through `env` from the variable `name`; `what` names it in the error.
+pub(crate) fn secret(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+    what: &str,
+) -> Result<prompter_core::secret::Secret, String> {
+    env(name)
+        .filter(|s| !s.trim().is_empty())
+        .map(prompter_core::secret::Secret::new)
+        .ok_or_else(|| format!("{what} is not set: put it in `{name}`"))
+}
+
 /// What a [`Delivery`] has done, for logs and metrics.
 #[derive(Debug, Default)]
 pub struct DeliveryStats {

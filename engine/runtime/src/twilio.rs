@@ -102,14 +102,7 @@ fn other_port_form(url: &str) -> Option<String> {
 pub fn valid(auth_token: &str, url: &str, params: &[(String, String)], presented: &str) -> bool {
     let presented = presented.trim().as_bytes();
     let matches = |u: &str| {
-        let expected = signature(auth_token, u, params);
-        let expected = expected.as_bytes();
-        expected.len() == presented.len()
-            && expected
-                .iter()
-                .zip(presented)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        crate::feed::http::constant_time_eq(signature(auth_token, u, params).as_bytes(), presented)
     };
     matches(url) || other_port_form(url).is_some_and(|u| matches(&u))
 }

@@ -109,25 +109,17 @@ fn default_timeout() -> u64 {
     10_000
 }
 
-fn policy(rate: f64, schedule: &[u64]) -> DeliveryPolicy {
-    DeliveryPolicy {
-        rate_per_sec: rate.max(0.0),
-        retry_schedule: schedule.iter().map(|m| Duration::from_millis(*m)).collect(),
-        dead_letter: None,
-    }
-}
-
 impl SlackConfig {
     /// Pacing and retries.
     pub fn policy(&self) -> DeliveryPolicy {
-        policy(self.rate_per_sec, &self.retry_schedule_ms)
+        DeliveryPolicy::from_ms(self.rate_per_sec, &self.retry_schedule_ms)
     }
 }
 
 impl SlackWebhookConfig {
     /// Pacing and retries.
     pub fn policy(&self) -> DeliveryPolicy {
-        policy(self.rate_per_sec, &self.retry_schedule_ms)
+        DeliveryPolicy::from_ms(self.rate_per_sec, &self.retry_schedule_ms)
     }
 }
 
@@ -147,13 +139,6 @@ fn client(timeout_ms: u64) -> Result<reqwest::Client, String> {
         .timeout(Duration::from_millis(timeout_ms.max(1)))
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
-}
-
-fn secret(env: &dyn Fn(&str) -> Option<String>, name: &str, what: &str) -> Result<Secret, String> {
-    env(name)
-        .filter(|s| !s.trim().is_empty())
-        .map(Secret::new)
-        .ok_or_else(|| format!("{what} is not set: put it in `{name}`"))
 }
 
 /// `ms` as `mm:ss`.
@@ -285,7 +270,7 @@ impl Slack {
     pub fn new(config: &SlackConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, String> {
         Ok(Slack {
             client: client(config.timeout_ms)?,
-            token: secret(env, &config.token_env, "the Slack bot token")?,
+            token: super::secret(env, &config.token_env, "the Slack bot token")?,
             config: config.clone(),
             posted: HashMap::new(),
         })
@@ -377,7 +362,7 @@ impl SlackWebhook {
         config: &SlackWebhookConfig,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, String> {
-        let url = secret(env, &config.url_env, "the Slack incoming webhook URL")?;
+        let url = super::secret(env, &config.url_env, "the Slack incoming webhook URL")?;
         if !url.expose().starts_with("https://") && !url.expose().starts_with("http://") {
             return Err(format!("`{}` does not hold an http(s) URL", config.url_env));
         }

@@ -118,15 +118,7 @@ fn default_timeout() -> u64 {
 impl SmsConfig {
     /// Pacing and retries.
     pub fn policy(&self) -> DeliveryPolicy {
-        DeliveryPolicy {
-            rate_per_sec: self.rate_per_sec.max(0.0),
-            retry_schedule: self
-                .retry_schedule_ms
-                .iter()
-                .map(|m| Duration::from_millis(*m))
-                .collect(),
-            dead_letter: None,
-        }
+        DeliveryPolicy::from_ms(self.rate_per_sec, &self.retry_schedule_ms)
     }
 }
 
@@ -215,12 +207,7 @@ impl Sms {
         config: &SmsConfig,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, String> {
-        let read = |name: &str, what: &str| {
-            env(name)
-                .filter(|s| !s.trim().is_empty())
-                .map(Secret::new)
-                .ok_or_else(|| format!("{what} is not set: put it in `{name}`"))
-        };
+        let read = |name: &str, what: &str| super::secret(env, name, what);
         let (user, password, base) = match provider {
             Provider::Twilio => (
                 read(

@@ -66,17 +66,12 @@ fn default_rate() -> f64 {
 impl WebhookConfig {
     /// Pacing and retries for this webhook (dead letters are the sink's declaration's).
     pub fn policy(&self) -> DeliveryPolicy {
-        let schedule = match &self.retry_schedule_ms {
-            Some(ms) => ms.iter().map(|m| Duration::from_millis(*m)).collect(),
-            None => STANDARD_SCHEDULE_S
-                .iter()
-                .map(|s| Duration::from_secs(*s))
-                .collect(),
-        };
-        DeliveryPolicy {
-            rate_per_sec: self.rate_per_sec.max(0.0),
-            retry_schedule: schedule,
-            dead_letter: None,
+        match &self.retry_schedule_ms {
+            Some(ms) => DeliveryPolicy::from_ms(self.rate_per_sec, ms),
+            None => {
+                let ms: Vec<u64> = STANDARD_SCHEDULE_S.iter().map(|s| s * 1_000).collect();
+                DeliveryPolicy::from_ms(self.rate_per_sec, &ms)
+            }
         }
     }
 }

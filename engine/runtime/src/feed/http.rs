@@ -855,7 +855,7 @@ async fn tokens(
 }
 
 /// Compares without telling, by its timing, how much of `a` matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
