@@ -100,15 +100,7 @@ fn default_timeout() -> u64 {
 impl EmailConfig {
     /// Pacing and retries.
     pub fn policy(&self) -> DeliveryPolicy {
-        DeliveryPolicy {
-            rate_per_sec: 0.0,
-            retry_schedule: self
-                .retry_schedule_ms
-                .iter()
-                .map(|m| Duration::from_millis(*m))
-                .collect(),
-            dead_letter: None,
-        }
+        DeliveryPolicy::from_ms(0.0, &self.retry_schedule_ms)
     }
 }
 
@@ -199,6 +191,69 @@ impl Email {
         if cards.len() < CARDS_KEPT || cards.contains_key(&output.id) {
             cards.insert(output.id.clone(), output.clone());
         }
+    }
+}
+
+impl Email {
+    /// `call`'s e-mail from what was kept for it; `None` when it has no summary. A template or
+    /// an address that fails is a permanent failure.
+    fn message(&self, call: &str) -> Result<Option<Message>, Sent> {
+        let Some(kept) = self.calls.get(call) else {
+            return Ok(None);
+        };
+        let Some(summary) = kept
+            .values()
+            .find(|c| c.kind == "summary" && c.status == Status::Final)
+        else {
+            return Ok(None);
+        };
+        let mut cards: Vec<&Output> = kept.values().filter(|c| c.kind != "summary").collect();
+        cards.sort_by_key(|c| c.trigger.offset_ms);
+        let ctx = prompter_core::minijinja::context! {
+            conversation_id => call,
+            summary => prompter_core::minijinja::Value::from_serialize(summary),
+            cards => prompter_core::minijinja::Value::from_serialize(&cards),
+        };
+        let (to, subject) = match (self.to.render(&ctx), self.subject.render(&ctx)) {
+            (Ok(t), Ok(s)) => (t, s),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(Sent::Permanent {
+                    reason: format!("a template failed: {e}"),
+                });
+            }
+        };
+        let mut message = Message::builder()
+            .from(self.from.clone())
+            .subject(subject.trim());
+        let mut recipients = 0;
+        for addr in to.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let m = addr.parse::<Mailbox>().map_err(|e| Sent::Permanent {
+                reason: format!("`{addr}` is not an e-mail address: {e}"),
+            })?;
+            message = message.to(m);
+            recipients += 1;
+        }
+        if recipients == 0 {
+            return Err(Sent::Permanent {
+                reason: "the `to` template gave no recipient".into(),
+            });
+        }
+        let empty = BTreeMap::new();
+        let feedback = self.feedback.get(call).unwrap_or(&empty);
+        let (text, html) = compose(summary, &cards, feedback);
+        message
+            .multipart(MultiPart::alternative_plain_html(text, html))
+            .map(Some)
+            .map_err(|e| Sent::Permanent {
+                reason: format!("the message could not be built: {e}"),
+            })
+    }
+
+    /// Lets go of what was kept for `call`.
+    fn forget(&mut self, call: &str) {
+        self.calls.remove(call);
+        self.feedback.remove(call);
+        self.order.retain(|c| c != call);
     }
 }
 
@@ -317,71 +372,19 @@ impl Target for Email {
             self.keep(output);
             return Sent::Skipped;
         }
-        let call = output.conversation_id.clone();
-        let kept = self.calls.get(&call).cloned().unwrap_or_default();
-        let Some(summary) = kept
-            .values()
-            .find(|c| c.kind == "summary" && c.status == Status::Final)
-            .cloned()
-        else {
+        let call = output.conversation_id.as_str();
+        let message = match self.message(call) {
+            Ok(Some(m)) => m,
             // No summary for this call: nothing to send.
-            self.calls.remove(&call);
-            self.order.retain(|c| *c != call);
-            return Sent::Skipped;
-        };
-        let output = &summary;
-        let mut cards: Vec<&Output> = kept.values().filter(|c| c.kind != "summary").collect();
-        cards.sort_by_key(|c| c.trigger.offset_ms);
-        let ctx = prompter_core::minijinja::context! {
-            conversation_id => call.as_str(),
-            summary => prompter_core::minijinja::Value::from_serialize(output),
-            cards => prompter_core::minijinja::Value::from_serialize(&cards),
-        };
-        let (to, subject) = match (self.to.render(&ctx), self.subject.render(&ctx)) {
-            (Ok(t), Ok(s)) => (t, s),
-            (Err(e), _) | (_, Err(e)) => {
-                return Sent::Permanent {
-                    reason: format!("a template failed: {e}"),
-                };
+            Ok(None) => {
+                self.forget(call);
+                return Sent::Skipped;
             }
-        };
-        let mut message = Message::builder()
-            .from(self.from.clone())
-            .subject(subject.trim());
-        let mut recipients = 0;
-        for addr in to.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-            match addr.parse::<Mailbox>() {
-                Ok(m) => {
-                    message = message.to(m);
-                    recipients += 1;
-                }
-                Err(e) => {
-                    return Sent::Permanent {
-                        reason: format!("`{addr}` is not an e-mail address: {e}"),
-                    };
-                }
-            }
-        }
-        if recipients == 0 {
-            return Sent::Permanent {
-                reason: "the `to` template gave no recipient".into(),
-            };
-        }
-        let feedback = self.feedback.get(&call).cloned().unwrap_or_default();
-        let (text, html) = compose(output, &cards, &feedback);
-        let message = match message.multipart(MultiPart::alternative_plain_html(text, html)) {
-            Ok(m) => m,
-            Err(e) => {
-                return Sent::Permanent {
-                    reason: format!("the message could not be built: {e}"),
-                };
-            }
+            Err(sent) => return sent,
         };
         match self.transport.send(message).await {
             Ok(_) => {
-                self.calls.remove(&call);
-                self.feedback.remove(&call);
-                self.order.retain(|c| *c != call);
+                self.forget(call);
                 Sent::Done
             }
             Err(e) if e.is_permanent() => Sent::Permanent {
