@@ -56,7 +56,26 @@ impl FeedWiring {
         engine: Arc<Engine>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<FeedService>, String> {
-        let env = |name: &str| std::env::var(name).ok();
+        self.service_with_secret(config, None, engine, shutdown)
+    }
+
+    /// [`FeedWiring::service`], with `secret` as the token-signing secret when given (a demo or
+    /// a bench that made one for its run); other secrets still from the environment.
+    ///
+    /// # Errors
+    /// As [`FeedWiring::service`].
+    pub fn service_with_secret(
+        &self,
+        config: &FeedConfig,
+        secret: Option<String>,
+        engine: Arc<Engine>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<FeedService>, String> {
+        let secret_env = config.secret_env.clone();
+        let env = move |name: &str| match &secret {
+            Some(s) if name == secret_env => Some(s.clone()),
+            _ => std::env::var(name).ok(),
+        };
         FeedService::new(config, &env, self.hub.clone(), Some(engine), shutdown)
             .map(Arc::new)
             .map_err(|e| e.to_string())
@@ -69,10 +88,11 @@ impl Default for FeedWiring {
     }
 }
 
-/// 32 random bytes as hex: a secret for a demo that has none in its environment.
-fn random_secret() -> Result<String, String> {
+/// 32 random bytes as hex: a token-signing secret for a run that has none (the demo, the
+/// feed bench).
+pub(crate) fn random_secret() -> Result<String, String> {
     let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a demo secret: {e}"))?;
+    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a feed secret: {e}"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -134,22 +154,13 @@ pub async fn demo(
         .with_observer(wiring.observer()),
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let secret_env = config.secret_env.clone();
-    let env = move |name: &str| {
-        if name == secret_env {
-            Some(secret.clone())
-        } else {
-            std::env::var(name).ok()
-        }
-    };
-    let service = match FeedService::new(
+    let service = match wiring.service_with_secret(
         &config,
-        &env,
-        wiring.hub.clone(),
-        Some(engine.clone()),
+        Some(secret),
+        engine.clone(),
         shutdown_rx.clone(),
     ) {
-        Ok(s) => Arc::new(s),
+        Ok(s) => s,
         Err(e) => {
             say(err, &format!("error: {e}"));
             return 1;

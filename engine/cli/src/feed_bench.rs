@@ -40,7 +40,7 @@ use prompter_core::output::Output;
 use prompter_engine::engine::Engine;
 use prompter_engine::feed::FeedSink;
 use prompter_engine::feed::access::Scope;
-use prompter_engine::feed::http::{FeedService, PROTOCOL, url_encode};
+use prompter_engine::feed::http::{PROTOCOL, url_encode};
 use prompter_engine::recording::RecordedLine;
 use prompter_engine::registry::Registry;
 use prompter_engine::sink::{FnSink, QueuePolicy, Sink, SinkError};
@@ -458,13 +458,6 @@ fn spread_text(v: &[u64]) -> String {
     )
 }
 
-/// 32 random bytes as hex: the token-signing secret of this run.
-fn random_secret() -> Result<String, String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for the feed secret: {e}"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// The calls: `calls` copies of the recordings' conversations, round robin, each under its own
 /// id (`<recorded id>.<i>`).
 fn calls(lines: &[RecordedLine], calls: usize) -> Vec<(String, Vec<RecordedLine>)> {
@@ -554,7 +547,7 @@ pub async fn run(registry: &Registry, args: FeedBenchArgs, out: &Stream, err: &S
         .collect::<HashSet<_>>()
         .len();
     let longest_ms = lines.iter().map(|l| l.offset_ms).max().unwrap_or(0);
-    let secret = match random_secret() {
+    let secret = match crate::console::random_secret() {
         Ok(s) => s,
         Err(e) => {
             say(err, &format!("error: {e}"));
@@ -586,16 +579,13 @@ pub async fn run(registry: &Registry, args: FeedBenchArgs, out: &Stream, err: &S
         .with_observer(wiring.observer()),
     );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let secret_env = feed_config.secret_env.clone();
-    let env = move |name: &str| (name == secret_env).then(|| secret.clone());
-    let service = match FeedService::new(
+    let service = match wiring.service_with_secret(
         &feed_config,
-        &env,
-        wiring.hub.clone(),
-        Some(engine.clone()),
+        Some(secret),
+        engine.clone(),
         shutdown_rx.clone(),
     ) {
-        Ok(s) => Arc::new(s),
+        Ok(s) => s,
         Err(e) => {
             say(err, &format!("error: {e}"));
             return 1;

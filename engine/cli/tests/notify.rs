@@ -82,11 +82,17 @@ async fn receiver(seen: Arc<Mutex<Seen>>) -> String {
     format!("http://{addr}/hook")
 }
 
+/// The shipped `prompter.yaml`, its paths made absolute so it can live in a test's folder.
+fn shipped_config() -> String {
+    let root = root();
+    std::fs::read_to_string(root.join("prompter.yaml"))
+        .unwrap()
+        .replace("pipelines/", &format!("{}/pipelines/", root.display()))
+}
+
 /// The shipped `prompter.yaml` plus a webhook sink taking the final suggestions.
 fn config(dir: &std::path::Path, url: &str) -> String {
-    let root = root();
-    let shipped = std::fs::read_to_string(root.join("prompter.yaml")).unwrap();
-    let shipped = shipped.replace("pipelines/", &format!("{}/pipelines/", root.display()));
+    let shipped = shipped_config();
     let yaml = format!(
         "{shipped}
 sinks:
@@ -413,10 +419,7 @@ async fn slack_gets_one_message_per_card_posted_once_then_updated_in_place_at_mo
     let calls: SlackCalls = Arc::default();
     let api = slack(calls.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let root = root();
-    let shipped = std::fs::read_to_string(root.join("prompter.yaml"))
-        .unwrap()
-        .replace("pipelines/", &format!("{}/pipelines/", root.display()));
+    let shipped = shipped_config();
     let cfg = dir.path().join("prompter.yaml");
     std::fs::write(
         &cfg,
@@ -579,9 +582,7 @@ async fn the_recap_reaches_the_customer_by_twilio_split_to_the_limit_and_by_vona
     let base = sms_fakes(calls.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let root = root();
-    let shipped = std::fs::read_to_string(root.join("prompter.yaml"))
-        .unwrap()
-        .replace("pipelines/", &format!("{}/pipelines/", root.display()));
+    let shipped = shipped_config();
     let cfg = dir.path().join("prompter.yaml");
     std::fs::write(
         &cfg,
@@ -775,9 +776,7 @@ async fn the_post_call_email_reaches_a_real_smtp_server_with_the_summary_and_the
     let server = smtp(&maildir);
     let down = free_port();
     let root = root();
-    let shipped = std::fs::read_to_string(root.join("prompter.yaml"))
-        .unwrap()
-        .replace("pipelines/", &format!("{}/pipelines/", root.display()));
+    let shipped = shipped_config();
     let cfg = dir.path().join("prompter.yaml");
     std::fs::write(
         &cfg,
@@ -898,10 +897,7 @@ async fn one_replayed_call_feeds_slack_a_webhook_an_email_and_an_sms_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let maildir = dir.path().join("mail");
     let server = smtp(&maildir);
-    let root = root();
-    let shipped = std::fs::read_to_string(root.join("prompter.yaml"))
-        .unwrap()
-        .replace("pipelines/", &format!("{}/pipelines/", root.display()));
+    let shipped = shipped_config();
     let cfg = dir.path().join("prompter.yaml");
     std::fs::write(
         &cfg,
