@@ -54,10 +54,9 @@ async fn webhooks_signed_by_twilios_library_are_answered_and_others_get_403() {
     let hooks = Arc::new(
         TwilioHooks::new(
             TwilioConfig {
-                public_url: public.into(),
                 auth_token_env: "TOKEN".into(),
-                media_path: "/twilio/media".into(),
                 then: "<Dial><Conference>support</Conference></Dial>".into(),
+                ..TwilioConfig::new(public)
             },
             &|_| Some(TOKEN.to_owned()),
         )

@@ -26,6 +26,7 @@ use prompter_engine::sink::JsonLines;
 use prompter_engine::source::symbl::SymblSource;
 use prompter_engine::source::{Notices, Source};
 use prompter_engine::stats::Stats;
+use prompter_engine::twilio::bridge::Bridge;
 
 /// Options of `prompter run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -54,6 +55,12 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         return 1;
     };
     let mut symbl = loaded.settings.symbl.clone().unwrap_or_default();
+    // `twilio.public_url: ${TWILIO_PUBLIC_URL:-}` left empty means "no bridge".
+    let loaded_twilio = loaded
+        .settings
+        .twilio
+        .clone()
+        .filter(|t| !t.public_url.trim().is_empty());
     // `${VAR:-}` left empty means "not set".
     symbl.updates = symbl.updates.filter(|u| !u.trim().is_empty());
     symbl.connections.extend(args.connections.iter().cloned());
@@ -87,7 +94,6 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     }
 
     // The console lives on the engine's server: without one, there is nothing to serve it on.
-    let loaded_twilio = loaded.settings.twilio.clone();
     let feed_config = loaded.settings.feed.clone().filter(|_| {
         if listen.is_none() {
             say(
@@ -117,7 +123,10 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     let engine = Arc::new(engine);
     let notices_err = err.clone();
     let notices: Notices = Arc::new(move |m: &str| say(&notices_err, m));
-    let source = SymblSource::new(symbl, auth, notices);
+    let trackers = symbl.trackers.clone();
+    let reconnect = symbl.reconnect;
+    let streaming = prompter_symbl::streaming::StreamingClient::new(&symbl, auth.clone());
+    let source = SymblSource::new(symbl, auth, notices.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut routes = source.routes();
     if let (Some(feed), Some(config)) = (&feed, &feed_config) {
@@ -129,6 +138,7 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
             }
         }
     }
+    let mut bridge_source = None;
     if let Some(twilio) = loaded_twilio {
         if listen.is_none() {
             say(
@@ -137,8 +147,13 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
             );
         } else {
             let env = |name: &str| std::env::var(name).ok();
-            match prompter_engine::twilio::TwilioHooks::new(twilio, &env) {
-                Ok(hooks) => routes = routes.merge(Arc::new(hooks).routes()),
+            match bridge(
+                twilio, &env, streaming, trackers, reconnect, &engine, notices,
+            ) {
+                Ok((twilio_routes, b)) => {
+                    routes = routes.merge(twilio_routes);
+                    bridge_source = Some(b);
+                }
                 Err(e) => {
                     say(err, &format!("error: {e}"));
                     return 1;
@@ -168,6 +183,9 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
             }
         }
     }
+    let bridge_task = bridge_source
+        .clone()
+        .map(|b| tokio::spawn(Box::new(b).run(engine.clone(), shutdown_rx.clone())));
     let source = tokio::spawn(Box::new(source).run(engine.clone(), shutdown_rx));
 
     let mut sigterm = terminate_signal();
@@ -182,6 +200,14 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         Ok(Err(e)) => say(err, &format!("error: {e}")),
         Err(e) => tracing::error!(error = %e, "The Symbl source panicked."),
     }
+    // Every call's last events are handed over and each bridged call completed.
+    if let Some(task) = bridge_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => say(err, &format!("error: {e}")),
+            Err(e) => tracing::error!(error = %e, "The Twilio bridge panicked."),
+        }
+    }
     engine.finish().await;
     say(
         err,
@@ -193,7 +219,64 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         ),
     );
     crate::cli::report_notifiers(&notifiers, err);
+    if let Some(b) = &bridge_source {
+        let s = b.stats();
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        say(
+            err,
+            &format!(
+                "twilio bridge: {} call(s), {} audio frame(s) ({} bytes), {} dropped, {} malformed, {} refused stream(s), {} Symbl reconnect(s)",
+                n(&s.calls),
+                n(&s.frames),
+                n(&s.bytes),
+                n(&s.dropped),
+                n(&s.malformed),
+                n(&s.refused),
+                n(&s.reconnects)
+            ),
+        );
+    }
     0
+}
+
+/// Twilio's webhooks, the media socket and `/symbl/updates`, and the bridge as a source.
+fn bridge(
+    config: prompter_engine::twilio::TwilioConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+    streaming: prompter_symbl::streaming::StreamingClient,
+    trackers: Vec<prompter_symbl::config::TrackerSpec>,
+    reconnect: prompter_core::backoff::Backoff,
+    engine: &Arc<Engine>,
+    notices: Notices,
+) -> Result<(axum::Router, Bridge), String> {
+    use prompter_engine::twilio::{TwilioHooks, updates::Updates};
+    let updates_token = match &config.updates_token_env {
+        Some(name) => Some(
+            env(name)
+                .filter(|t| !t.trim().is_empty())
+                .map(prompter_core::secret::Secret::new)
+                .ok_or_else(|| format!("the update feed's token is not set: put it in `{name}`"))?,
+        ),
+        None => None,
+    };
+    let updates = Updates::new(updates_token);
+    let updates_path = config.updates_path.clone();
+    let hooks = TwilioHooks::new(config, env)?;
+    let bridge = Bridge::new(
+        hooks.config(),
+        hooks.auth_token().clone(),
+        streaming,
+        trackers,
+        reconnect,
+        engine.clone(),
+        updates.clone(),
+        notices,
+    )?;
+    let routes = Arc::new(hooks)
+        .routes()
+        .merge(bridge.routes())
+        .merge(updates.routes(&updates_path));
+    Ok((routes, bridge))
 }
 
 #[cfg(unix)]

@@ -82,14 +82,23 @@ pub enum EndReason {
     GaveUp(String),
 }
 
-/// The identities of the last frames seen, to drop redeliveries.
-struct Seen {
+/// The identities ([`frame_identity`]) of the last [`DEDUP_WINDOW`] frames seen, to drop a
+/// frame delivered twice (after a reconnect, or by two sockets of one conversation).
+#[derive(Debug)]
+pub struct Seen {
     order: VecDeque<u64>,
     set: HashSet<u64>,
 }
 
+impl Default for Seen {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Seen {
-    fn new() -> Self {
+    /// An empty window.
+    pub fn new() -> Self {
         Seen {
             order: VecDeque::with_capacity(DEDUP_WINDOW),
             set: HashSet::with_capacity(DEDUP_WINDOW),
@@ -97,7 +106,7 @@ impl Seen {
     }
 
     /// True the first time `identity` is seen (within the window).
-    fn first_time(&mut self, identity: u64) -> bool {
+    pub fn first_time(&mut self, identity: u64) -> bool {
         if !self.set.insert(identity) {
             return false;
         }

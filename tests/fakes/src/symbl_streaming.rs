@@ -29,7 +29,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -100,6 +100,10 @@ pub struct StreamingState {
     next_conversation: AtomicU64,
     /// Messages to refuse the next starts with.
     refusals: Mutex<VecDeque<String>>,
+    /// Handshakes still to answer 503 (Symbl unreachable for a while).
+    unavailable: AtomicU32,
+    /// Started sockets by connection id and speaker `userId`, for pushes to one socket.
+    by_speaker: Mutex<HashMap<(String, String), mpsc::UnboundedSender<Push>>>,
 }
 
 impl StreamingState {
@@ -156,6 +160,17 @@ fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     s.streaming.handshakes.fetch_add(1, Ordering::SeqCst);
+    if s.streaming
+        .unavailable
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "Service Unavailable",
+        )
+            .into_response();
+    }
     let token_in_query = query.get("access_token").is_some_and(|t| s.valid_token(t));
     let token_in_header = headers
         .get("x-api-key")
@@ -234,6 +249,15 @@ async fn serve_socket(s: Arc<SymblState>, record: StreamingSocket, mut socket: W
                             // Registered before the greeting goes out, so a test reacting to
                             // the greeting can push at once (pushes queue behind it).
                             lock(&st.live).entry(connection_id.clone()).or_default().push(tx.clone());
+                            if let Some(user) = lock(&st.sockets)
+                                .get(index)
+                                .and_then(|r| r.start_request.as_ref())
+                                .and_then(|r| r.pointer("/speaker/userId"))
+                                .and_then(Value::as_str)
+                            {
+                                lock(&st.by_speaker)
+                                    .insert((connection_id.clone(), user.to_owned()), tx.clone());
+                            }
                             if !send_all(&mut socket, &greeting).await {
                                 break;
                             }
@@ -504,6 +528,29 @@ impl SymblFake {
         if let Some(senders) = lock(&self.state.streaming.live).get_mut(connection_id) {
             senders.retain(|tx| tx.send(Push::Text(text.to_owned())).is_ok());
         }
+    }
+
+    /// Sends `frame` to the started socket on `connection_id` whose `start_request` named the
+    /// speaker `user_id` (the last one opened); false when there is none.
+    pub fn push_streaming_to(&self, connection_id: &str, user_id: &str, frame: &Value) -> bool {
+        let key = (connection_id.to_owned(), user_id.to_owned());
+        lock(&self.state.streaming.by_speaker)
+            .get(&key)
+            .is_some_and(|tx| tx.send(Push::Text(frame.to_string())).is_ok())
+    }
+
+    /// Drops the started socket on `connection_id` whose speaker is `user_id`, without a close
+    /// frame, as a network failure would; false when there is none.
+    pub fn drop_streaming_speaker(&self, connection_id: &str, user_id: &str) -> bool {
+        let key = (connection_id.to_owned(), user_id.to_owned());
+        lock(&self.state.streaming.by_speaker)
+            .remove(&key)
+            .is_some_and(|tx| tx.send(Push::Kill).is_ok())
+    }
+
+    /// Answers the next `n` Streaming handshakes with 503, as while Symbl is unreachable.
+    pub fn fail_streaming_handshakes(&self, n: u32) {
+        self.state.streaming.unavailable.store(n, Ordering::SeqCst);
     }
 
     /// Drops every started socket on `connection_id` without a close frame, as a network

@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prompter_core::secret::Secret;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
 
 use super::events::{classify, learned_conversation_id, socket_error};
@@ -236,7 +238,7 @@ async fn connect(url: &str, token: &Secret) -> Result<Ws, StreamingError> {
         .map_err(|e| failed(tungstenite::Error::HttpFormat(e.into())))?;
     key.set_sensitive(true);
     request.headers_mut().insert("X-API-KEY", key);
-    match tokio_tungstenite::connect_async(request).await {
+    match tokio_tungstenite::connect_async_with_config(request, Some(socket_config()), true).await {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(response)) => {
             let status = response.status().as_u16();
@@ -250,6 +252,22 @@ async fn connect(url: &str, token: &Secret) -> Result<Ws, StreamingError> {
         Err(e) => Err(failed(e)),
     }
 }
+
+/// A session's socket buffers: 8 KiB each way (tungstenite's 128 KiB defaults would cost about
+/// 270 KiB per call with two tracks), and Symbl's frames, which are small JSON, capped at 4 MiB.
+fn socket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
+        .max_write_buffer_size(MAX_INCOMING)
+        .max_message_size(Some(MAX_INCOMING))
+        .max_frame_size(Some(MAX_INCOMING))
+}
+
+/// Read and write buffer of a session's socket.
+const SOCKET_BUFFER: usize = 8 * 1024;
+/// The largest frame or message taken from Symbl, and the most output buffered.
+const MAX_INCOMING: usize = 4 << 20;
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
 fn encode(s: &str) -> String {
@@ -265,7 +283,7 @@ fn encode(s: &str) -> String {
 }
 
 enum Command {
-    Audio(Vec<u8>),
+    Audio(Bytes),
     Stop,
 }
 
@@ -294,15 +312,36 @@ impl AudioSender {
     /// [`StreamingError::SessionEnded`] when the socket is gone.
     pub async fn send(&self, audio: &[u8]) -> Result<(), StreamingError> {
         for chunk in audio.chunks(MAX_AUDIO_FRAME) {
-            if self.stopping.load(Ordering::SeqCst) {
-                return Err(StreamingError::AudioAfterStop);
-            }
-            self.commands
-                .send(Command::Audio(chunk.to_vec()))
-                .await
-                .map_err(|_| StreamingError::SessionEnded)?;
+            self.send_chunk(Bytes::copy_from_slice(chunk)).await?;
         }
         Ok(())
+    }
+
+    /// Queues one chunk of at most [`MAX_AUDIO_FRAME`] bytes as one binary frame, without
+    /// copying it (longer chunks are split, still without copying). Cancel-safe: when the
+    /// future is dropped before it completes, nothing was queued.
+    ///
+    /// # Errors
+    /// As [`AudioSender::send`].
+    pub async fn send_chunk(&self, chunk: Bytes) -> Result<(), StreamingError> {
+        if chunk.len() > MAX_AUDIO_FRAME {
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                let part = rest.split_to(rest.len().min(MAX_AUDIO_FRAME));
+                Box::pin(self.send_chunk(part)).await?;
+            }
+            return Ok(());
+        }
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(StreamingError::AudioAfterStop);
+        }
+        self.commands
+            .send(Command::Audio(chunk))
+            .await
+            .map_err(|_| StreamingError::SessionEnded)
     }
 }
 
@@ -316,7 +355,15 @@ pub struct StreamingSession {
     events: mpsc::Receiver<StreamingEvent>,
     conversation: watch::Receiver<Option<String>>,
     connection_id: String,
-    task: JoinHandle<Result<SessionEnd, StreamingError>>,
+    task: JoinHandle<Ended>,
+}
+
+/// How a session's task ended, and the audio it had been given but had not written when its
+/// socket failed.
+#[derive(Debug)]
+struct Ended {
+    result: Result<SessionEnd, StreamingError>,
+    unsent: Vec<Bytes>,
 }
 
 impl StreamingSession {
@@ -384,6 +431,14 @@ impl StreamingSession {
     /// [`StreamingError::Dropped`] or [`StreamingError::Socket`] when the socket failed,
     /// [`StreamingError::StopTimedOut`] when Symbl did not end the conversation in time.
     pub async fn finish(self) -> Result<SessionEnd, StreamingError> {
+        self.finish_with_unsent().await.0
+    }
+
+    /// [`StreamingSession::finish`], also handing back the audio queued with
+    /// [`AudioSender::send_chunk`] that was never written because the socket failed (in the
+    /// order it was queued), so that a reconnected session can send it: nothing the caller
+    /// queued is lost to a dropped socket. Empty when the session ended normally.
+    pub async fn finish_with_unsent(self) -> (Result<SessionEnd, StreamingError>, Vec<Bytes>) {
         let StreamingSession {
             audio,
             events,
@@ -396,7 +451,10 @@ impl StreamingSession {
             let _ = audio.commands.send(Command::Stop).await;
         }
         drop(audio);
-        task.await.map_err(|_| StreamingError::TaskPanicked)?
+        match task.await {
+            Ok(Ended { result, unsent }) => (result, unsent),
+            Err(_) => (Err(StreamingError::TaskPanicked), Vec::new()),
+        }
     }
 }
 
@@ -415,8 +473,9 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self) -> Result<SessionEnd, StreamingError> {
-        let result = self.drive().await;
+    async fn run(mut self) -> Ended {
+        let mut failed_chunk = None;
+        let result = self.drive(&mut failed_chunk).await;
         match &result {
             Ok(end) => {
                 tracing::info!(connection_id = %self.connection_id, end = ?end, "Symbl streaming session ended.");
@@ -425,10 +484,24 @@ impl Driver {
                 tracing::warn!(connection_id = %self.connection_id, error = %e, "Symbl streaming session failed.");
             }
         }
-        result
+        // The audio not written: the chunk whose write failed, then what is still queued.
+        let mut unsent = Vec::new();
+        if result.is_err() {
+            unsent.extend(failed_chunk);
+            self.commands.close();
+            while let Ok(command) = self.commands.try_recv() {
+                if let Command::Audio(chunk) = command {
+                    unsent.push(chunk);
+                }
+            }
+        }
+        Ended { result, unsent }
     }
 
-    async fn drive(&mut self) -> Result<SessionEnd, StreamingError> {
+    async fn drive(
+        &mut self,
+        failed_chunk: &mut Option<Bytes>,
+    ) -> Result<SessionEnd, StreamingError> {
         let mut ping = (!self.ping_interval.is_zero()).then(|| {
             let mut i =
                 tokio::time::interval_at(Instant::now() + self.ping_interval, self.ping_interval);
@@ -463,7 +536,11 @@ impl Driver {
                 }
                 command = self.commands.recv(), if commands_open => match command {
                     Some(Command::Audio(chunk)) if stop_deadline.is_none() => {
-                        self.ws.send(Message::binary(chunk)).await.map_err(socket_error)?;
+                        // A cheap handle kept until the write is done: if it fails, the chunk
+                        // goes back to the caller unsent.
+                        *failed_chunk = Some(chunk.clone());
+                        self.ws.send(Message::Binary(chunk)).await.map_err(socket_error)?;
+                        *failed_chunk = None;
                     }
                     Some(Command::Audio(_)) => {
                         tracing::debug!("Dropped audio queued after the stop_request.");

@@ -1,6 +1,13 @@
-//! Twilio's voice webhooks on the engine's server: the TwiML that forks a call's audio to the
-//! bridge's media socket, and the status callback, every request checked against
-//! `X-Twilio-Signature`.
+//! The Twilio bridge: a phone call from Twilio's first webhook to events in the engine, in one
+//! process.
+//!
+//! - This module: the `twilio:` section, Twilio's voice webhooks on the engine's server (the
+//!   TwiML that forks a call's audio to the media socket, the status callback), every request
+//!   checked against `X-Twilio-Signature`.
+//! - [`bridge`]: the Media Streams socket; per call, one Symbl Streaming session per track,
+//!   reconnected with the audio kept meanwhile, and the sessions' events straight into the
+//!   engine as one conversation keyed by the call.
+//! - [`updates`]: `/symbl/updates`, the integration server's feed of live connections.
 //!
 //! ```yaml
 //! twilio:
@@ -11,10 +18,14 @@
 //! ```
 //!
 //! `POST /twilio/voice` answers with `<Start><Stream track="both_tracks">` to the media socket,
-//! passing the call's `From`, `To` and `CallSid` as `<Parameter>`s, then the operator's TwiML
-//! (`then`: dial an agent, a conference). `POST /twilio/status` takes call status callbacks.
-//! A request whose signature does not match (HMAC-SHA1 with the account's auth token over the
-//! URL as Twilio sees it and the sorted form parameters, compared in constant time) gets 403.
+//! passing the call's `From`, `To` and `CallSid` and the call's media token as `<Parameter>`s,
+//! then the operator's TwiML (`then`: dial an agent, a conference). `POST /twilio/status` takes
+//! call status callbacks. A request whose signature does not match (HMAC-SHA1 with the
+//! account's auth token over the URL as Twilio sees it and the sorted form parameters, compared
+//! in constant time) gets 403.
+
+pub mod bridge;
+pub mod updates;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,7 +41,7 @@ use serde::Deserialize;
 use sha1::Sha1;
 
 /// The `twilio:` section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TwilioConfig {
     /// The base URL Twilio calls (`https://bridge.example.com`): signatures are over the URL as
@@ -46,6 +57,183 @@ pub struct TwilioConfig {
     /// with a long pause.
     #[serde(default = "default_then")]
     pub then: String,
+    /// How the media socket tells Twilio's streams from anyone else's. Default `token`.
+    #[serde(default)]
+    pub media_auth: MediaAuth,
+    /// Who speaks on each track.
+    #[serde(default)]
+    pub speakers: Speakers,
+    /// What each Streaming API session asks Symbl for.
+    #[serde(default)]
+    pub streaming: StreamingSettings,
+    /// Audio kept per track while its Symbl socket reconnects, in milliseconds of 20 ms
+    /// frames; older audio is sent first once the socket is back, audio beyond it is dropped
+    /// (and counted). Default 30,000.
+    #[serde(default = "default_outage_ms")]
+    pub outage_buffer_ms: u64,
+    /// Where the feed of live connections is served (`connection_started`, ...). Default
+    /// `/symbl/updates`.
+    #[serde(default = "default_updates_path")]
+    pub updates_path: String,
+    /// Environment variable holding a token the update feed's subscribers must present
+    /// (`?access_token=` or `Authorization: Bearer`). Default: none (as Symbl's server, which
+    /// then shows callers' numbers to anyone who can reach it: keep it on a private network).
+    #[serde(default)]
+    pub updates_token_env: Option<String>,
+}
+
+impl TwilioConfig {
+    /// The defaults for a bridge reached at `public_url`.
+    pub fn new(public_url: impl Into<String>) -> Self {
+        TwilioConfig {
+            public_url: public_url.into(),
+            auth_token_env: default_token_env(),
+            media_path: default_media_path(),
+            then: default_then(),
+            media_auth: MediaAuth::default(),
+            speakers: Speakers::default(),
+            streaming: StreamingSettings::default(),
+            outage_buffer_ms: default_outage_ms(),
+            updates_path: default_updates_path(),
+            updates_token_env: None,
+        }
+    }
+
+    /// The media socket's URL as Twilio opens it (`wss://` + host + `media_path`).
+    pub fn media_url(&self) -> String {
+        let base = self.public_url.trim_end_matches('/');
+        let ws = base
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
+        format!("{ws}{}", self.media_path)
+    }
+}
+
+/// How the media socket authenticates a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaAuth {
+    /// The stream's `start` must carry the `prompter_token` parameter the voice webhook put in
+    /// the TwiML (an HMAC of the call sid with the auth token): a stream for a call the
+    /// webhook did not answer is refused before any Symbl session opens. An upgrade request
+    /// carrying `X-Twilio-Signature` must also match it.
+    #[default]
+    Token,
+    /// Any stream is taken (a bridge only this machine can reach).
+    None,
+}
+
+/// Who speaks on each track: minijinja templates over the stream's custom parameters (the
+/// `<Parameter>`s: `From`, `To`, `CallSid`, and whatever the operator's TwiML adds).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Speakers {
+    /// The caller, on the `inbound` track. Default: name `Customer`, id `{{ From }}`.
+    #[serde(default = "default_customer")]
+    pub customer: SpeakerTemplate,
+    /// The agent, on the `outbound` track. Default: name `Agent`, id `{{ To }}`.
+    #[serde(default = "default_agent")]
+    pub agent: SpeakerTemplate,
+}
+
+impl Default for Speakers {
+    fn default() -> Self {
+        Speakers {
+            customer: default_customer(),
+            agent: default_agent(),
+        }
+    }
+}
+
+/// One speaker's name and user id, as templates.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeakerTemplate {
+    /// The name Symbl and the agent see.
+    pub name: String,
+    /// The user id (a phone number, an e-mail).
+    pub user_id: String,
+}
+
+fn default_customer() -> SpeakerTemplate {
+    SpeakerTemplate {
+        name: "{{ CustomerName or 'Customer' }}".into(),
+        user_id: "{{ From }}".into(),
+    }
+}
+fn default_agent() -> SpeakerTemplate {
+    SpeakerTemplate {
+        name: "{{ AgentName or 'Agent' }}".into(),
+        user_id: "{{ AgentId or To }}".into(),
+    }
+}
+
+/// The `start_request` of each session (beyond the audio format, MULAW/8000, the speaker and
+/// the trackers of `symbl.trackers`, which the bridge sets).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamingSettings {
+    /// `insightTypes`. Default `[question, action_item, follow_up]`.
+    #[serde(default = "default_insights")]
+    pub insight_types: Vec<String>,
+    /// `config.trackers.interimResults`: trackers as soon as Symbl hears them. Default true.
+    #[serde(default = "yes")]
+    pub interim_results: bool,
+    /// `config.trackers.enableAllTrackers`: the account's trackers too. Default true.
+    #[serde(default = "yes")]
+    pub enable_all_trackers: bool,
+    /// `config.sentiment`. Default true.
+    #[serde(default = "yes")]
+    pub sentiment: bool,
+    /// `config.languageCode`. Default `en-US`.
+    #[serde(default = "default_language")]
+    pub language_code: String,
+    /// `config.confidenceThreshold` (0.5 to 1.0). Default 0.5.
+    #[serde(default = "default_confidence")]
+    pub confidence_threshold: f64,
+}
+
+impl Default for StreamingSettings {
+    fn default() -> Self {
+        StreamingSettings {
+            insight_types: default_insights(),
+            interim_results: true,
+            enable_all_trackers: true,
+            sentiment: true,
+            language_code: default_language(),
+            confidence_threshold: default_confidence(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_insights() -> Vec<String> {
+    vec!["question".into(), "action_item".into(), "follow_up".into()]
+}
+fn default_language() -> String {
+    "en-US".into()
+}
+fn default_confidence() -> f64 {
+    0.5
+}
+fn default_outage_ms() -> u64 {
+    30_000
+}
+fn default_updates_path() -> String {
+    "/symbl/updates".into()
+}
+
+/// The media token of a call: what the voice webhook passes as the `prompter_token`
+/// `<Parameter>` and the media socket expects in the stream's `start` (URL-safe base64 of
+/// HMAC-SHA256 over the call sid, keyed with the auth token).
+pub fn call_token(auth_token: &str, call_sid: &str) -> String {
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(auth_token.as_bytes())
+        .expect("invariant: HMAC accepts keys of any length");
+    mac.update(b"prompter-media:");
+    mac.update(call_sid.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
 }
 
 fn default_token_env() -> String {
@@ -57,6 +245,9 @@ fn default_media_path() -> String {
 fn default_then() -> String {
     "<Pause length=\"3600\"/>".into()
 }
+
+/// The name of the `<Parameter>` carrying the call's media token.
+pub const TOKEN_PARAMETER: &str = "prompter_token";
 
 /// The `X-Twilio-Signature` of a request to `url` with form `params` (repeated names allowed),
 /// as Twilio computes it: base64 HMAC-SHA1 over the URL followed by each parameter's name and
@@ -191,6 +382,16 @@ impl TwilioHooks {
             .with_state(self)
     }
 
+    /// The account's auth token (it signs webhooks and keys call tokens).
+    pub fn auth_token(&self) -> &Secret {
+        &self.token
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TwilioConfig {
+        &self.config
+    }
+
     /// The status callbacks received: (`CallSid`, `CallStatus`).
     pub fn statuses(&self) -> Vec<(String, String)> {
         self.statuses
@@ -225,10 +426,6 @@ impl TwilioHooks {
 
     /// The TwiML for a new call: fork both tracks to the media socket, then the operator's verbs.
     pub fn twiml(&self, params: &[(String, String)]) -> String {
-        let base = self.config.public_url.trim_end_matches('/');
-        let ws = base
-            .replacen("https://", "wss://", 1)
-            .replacen("http://", "ws://", 1);
         let get = |k: &str| {
             params
                 .iter()
@@ -236,14 +433,19 @@ impl TwilioHooks {
                 .map_or("", |(_, v)| v.as_str())
         };
         let mut xml = format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response>\n  <Start>\n    <Stream url=\"{}{}\" track=\"both_tracks\">\n",
-            attr(&ws),
-            attr(&self.config.media_path)
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response>\n  <Start>\n    <Stream url=\"{}\" track=\"both_tracks\">\n",
+            attr(&self.config.media_url()),
         );
         for name in ["CallSid", "From", "To"] {
             xml.push_str(&format!(
                 "      <Parameter name=\"{name}\" value=\"{}\"/>\n",
                 attr(get(name))
+            ));
+        }
+        if self.config.media_auth == MediaAuth::Token {
+            xml.push_str(&format!(
+                "      <Parameter name=\"{TOKEN_PARAMETER}\" value=\"{}\"/>\n",
+                call_token(self.token.expose(), get("CallSid"))
             ));
         }
         xml.push_str("    </Stream>\n  </Start>\n  ");
@@ -405,10 +607,9 @@ mod tests {
     fn the_twiml_forks_both_tracks_with_the_calls_parameters_then_the_operators_verbs() {
         let hooks = TwilioHooks::new(
             TwilioConfig {
-                public_url: "https://bridge.example.com/".into(),
                 auth_token_env: "T".into(),
-                media_path: default_media_path(),
                 then: "<Dial>+15550001111</Dial>".into(),
+                ..TwilioConfig::new("https://bridge.example.com/")
             },
             &|_| Some("tok".into()),
         )
@@ -436,15 +637,9 @@ mod tests {
             "{xml}"
         );
         assert!(
-            TwilioHooks::new(
-                TwilioConfig {
-                    public_url: "bridge.example.com".into(),
-                    auth_token_env: "T".into(),
-                    media_path: default_media_path(),
-                    then: default_then(),
-                },
-                &|_| Some("tok".into())
-            )
+            TwilioHooks::new(TwilioConfig::new("bridge.example.com"), &|_| Some(
+                "tok".into()
+            ))
             .is_err()
         );
     }
