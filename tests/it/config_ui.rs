@@ -73,6 +73,7 @@ fn invalid_configs_match_their_snapshots() {
             "misspelt_plugin.yaml",
             "schema_errors.yaml",
             "syntax_error.yaml",
+            "twilio_errors.yaml",
         ]
     );
 }

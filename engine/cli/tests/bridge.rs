@@ -278,8 +278,9 @@ async fn a_call_through_the_bridge_reaches_symbl_byte_for_byte_and_its_trackers_
             == 2
     })
     .await;
-    // What Symbl "hears": the customer's sentence on the inbound socket, the tracker on both
-    // sockets of the conversation, the agent's answer on the outbound one.
+    // What Symbl "hears": the customer's sentence on the inbound socket, the agent's answer on
+    // the outbound one, then the final tracker (after the answer on the same socket, so the
+    // prompt has both; the next test sends a tracker on both sockets).
     caller.sent(250).await;
     assert!(symbl.push_streaming_to(
         &conn,
@@ -289,7 +290,6 @@ async fn a_call_through_the_bridge_reaches_symbl_byte_for_byte_and_its_trackers_
             "m-customer-1"
         )
     ));
-    symbl.push_streaming(&conn, budget_tracker());
     caller.sent(420).await;
     assert!(symbl.push_streaming_to(
         &conn,
@@ -299,6 +299,7 @@ async fn a_call_through_the_bridge_reaches_symbl_byte_for_byte_and_its_trackers_
             "m-agent-1"
         )
     ));
+    assert!(symbl.push_streaming_to(&conn, TO, &budget_tracker()));
     caller.done.await.unwrap();
 
     // The call ends: one completion, post-call pipelines, connection_stopped.
@@ -355,8 +356,8 @@ async fn a_call_through_the_bridge_reaches_symbl_byte_for_byte_and_its_trackers_
         assert!(s.stop_requested && s.closed);
     }
 
-    // The tracker came on both sockets and made one card, for this call; the prompt names
-    // the customer and the agent after their tracks.
+    // The tracker made one card, for this call; the prompt names
+    // the customer and the agent after their tracks (Symbl's sentences named no one).
     let outputs = engine.outputs();
     let cards: Vec<&Value> = outputs
         .iter()
@@ -378,8 +379,11 @@ async fn a_call_through_the_bridge_reaches_symbl_byte_for_byte_and_its_trackers_
         prompt.contains("Customer: Honestly, it is too expensive"),
         "{prompt}"
     );
+    assert!(prompt.contains("Agent: I understand."), "{prompt}");
     let (code, stderr, _) = engine.interrupt();
     assert_eq!(code, 0, "{stderr}");
+    // Symbl's greeting once (both sessions got it), two sentences, the tracker, the end.
+    assert!(stderr.contains("stopped: 7 event(s)"), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "call {call_sid}: ended (the call's stream stopped)"
@@ -500,6 +504,9 @@ async fn a_symbl_socket_dropped_mid_call_reconnects_and_sends_the_audio_kept_mea
         stderr.contains("0 dropped, 1 malformed, 0 refused stream(s), 1 Symbl reconnect(s)"),
         "{stderr}"
     );
+    // Every event once: Symbl's greeting (3 frames, which each of the three sessions got),
+    // the two sentences, the tracker (which both sockets got) and the completion.
+    assert!(stderr.contains("stopped: 7 event(s)"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,17 @@ pub(super) fn engine_config(
     if let Some(node) = map.get_node("twilio")
         && let Some(cfg) = typed_config::<crate::twilio::TwilioConfig>(file, node, diags)
     {
+        for (path, problem) in cfg.problems() {
+            // The deepest key of the path that is written in the file.
+            let mut at = node;
+            for key in &path {
+                match at.as_mapping().and_then(|m| m.get_node(key)) {
+                    Some(n) => at = n,
+                    None => break,
+                }
+            }
+            diags.error_node(file, at, format!("`twilio.{}`: {problem}", path.join(".")));
+        }
         settings.twilio = Some(cfg);
     }
     // Agent actions deliver through declared sinks.

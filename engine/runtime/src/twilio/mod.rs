@@ -99,6 +99,63 @@ impl TwilioConfig {
         }
     }
 
+    /// What is wrong with the section, each problem with the path of the key it is about
+    /// (`["speakers", "customer", "name"]`), for `validate` to point at.
+    pub fn problems(&self) -> Vec<(Vec<&'static str>, String)> {
+        let mut out = Vec::new();
+        let url = self.public_url.trim();
+        if !url.is_empty() && !(url.starts_with("https://") || url.starts_with("http://")) {
+            out.push((
+                vec!["public_url"],
+                format!("`{url}` is not an http(s) URL (the base URL Twilio calls, e.g. https://bridge.example.com)"),
+            ));
+        }
+        for (key, path) in [
+            ("media_path", &self.media_path),
+            ("updates_path", &self.updates_path),
+        ] {
+            if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+                out.push((
+                    vec![key],
+                    format!("`{path}` is not a path (it starts with `/`, without a query)"),
+                ));
+            }
+        }
+        for (who, field, source) in [
+            ("customer", "name", &self.speakers.customer.name),
+            ("customer", "user_id", &self.speakers.customer.user_id),
+            ("agent", "name", &self.speakers.agent.name),
+            ("agent", "user_id", &self.speakers.agent.user_id),
+        ] {
+            if let Err(e) = prompter_core::template::Template::compile(source) {
+                out.push((vec!["speakers", who, field], format!("template error: {e}")));
+            }
+        }
+        for t in &self.streaming.insight_types {
+            if !matches!(
+                t.as_str(),
+                "question" | "action_item" | "follow_up" | "topic"
+            ) {
+                out.push((
+                    vec!["streaming", "insight_types"],
+                    format!(
+                        "unknown insight type `{t}`: one of question, action_item, follow_up, topic"
+                    ),
+                ));
+            }
+        }
+        if !(0.5..=1.0).contains(&self.streaming.confidence_threshold) {
+            out.push((
+                vec!["streaming", "confidence_threshold"],
+                format!(
+                    "{} is out of range: Symbl takes 0.5 to 1.0",
+                    self.streaming.confidence_threshold
+                ),
+            ));
+        }
+        out
+    }
+
     /// The media socket's URL as Twilio opens it (`wss://` + host + `media_path`).
     pub fn media_url(&self) -> String {
         let base = self.public_url.trim_end_matches('/');
