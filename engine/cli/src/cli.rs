@@ -105,6 +105,7 @@ enum Command {
     /// Mint an agent-console access link (or token) from the feed secret in the environment.
     ConsoleToken(crate::console::TokenArgs),
     /// Measure events per second and per-event engine overhead on replayed calls.
+    #[command(group(clap::ArgGroup::new("load").args(["feed_clients", "twilio_calls"])))]
     Bench {
         /// Engine config [default: ./prompter.yaml].
         #[arg(long)]
@@ -132,8 +133,19 @@ enum Command {
         /// Replay speed of the feed bench, times real time [default: 2].
         #[arg(long, value_name = "S", requires = "feed_clients")]
         speed: Option<f64>,
-        /// Print the feed bench's report as one JSON object.
-        #[arg(long, requires = "feed_clients")]
+        /// Instead, measure the Twilio bridge: this many simulated calls (both tracks, real
+        /// time) through a child `prompter run`, between a fake Twilio and a fake Symbl.
+        #[arg(
+            long,
+            value_name = "N",
+            conflicts_with_all = ["iterations", "long_call", "recordings", "config"]
+        )]
+        twilio_calls: Option<usize>,
+        /// Length of each call of the Twilio bench, in seconds [default: 30].
+        #[arg(long, value_name = "S", requires = "twilio_calls")]
+        seconds: Option<u64>,
+        /// Print the feed or Twilio bench's report as one JSON object.
+        #[arg(long, requires = "load")]
         json: bool,
     },
     /// List the built-in plugins, knowledge-store kinds, LLM provider and embedder kinds.
@@ -268,6 +280,19 @@ pub fn main(
             ))
         }
         Command::ConsoleToken(args) => crate::console::token(&registry, args, &out, &err),
+        Command::Bench {
+            twilio_calls: Some(calls),
+            seconds,
+            json,
+            ..
+        } => {
+            let args = crate::twilio_bench::TwilioBenchArgs {
+                calls,
+                seconds: seconds.unwrap_or(crate::twilio_bench::DEFAULT_SECONDS),
+                json,
+            };
+            runtime.block_on(crate::twilio_bench::run(args, &out, &err))
+        }
         Command::Bench {
             config,
             recordings,

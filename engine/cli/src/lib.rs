@@ -8,7 +8,9 @@
 //! - [`console`]: the agent console's wiring (`run` with `feed:`, `demo --console`) and
 //!   `prompter console-token`.
 //! - [`bench`](mod@bench): `prompter bench` and `prompter plugin bench`; [`feed_bench`]:
-//!   `prompter bench --feed-clients N`, the agent feed's fan-out under load.
+//!   `prompter bench --feed-clients N`, the agent feed's fan-out under load; [`twilio_bench`]:
+//!   `prompter bench --twilio-calls N`, the Twilio bridge under load (a child `prompter run`
+//!   between a fake Twilio and a fake Symbl).
 //! - [`kb`]: `prompter kb ingest`; [`plugin_cli`]: `prompter plugin new|test`;
 //!   `trackers_cli`: `prompter trackers sync`.
 
@@ -22,3 +24,4 @@ pub mod kb;
 pub mod live;
 pub mod plugin_cli;
 mod trackers_cli;
+pub mod twilio_bench;

@@ -291,24 +291,25 @@ impl Bridge {
         Speaker::new(render(id, ""), render(name, default_name))
     }
 
-    /// Bridges one call: the media socket's task.
-    async fn call(self, mut socket: WebSocket) {
-        let _live = LiveCall::enter(&self.0.live);
+    /// Bridges one call: the media socket's task. `_live` counts it until it returns.
+    async fn call(self, mut socket: WebSocket, _live: LiveCall) {
         let stats = &self.0.stats;
         let mut frame_no = 0u64;
-        let start =
-            match tokio::time::timeout(START_WAIT, wait_start(&mut socket, &mut frame_no, stats))
-                .await
-            {
-                Ok(Some(start)) => start,
-                Ok(None) => return,
-                Err(_) => {
-                    stats.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("A media stream sent no start within 10 s; closed.");
-                    close(&mut socket, 1008, "no start").await;
-                    return;
-                }
-            };
+        let mut stopping = self.0.stop.subscribe();
+        let waited = tokio::select! {
+            w = tokio::time::timeout(START_WAIT, wait_start(&mut socket, &mut frame_no, stats)) => w,
+            _ = stopping.wait_for(|s| *s) => Ok(None),
+        };
+        let start = match waited {
+            Ok(Some(start)) => start,
+            Ok(None) => return,
+            Err(_) => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("A media stream sent no start within 10 s; closed.");
+                close(&mut socket, 1008, "no start").await;
+                return;
+            }
+        };
         if self.0.media_auth == MediaAuth::Token {
             let expected = call_token(self.0.token.expose(), &start.call_sid);
             let presented = start.params.get(TOKEN_PARAMETER).map_or("", String::as_str);
@@ -336,6 +337,8 @@ impl Bridge {
             if r.is_empty() {
                 r = vec![Role::Customer, Role::Agent];
             }
+            // One session per track, whatever the list repeats.
+            r.sort_by_key(|role| role.index());
             r.dedup();
             r
         };
@@ -640,19 +643,23 @@ impl Bridge {
     }
 }
 
-/// Counts a call as live while it is bridged.
-struct LiveCall<'a>(&'a watch::Sender<usize>);
+/// Counts a call as live from its upgrade request until its task ends (or the upgrade fails),
+/// so that [`Source::run`] never returns while a call it could not see yet is starting.
+struct LiveCall(Arc<Shared>);
 
-impl<'a> LiveCall<'a> {
-    fn enter(live: &'a watch::Sender<usize>) -> Self {
-        live.send_modify(|n| *n += 1);
-        LiveCall(live)
+impl LiveCall {
+    /// Counts a call in, unless the bridge is stopping (checked after counting: a stop that
+    /// raced past the check waits for this call).
+    fn enter(shared: &Arc<Shared>) -> Option<Self> {
+        shared.live.send_modify(|n| *n += 1);
+        let guard = LiveCall(shared.clone());
+        (!*shared.stop.borrow()).then_some(guard)
     }
 }
 
-impl Drop for LiveCall<'_> {
+impl Drop for LiveCall {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.live.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -833,9 +840,9 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
 }
 
 async fn media(State(bridge): State<Bridge>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
-    if *bridge.0.stop.borrow() {
+    let Some(live) = LiveCall::enter(&bridge.0) else {
         return (StatusCode::SERVICE_UNAVAILABLE, "the engine is stopping\n").into_response();
-    }
+    };
     // Twilio signs the upgrade over the wss:// URL with no parameters; a request that carries a
     // signature must carry the right one.
     if bridge.0.media_auth == MediaAuth::Token
@@ -857,7 +864,7 @@ async fn media(State(bridge): State<Bridge>, headers: HeaderMap, ws: WebSocketUp
         .max_write_buffer_size(64 * 1024)
         .max_message_size(MAX_TWILIO_FRAME)
         .max_frame_size(MAX_TWILIO_FRAME)
-        .on_upgrade(move |socket| bridge.call(socket))
+        .on_upgrade(move |socket| bridge.call(socket, live))
 }
 
 #[prompter_core::async_trait]

@@ -104,7 +104,7 @@ impl TwilioConfig {
     pub fn problems(&self) -> Vec<(Vec<&'static str>, String)> {
         let mut out = Vec::new();
         let url = self.public_url.trim();
-        if !url.is_empty() && !(url.starts_with("https://") || url.starts_with("http://")) {
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
             out.push((
                 vec!["public_url"],
                 format!("`{url}` is not an http(s) URL (the base URL Twilio calls, e.g. https://bridge.example.com)"),
