@@ -403,7 +403,7 @@ impl LiveCall {
         let id = format!("long-call-{sentences}");
         for i in 0..sentences {
             for e in parse_frame(&id, i as u64 * 4_000, material.sentence(i)).unwrap_or_default() {
-                engine.dispatch(e).await;
+                engine.dispatch_from("replay", e).await;
             }
         }
         LiveCall {
@@ -421,7 +421,7 @@ impl LiveCall {
     async fn suggest(&mut self, material: &Material, j: usize) {
         let offset = self.sentences as u64 * 4_000 + j as u64 * 1_000;
         for e in parse_frame(&self.id, offset, material.tracker(j)).unwrap_or_default() {
-            self.engine.dispatch(e).await;
+            self.engine.dispatch_from("replay", e).await;
         }
         match tokio::time::timeout(Duration::from_secs(5), self.rx.recv()).await {
             Ok(Some(t)) => self.suggestion_us.push(t),

@@ -167,12 +167,14 @@ pub async fn demo(
         }
     };
     let token = service.mint(&Scope::Supervisor);
-    let bound = match prompter_engine::server::serve(
-        &opts.listen,
-        service.clone().routes(),
-        shutdown_rx.clone(),
-    )
-    .await
+    let routes = service
+        .clone()
+        .routes()
+        .merge(prompter_engine::server::metrics_routes(
+            engine.stats().clone(),
+        ));
+    let bound = match prompter_engine::server::serve(&opts.listen, routes, shutdown_rx.clone())
+        .await
     {
         Ok(b) => b,
         Err(e) => {

@@ -116,6 +116,7 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     if let Some(feed) = &feed {
         sinks.push(feed.sink());
     }
+    let engine_pipelines = loaded.pipelines.len();
     let mut engine = Engine::new(loaded.pipelines, loaded.settings, sinks, stats.clone());
     if let Some(feed) = &feed {
         engine = engine.with_observer(feed.observer());
@@ -161,6 +162,26 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
             }
         }
     }
+    // Metrics and readiness: notifier deliveries and the bridge are read at scrape time.
+    register_collectors(&stats, &notifiers, bridge_source.as_ref());
+    let pipelines = engine_pipelines;
+    let mut checks: Vec<(&'static str, prompter_engine::server::Check)> = vec![(
+        "config",
+        Box::new(move || Ok(format!("{pipelines} pipeline(s) loaded"))),
+    )];
+    if !notifiers.is_empty() {
+        let sinks = notifiers.clone();
+        checks.push(("sinks", Box::new(move || sinks_ready(&sinks))));
+    }
+    if let Some(b) = bridge_source.clone() {
+        checks.push((
+            "twilio",
+            Box::new(move || Ok(format!("{} call(s) bridged now", b.live_calls()))),
+        ));
+    }
+    routes = routes
+        .merge(prompter_engine::server::metrics_routes(stats.clone()))
+        .merge(prompter_engine::server::ready_routes(checks));
     if let Some(addr) = &listen {
         match prompter_engine::server::serve(addr, routes, shutdown_rx.clone()).await {
             Ok(bound) => {
@@ -237,6 +258,115 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         );
     }
     0
+}
+
+/// Ready unless every notifier sink is failing: disabled by its target, or dead-lettering
+/// without having delivered anything.
+fn sinks_ready(sinks: &[crate::cli::Notifier]) -> Result<String, String> {
+    let failing: Vec<&str> = sinks
+        .iter()
+        .filter(|(_, s)| {
+            s.disabled.load(Ordering::Relaxed) > 0
+                || (s.dead_lettered.load(Ordering::Relaxed) > 0
+                    && s.delivered.load(Ordering::Relaxed) == 0)
+        })
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if failing.len() == sinks.len() {
+        Err(format!(
+            "every notifier sink is failing: {}",
+            failing.join(", ")
+        ))
+    } else if failing.is_empty() {
+        Ok(format!("{} notifier sink(s) delivering", sinks.len()))
+    } else {
+        Ok(format!("failing: {}", failing.join(", ")))
+    }
+}
+
+/// The notifier sinks' deliveries and the Twilio bridge's counts, read at scrape time.
+fn register_collectors(stats: &Stats, notifiers: &[crate::cli::Notifier], bridge: Option<&Bridge>) {
+    use prompter_engine::metrics::{FnCollector, Reading, single};
+    let sinks = notifiers.to_vec();
+    stats.metrics.add_collector(Box::new(FnCollector(move || {
+        let per =
+            |name, help, f: &dyn Fn(&prompter_engine::delivery::DeliveryStats) -> u64| Reading {
+                name,
+                help,
+                counter: true,
+                samples: sinks
+                    .iter()
+                    .map(|(sink, s)| (vec![("sink", sink.clone())], f(s)))
+                    .collect(),
+            };
+        vec![
+            per(
+                "prompter_sink_deliveries",
+                "Deliveries a notifier sink completed",
+                &|s| s.delivered.load(Ordering::Relaxed),
+            ),
+            per(
+                "prompter_sink_retries",
+                "Delivery attempts a notifier sink retried",
+                &|s| s.retries.load(Ordering::Relaxed),
+            ),
+            per(
+                "prompter_sink_dead_letters",
+                "Deliveries a notifier sink gave up on (dead-lettered)",
+                &|s| s.dead_lettered.load(Ordering::Relaxed),
+            ),
+        ]
+    })));
+    if let Some(b) = bridge.cloned() {
+        stats.metrics.add_collector(Box::new(FnCollector(move || {
+            let s = b.stats();
+            let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            vec![
+                single(
+                    "prompter_twilio_calls_live",
+                    "Calls the Twilio bridge carries now",
+                    false,
+                    b.live_calls() as u64,
+                ),
+                single(
+                    "prompter_twilio_calls",
+                    "Calls whose media stream started",
+                    true,
+                    n(&s.calls),
+                ),
+                single(
+                    "prompter_twilio_audio_frames",
+                    "Audio frames taken from Twilio",
+                    true,
+                    n(&s.frames),
+                ),
+                single(
+                    "prompter_twilio_audio_frames_dropped",
+                    "Audio frames dropped (a track's outage buffer was full)",
+                    true,
+                    n(&s.dropped),
+                ),
+                single(
+                    "prompter_twilio_malformed_frames",
+                    "Media Streams frames that were not valid",
+                    true,
+                    n(&s.malformed),
+                ),
+                single(
+                    "prompter_twilio_refused_streams",
+                    "Media streams refused (signature, token, no start)",
+                    true,
+                    n(&s.refused),
+                ),
+                single(
+                    "prompter_twilio_symbl_reconnects",
+                    "Symbl Streaming sessions re-opened after a drop",
+                    true,
+                    n(&s.reconnects),
+                ),
+            ]
+        })));
+    }
 }
 
 /// Twilio's webhooks, the media socket and `/symbl/updates`, and the bridge as a source.

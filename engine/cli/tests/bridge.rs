@@ -380,6 +380,28 @@ async fn a_call_through_the_bridge_reaches_symbl_byte_for_byte_and_its_trackers_
         "{prompt}"
     );
     assert!(prompt.contains("Agent: I understand."), "{prompt}");
+    // Operations see the call: readiness and metrics on the same server.
+    let http = reqwest::Client::new();
+    let ready = http.get(format!("http://{addr}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let ready: Value = serde_json::from_str(&ready.text().await.unwrap()).unwrap();
+    assert_eq!(ready["ready"], true, "{ready}");
+    let metrics = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for sample in [
+        "prompter_twilio_calls_total 1",
+        "prompter_twilio_audio_frames_total 1100",
+        "prompter_events_received_total{source=\"twilio\",kind=\"tracker_response\"} 1",
+        "prompter_outputs_total{pipeline=\"rta_live\",status=\"final\"} 1",
+    ] {
+        assert!(metrics.contains(sample), "{sample} not in\n{metrics}");
+    }
     let (code, stderr, _) = engine.interrupt();
     assert_eq!(code, 0, "{stderr}");
     // Symbl's greeting once (both sessions got it), two sentences, the tracker, the end.

@@ -5,8 +5,8 @@
 //! conversation task in [`crate::engine`] does).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use prompter_core::book::Host;
@@ -16,6 +16,7 @@ use prompter_core::plugin::{Flow, Outputs, Plugin, Run, RunScope, StageContext, 
 use prompter_core::template::{Expr, Template};
 use tracing::{Instrument, debug, debug_span, warn};
 
+use crate::metrics::{PipelineMetrics, RunOutcome, StageMetrics};
 use crate::stats::Stats;
 
 /// What to do when a stage fails or times out.
@@ -52,6 +53,8 @@ pub struct Stage {
     pub timeout: Duration,
     /// Its error policy.
     pub on_error: OnError,
+    /// Its metric handles, resolved on first use.
+    pub metrics: OnceLock<StageMetrics>,
 }
 
 /// One pipeline, built.
@@ -78,9 +81,17 @@ pub struct Pipeline {
     pub supersede: Option<Template>,
     /// Named sinks (the engine config's `sinks:`) this pipeline's outputs go to.
     pub sinks: Vec<String>,
+    /// Its metric handles, resolved on first use.
+    pub metrics: OnceLock<PipelineMetrics>,
 }
 
 impl Pipeline {
+    /// Its metric handles (in `stats`' registry).
+    pub fn metrics(&self, stats: &Stats) -> &PipelineMetrics {
+        self.metrics
+            .get_or_init(|| stats.metrics.pipeline(&self.name))
+    }
+
     /// Whether this pipeline reacts to `kind`.
     pub fn accepts(&self, kind: EventKind) -> bool {
         self.on.contains(&kind)
@@ -147,6 +158,14 @@ impl Pipeline {
         stats.runs.fetch_add(1, Ordering::Relaxed);
         let event = &scope.event;
         let started = Instant::now();
+        let metrics = self.metrics(stats);
+        // Outputs are counted, with the time since their trigger was received, on their way out.
+        let host = &Metered {
+            inner: host,
+            metrics,
+            received: event.received,
+        };
+        let end = |outcome| metrics.run(outcome, started.elapsed().as_secs_f64());
         let mut outputs = Outputs::new();
         let mut timings: Vec<(String, u64)> = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
@@ -168,7 +187,14 @@ impl Pipeline {
                     .instrument(span)
                     .await
             };
-            timings.push((stage.id.clone(), t0.elapsed().as_micros() as u64));
+            let took = t0.elapsed();
+            timings.push((stage.id.clone(), took.as_micros() as u64));
+            let stage_metrics = stage.metrics.get_or_init(|| {
+                stats
+                    .metrics
+                    .stage(&self.name, &stage.id, &stage.plugin_name)
+            });
+            stage_metrics.observe(took.as_secs_f64());
             drop(first_done.take());
             let error = match result {
                 Ok(Ok(Flow::Continue(v))) => {
@@ -183,15 +209,25 @@ impl Pipeline {
                 }
                 Ok(Ok(Flow::Halt(reason))) => {
                     debug!(pipeline = %self.name, stage = %stage.id, conversation = %event.conversation_id, reason = %reason, "Run halted.");
+                    end(RunOutcome::Halted);
                     return Some(format!("stage `{}` ended the run: {reason}", stage.id));
                 }
-                Ok(Err(e)) => format!("{} error: {}", e.kind, error_chain(&e)),
-                Err(_) => format!("timed out after {} ms", stage.timeout.as_millis()),
+                Ok(Err(e)) => {
+                    stage_metrics.error(false);
+                    format!("{} error: {}", e.kind, error_chain(&e))
+                }
+                Err(_) => {
+                    stage_metrics.error(true);
+                    format!("timed out after {} ms", stage.timeout.as_millis())
+                }
             };
             stats.stage_errors.fetch_add(1, Ordering::Relaxed);
             warn!(pipeline = %self.name, stage = %stage.id, plugin = %stage.plugin_name, conversation = %event.conversation_id, error = %error, "Stage failed.");
             match stage.on_error {
-                OnError::Stop => return Some(format!("stage `{}` failed: {error}", stage.id)),
+                OnError::Stop => {
+                    end(RunOutcome::Failed);
+                    return Some(format!("stage `{}` failed: {error}", stage.id));
+                }
                 OnError::Continue => {
                     outputs.push(
                         stage.id.as_str(),
@@ -200,7 +236,41 @@ impl Pipeline {
                 }
             }
         }
+        end(RunOutcome::Completed);
         None
+    }
+}
+
+/// The engine's host as a run's stages see it: it counts each output delivered (status,
+/// degraded, time since the trigger was received) in the pipeline's metrics.
+struct Metered<'a> {
+    inner: &'a dyn Host,
+    metrics: &'a PipelineMetrics,
+    received: Instant,
+}
+
+#[prompter_core::async_trait]
+impl Host for Metered<'_> {
+    async fn deliver(
+        &self,
+        output: prompter_core::output::Output,
+    ) -> Result<prompter_core::output::Output, prompter_core::error::PluginError> {
+        let delivered = self.inner.deliver(output).await?;
+        self.metrics.output(
+            delivered.status.as_str(),
+            delivered.degraded.is_some(),
+            self.received.elapsed().as_secs_f64(),
+        );
+        Ok(delivered)
+    }
+    fn claim(&self, run: u64, scope: &str, key: &str, at_ms: u64, cooldown_ms: u64) -> bool {
+        self.inner.claim(run, scope, key, at_ms, cooldown_ms)
+    }
+    fn get(&self, scope: &str, key: &str) -> Option<String> {
+        self.inner.get(scope, key)
+    }
+    fn set(&self, scope: &str, key: &str, value: Option<String>) {
+        self.inner.set(scope, key, value);
     }
 }
 
@@ -319,6 +389,7 @@ mod tests {
             plugin: Arc::new(Fake(b)),
             timeout: Duration::from_millis(100),
             on_error,
+            metrics: Default::default(),
         })
     }
 
@@ -364,6 +435,7 @@ mod tests {
             key: None,
             supersede: None,
             sinks: Vec::new(),
+            metrics: Default::default(),
         }
     }
 

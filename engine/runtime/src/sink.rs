@@ -232,6 +232,20 @@ pub struct SinkQueue {
 }
 
 impl SinkQueue {
+    /// The sink's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Outputs waiting for the sink now.
+    pub fn depth(&self) -> usize {
+        let w = self
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        w.order.len() + w.latest.len()
+    }
+
     fn new(name: &str, policy: QueuePolicy) -> Self {
         SinkQueue {
             name: name.to_owned(),

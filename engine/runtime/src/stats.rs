@@ -22,6 +22,8 @@ pub struct Stats {
     pub samples: Option<Mutex<Vec<u64>>>,
     /// Per-run time in nanoseconds by pipeline name, when sampling is on.
     pub run_samples: Option<Mutex<Vec<(String, u64)>>>,
+    /// The Prometheus metrics (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Stats {

@@ -330,6 +330,7 @@ pub(super) fn pipeline(
                         plugin,
                         timeout,
                         on_error,
+                        metrics: Default::default(),
                     });
                 }
             } else if let Some((pnode, pname)) = plugin_node {
@@ -354,6 +355,7 @@ pub(super) fn pipeline(
                                 plugin,
                                 timeout,
                                 on_error,
+                                metrics: Default::default(),
                             });
                         }
                     }
@@ -394,6 +396,7 @@ pub(super) fn pipeline(
         key,
         supersede,
         sinks,
+        metrics: Default::default(),
     })
 }
 

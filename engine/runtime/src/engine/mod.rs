@@ -116,10 +116,14 @@ impl Engine {
         sinks: Vec<Box<dyn Sink>>,
         stats: Arc<Stats>,
     ) -> Self {
+        let outlets = Arc::new(Outlets::start(sinks));
+        stats
+            .metrics
+            .add_collector(Box::new(engine_collector(&stats, &outlets)));
         Engine {
             pipelines: Arc::new(pipelines.into_iter().map(Arc::new).collect()),
             settings,
-            outlets: Arc::new(Outlets::start(sinks)),
+            outlets,
             stats,
             conversations: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
@@ -152,7 +156,14 @@ impl Engine {
     /// Hands `event` to its conversation's task, starting one if needed. Waits when that
     /// conversation's queue is full.
     pub async fn dispatch(&self, event: Event) {
+        self.dispatch_from("other", event).await;
+    }
+
+    /// [`Engine::dispatch`], counting the event under `source` in the metrics (`replay`,
+    /// `symbl`, `twilio`, `feed`, ...).
+    pub async fn dispatch_from(&self, source: &'static str, event: Event) {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
+        self.stats.metrics.event(source, event.kind.as_str());
         let id = event.conversation_id.clone();
         let mut msg = Msg::Event(event);
         loop {
@@ -294,6 +305,81 @@ impl Engine {
     }
 }
 
+/// What the metrics read from the engine at scrape time: conversations and sink queues.
+fn engine_collector(
+    stats: &Arc<Stats>,
+    outlets: &Arc<Outlets>,
+) -> crate::metrics::FnCollector<impl Fn() -> Vec<crate::metrics::Reading> + Send + Sync + 'static>
+{
+    use crate::metrics::{Reading, single};
+    // Weak: the registry lives in the stats, which must not keep themselves alive.
+    let stats = Arc::downgrade(stats);
+    let outlets = Arc::downgrade(outlets);
+    crate::metrics::FnCollector(move || {
+        let mut out = Vec::new();
+        if let Some(s) = stats.upgrade() {
+            let opened = s.conversations_opened.load(Ordering::Relaxed);
+            let released = s.conversations_released.load(Ordering::Relaxed);
+            out.push(single(
+                "prompter_conversations_active",
+                "Conversations the engine holds state for",
+                false,
+                opened.saturating_sub(released),
+            ));
+            out.push(single(
+                "prompter_conversations_opened",
+                "Conversations started",
+                true,
+                opened,
+            ));
+            out.push(single(
+                "prompter_conversations_released",
+                "Conversations released (completed or idle)",
+                true,
+                released,
+            ));
+        }
+        if let Some(o) = outlets.upgrade() {
+            let per_sink =
+                |name, help, counter, f: &dyn Fn(&crate::sink::SinkQueue) -> u64| Reading {
+                    name,
+                    help,
+                    counter,
+                    samples: o
+                        .queues()
+                        .iter()
+                        .map(|q| (vec![("sink", q.name().to_owned())], f(q)))
+                        .collect(),
+                };
+            out.push(per_sink(
+                "prompter_sink_queue_depth",
+                "Outputs waiting in a sink's queue",
+                false,
+                &|q| q.depth() as u64,
+            ));
+            out.push(per_sink(
+                "prompter_sink_dropped",
+                "Outputs dropped because a sink's queue was full",
+                true,
+                &|q| q.dropped.load(Ordering::Relaxed),
+            ));
+            out.push(per_sink(
+                "prompter_sink_coalesced",
+                "Output versions replaced by a later one before their sink took them",
+                true,
+                &|q| q.coalesced.load(Ordering::Relaxed),
+            ));
+            out.push(per_sink(
+                "prompter_sink_failures",
+                "Deliveries a sink failed",
+                true,
+                &|q| q.failed.load(Ordering::Relaxed),
+            ));
+        }
+        out
+    })
+}
+
 fn take_released(released: &Mutex<ReleasedBooks>, id: &str) -> Option<Book> {
     let mut r = lock(released);
     let book = r.books.remove(id)?;
@@ -420,7 +506,12 @@ impl Conversation {
             let t0 = Instant::now();
             let ended = tokio::select! {
                 biased;
-                () = run.cancel.cancelled() => Ended::Superseded,
+                () = run.cancel.cancelled() => {
+                    pipeline
+                        .metrics(&stats)
+                        .run(crate::metrics::RunOutcome::Superseded, t0.elapsed().as_secs_f64());
+                    Ended::Superseded
+                }
                 why = pipeline.run(&scope, &run, &*shared, &stats, first_done) => Ended::Ran(why),
             };
             close_open_drafts(&run, &*shared, ended).await;

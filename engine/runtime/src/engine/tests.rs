@@ -92,6 +92,7 @@ fn pipeline(probe: Arc<Probe>, concurrency: Concurrency, key: Option<&str>) -> P
                 plugin: Arc::new(Pass),
                 timeout: Duration::from_secs(30),
                 on_error: OnError::Stop,
+                metrics: Default::default(),
             }),
             Arc::new(Stage {
                 id: "probe".into(),
@@ -99,6 +100,7 @@ fn pipeline(probe: Arc<Probe>, concurrency: Concurrency, key: Option<&str>) -> P
                 plugin: probe,
                 timeout: Duration::from_secs(30),
                 on_error: OnError::Stop,
+                metrics: Default::default(),
             }),
         ],
         deadline: None,
@@ -106,6 +108,7 @@ fn pipeline(probe: Arc<Probe>, concurrency: Concurrency, key: Option<&str>) -> P
         key: key.map(|k| Template::compile(k).unwrap()),
         supersede: None,
         sinks: Vec::new(),
+        metrics: Default::default(),
     }
 }
 
@@ -414,6 +417,7 @@ async fn first_stages_decide_in_trigger_order_even_when_runs_overlap() {
         plugin: decider.clone(),
         timeout: Duration::from_secs(30),
         on_error: OnError::Stop,
+        metrics: Default::default(),
     });
     let (engine, seen) = engine_with(vec![p], Duration::from_secs(60));
     engine.dispatch(said("a", 0, "slow first")).await;

@@ -1086,7 +1086,9 @@ async fn feedback(
     let live = !svc.hub.ended(&conversation);
     let routed = match (&svc.engine, live) {
         (Some(engine), true) => {
-            engine.dispatch(feedback_event(&record, &card)).await;
+            engine
+                .dispatch_from("feed", feedback_event(&record, &card))
+                .await;
             true
         }
         _ => false,

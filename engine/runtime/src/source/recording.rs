@@ -109,7 +109,7 @@ impl Source for RecordingSource {
                     conversations.insert(&line.conversation);
                     for e in events {
                         (self.on_event)(&e);
-                        engine.dispatch(e).await;
+                        engine.dispatch_from("replay", e).await;
                     }
                 }
                 Err(p) => {

@@ -346,7 +346,7 @@ impl Running {
             let engine = self.engine.clone();
             self.completions.spawn(async move {
                 for e in events {
-                    engine.dispatch(e).await;
+                    engine.dispatch_from("symbl", e).await;
                 }
             });
         }
@@ -387,7 +387,7 @@ async fn forward(
                             if e.kind == prompter_core::event::EventKind::ConversationCompleted {
                                 completed.store(true, Ordering::SeqCst);
                             }
-                            engine.dispatch(e).await;
+                            engine.dispatch_from("symbl", e).await;
                         }
                     }
                     Err(e) => {

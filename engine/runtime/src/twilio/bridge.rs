@@ -616,7 +616,7 @@ impl Bridge {
                     match parse_frame(&call, offset, frame) {
                         Ok(events) => {
                             for e in events {
-                                self.0.engine.dispatch(e).await;
+                                self.0.engine.dispatch_from("twilio", e).await;
                             }
                         }
                         Err(e) => {
@@ -635,7 +635,7 @@ impl Bridge {
             let offset = started.elapsed().as_millis() as u64;
             if let Ok(events) = parse_frame(&call, offset, frame) {
                 for e in events {
-                    self.0.engine.dispatch(e).await;
+                    self.0.engine.dispatch_from("twilio", e).await;
                 }
             }
             self.0.updates.stopped(&connection_id);
