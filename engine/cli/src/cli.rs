@@ -70,6 +70,8 @@ enum Command {
     },
     /// Run the engine on live calls (Symbl Subscribe API) until stopped with Ctrl-C.
     Run(crate::live::RunArgs),
+    /// Run the pipeline tests (`*.test.yaml`) offline; show each failure as a readable diff.
+    Test(crate::pipeline_test::TestArgs),
     /// Play a bundled sales call through Real-Time Assist, in real time, as the agent would see it.
     Demo {
         /// Engine config [default: ./prompter.yaml, else the embedded defaults].
@@ -258,6 +260,9 @@ pub fn main(
                 Pace::Fast
             };
             runtime.block_on(replay(&registry, config, &recordings, pace, &out, &err))
+        }
+        Command::Test(args) => {
+            runtime.block_on(crate::pipeline_test::run(&registry, args, &out, &err))
         }
         Command::Demo {
             config,

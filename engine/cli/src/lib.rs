@@ -11,6 +11,8 @@
 //!   `prompter bench --feed-clients N`, the agent feed's fan-out under load; [`twilio_bench`]:
 //!   `prompter bench --twilio-calls N`, the Twilio bridge under load (a child `prompter run`
 //!   between a fake Twilio and a fake Symbl).
+//! - [`pipeline_test`]: `prompter test`, pipeline tests in YAML (`*.test.yaml`) run offline,
+//!   failures shown as a readable diff.
 //! - [`kb`]: `prompter kb ingest`; [`plugin_cli`]: `prompter plugin new|test`;
 //!   `trackers_cli`: `prompter trackers sync`.
 
@@ -22,6 +24,7 @@ pub mod demo;
 pub mod feed_bench;
 pub mod kb;
 pub mod live;
+pub mod pipeline_test;
 pub mod plugin_cli;
 mod trackers_cli;
 pub mod twilio_bench;

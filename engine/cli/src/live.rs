@@ -22,6 +22,7 @@ use crate::cli::{Stream, say};
 use crate::console::FeedWiring;
 use prompter_engine::engine::Engine;
 use prompter_engine::registry::Registry;
+use prompter_engine::reload::{ReloadReport, Reloader, newest_change, watched_files};
 use prompter_engine::sink::JsonLines;
 use prompter_engine::source::symbl::SymblSource;
 use prompter_engine::source::{Notices, Source};
@@ -43,6 +44,10 @@ pub struct RunArgs {
     /// Follow an integration server's update feed (e.g. wss://bridge.example.com/symbl/updates).
     #[arg(long, value_name = "URL")]
     pub updates: Option<String>,
+    /// Reload the configuration when the config file or a pipeline file changes (checked every
+    /// second). SIGHUP and `POST /admin/reload` reload it too.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 /// Runs `prompter run`; returns the exit code.
@@ -179,9 +184,16 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
             Box::new(move || Ok(format!("{} call(s) bridged now", b.live_calls()))),
         ));
     }
+    // Hot reload: SIGHUP, --watch, and the admin API when its token is set.
+    let reloader = Arc::new(Reloader::new(engine.clone(), config.clone()));
+    let admin_token = std::env::var(ADMIN_TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .map(prompter_core::secret::Secret::new);
     routes = routes
         .merge(prompter_engine::server::metrics_routes(stats.clone()))
-        .merge(prompter_engine::server::ready_routes(checks));
+        .merge(prompter_engine::server::ready_routes(checks))
+        .merge(reloader.clone().routes(admin_token));
     if let Some(addr) = &listen {
         match prompter_engine::server::serve(addr, routes, shutdown_rx.clone()).await {
             Ok(bound) => {
@@ -210,9 +222,30 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     let source = tokio::spawn(Box::new(source).run(engine.clone(), shutdown_rx));
 
     let mut sigterm = terminate_signal();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = wait_terminate(&mut sigterm) => {}
+    let mut sighup = hangup_signal();
+    let mut watching = args.watch.then(|| {
+        let mut i = tokio::time::interval(std::time::Duration::from_secs(1));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    let mut seen = newest_change(&watched_files(&config, &engine));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            () = wait_terminate(&mut sigterm) => break,
+            () = wait_terminate(&mut sighup) => {
+                say_reload(err, "SIGHUP", &reloader.reload().await);
+                seen = newest_change(&watched_files(&config, &engine));
+            }
+            () = tick(watching.as_mut()) => {
+                let now = newest_change(&watched_files(&config, &engine));
+                if now != seen {
+                    seen = now;
+                    say_reload(err, "a file changed", &reloader.reload().await);
+                    seen = newest_change(&watched_files(&config, &engine)).max(seen);
+                }
+            }
+        }
     }
     let _ = shutdown_tx.send(true);
     // Every frame already received is handed to its conversation before the engine drains.
@@ -407,6 +440,50 @@ fn bridge(
         .merge(bridge.routes())
         .merge(updates.routes(&updates_path));
     Ok((routes, bridge))
+}
+
+/// The variable holding the admin API's bearer token (`POST /admin/reload`); unset: no API.
+pub const ADMIN_TOKEN_ENV: &str = "PROMPTER_ADMIN_TOKEN";
+
+/// Tells the operator what a reload did.
+fn say_reload(err: &Stream, why: &str, report: &ReloadReport) {
+    if report.ok {
+        say(
+            err,
+            &format!(
+                "reloaded ({why}): generation {}, {} pipeline(s); each call switches at its next event",
+                report.generation, report.pipelines
+            ),
+        );
+    } else {
+        say(err, &report.diagnostics.join("\n"));
+        say(
+            err,
+            &format!(
+                "error: reload ({why}) refused: {} problem(s); generation {} keeps serving",
+                report.diagnostics.len(),
+                report.generation
+            ),
+        );
+    }
+}
+
+async fn tick(i: Option<&mut tokio::time::Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(unix)]
+fn hangup_signal() -> Terminate {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+}
+#[cfg(not(unix))]
+fn hangup_signal() -> Terminate {
+    None
 }
 
 #[cfg(unix)]

@@ -382,7 +382,11 @@ async fn a_call_through_the_bridge_reaches_symbl_byte_for_byte_and_its_trackers_
     assert!(prompt.contains("Agent: I understand."), "{prompt}");
     // Operations see the call: readiness and metrics on the same server.
     let http = reqwest::Client::new();
-    let ready = http.get(format!("http://{addr}/ready")).send().await.unwrap();
+    let ready = http
+        .get(format!("http://{addr}/ready"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
     let ready: Value = serde_json::from_str(&ready.text().await.unwrap()).unwrap();
     assert_eq!(ready["ready"], true, "{ready}");

@@ -127,7 +127,10 @@ fn a_scrape_during_a_replay_passes_promtool_and_matches_what_the_replay_produced
         if value(&text, "prompter_conversations_released_total") == 1.0 {
             break text;
         }
-        assert!(Instant::now() < deadline, "the call was never released:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "the call was never released:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let _ = Command::new("kill")

@@ -128,6 +128,14 @@ impl Book {
         }
     }
 
+    /// Forgets everything kept for `scope` (`pipeline/stage`): a stage whose configuration
+    /// changed, or that is gone, starts over.
+    pub fn forget_scope(&mut self, scope: &str) {
+        self.stages.remove(scope);
+        let prefix = format!("{scope}\u{1f}");
+        self.claims.retain(|k, _| !k.starts_with(&prefix));
+    }
+
     /// A stage value.
     pub fn get(&self, scope: &str, key: &str) -> Option<String> {
         self.stages.get(scope).and_then(|m| m.get(key)).cloned()

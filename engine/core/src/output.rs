@@ -54,6 +54,14 @@ pub struct Output {
     /// have missed the deadline, so a fallback answered); absent when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
+    /// The configuration generation that produced it (1 for the config the engine started
+    /// with, +1 per reload); set by the engine on delivery, absent when 0 (not delivered).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Where an output is in its lifecycle.

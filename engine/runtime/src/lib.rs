@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod recording;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod sink;

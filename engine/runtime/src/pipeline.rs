@@ -55,6 +55,9 @@ pub struct Stage {
     pub on_error: OnError,
     /// Its metric handles, resolved on first use.
     pub metrics: OnceLock<StageMetrics>,
+    /// What it is: a hash of its plugin, its definition in the pipeline file and the file's
+    /// folder. A reload keeps a conversation's state for this stage only while it is equal.
+    pub fingerprint: u64,
 }
 
 /// One pipeline, built.
@@ -379,6 +382,7 @@ mod tests {
             model: None,
             data: serde_json::Value::Null,
             degraded: None,
+            generation: 0,
         }
     }
 
@@ -390,6 +394,7 @@ mod tests {
             timeout: Duration::from_millis(100),
             on_error,
             metrics: Default::default(),
+            fingerprint: 0,
         })
     }
 

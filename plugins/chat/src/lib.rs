@@ -263,6 +263,7 @@ impl Chat {
                         model: Some(self.provider.name().to_owned()),
                         data: serde_json::Value::Null,
                         degraded: None,
+                        generation: 0,
                     },
                 })
             }

@@ -219,6 +219,7 @@ impl Plugin for Notify {
                 serde_json::Value::Object(map)
             },
             degraded: cx.degraded(),
+            generation: 0,
         };
         // Delivered through the engine, which gives it its version; a file-only output (no
         // `stdout`) is written as it is.

@@ -83,7 +83,18 @@ impl Fakes {
     }
 
     pub(crate) fn run(&self, extra: &[&str], env: &[(&str, &str)]) -> Engine {
-        let mut args = vec!["run", "--config", "prompter-live.yaml"];
+        self.run_with_config(Path::new("prompter-live.yaml"), extra, env)
+    }
+
+    /// `prompter run` on another engine config.
+    pub(crate) fn run_with_config(
+        &self,
+        config: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Engine {
+        let config = config.to_string_lossy().into_owned();
+        let mut args = vec!["run", "--config", config.as_str()];
         args.extend_from_slice(extra);
         let mut cmd = self.command(&args);
         for (k, v) in env {
@@ -132,6 +143,10 @@ impl Engine {
             outputs,
             stderr,
         }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub(crate) fn stderr(&self) -> String {

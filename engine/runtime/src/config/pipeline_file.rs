@@ -331,6 +331,7 @@ pub(super) fn pipeline(
                         timeout,
                         on_error,
                         metrics: Default::default(),
+                        fingerprint: fingerprint(st, &base),
                     });
                 }
             } else if let Some((pnode, pname)) = plugin_node {
@@ -356,6 +357,7 @@ pub(super) fn pipeline(
                                 timeout,
                                 on_error,
                                 metrics: Default::default(),
+                                fingerprint: fingerprint(st, &base),
                             });
                         }
                     }
@@ -412,4 +414,21 @@ fn valid_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// A stage's identity for reloads: its definition (plugin, config, timeout, error policy: the
+/// whole stage node, as JSON with sorted keys) and the folder its paths are relative to.
+fn fingerprint(stage: &Node, base: &Path) -> u64 {
+    let definition = prompter_symbl::identity::canonical_json(&super::wasm::node_to_json(stage));
+    // FNV-1a: stable across processes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in definition
+        .as_bytes()
+        .iter()
+        .chain(base.to_string_lossy().as_bytes())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }

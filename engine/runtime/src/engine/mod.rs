@@ -24,7 +24,7 @@ use prompter_core::event::{Event, EventKind};
 use prompter_core::output::{Output, Status};
 use prompter_core::plugin::{Run, RunScope};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::debug;
 
@@ -90,7 +90,9 @@ enum Msg {
 /// The engine. Shared by reference (`&self` everywhere): several sources may dispatch at once,
 /// and a source waits only when *its* conversation's queue is full.
 pub struct Engine {
-    pipelines: Arc<Vec<Arc<Pipeline>>>,
+    /// The pipelines in force; a reload sends a new set, which each conversation takes at its
+    /// next event.
+    pipelines: watch::Sender<Arc<PipelineSet>>,
     settings: crate::config::Settings,
     outlets: Arc<Outlets>,
     stats: Arc<Stats>,
@@ -100,6 +102,27 @@ pub struct Engine {
     run_ids: Arc<AtomicU64>,
     released: Arc<Mutex<ReleasedBooks>>,
     observers: Arc<Vec<Arc<dyn Observer>>>,
+}
+
+/// The pipelines of one configuration generation.
+pub struct PipelineSet {
+    /// 1 for the engine's first configuration, +1 per reload.
+    pub generation: u64,
+    /// The pipelines.
+    pub pipelines: Vec<Arc<Pipeline>>,
+}
+
+impl PipelineSet {
+    fn stage_fingerprints(&self) -> HashMap<String, u64> {
+        self.pipelines
+            .iter()
+            .flat_map(|p| {
+                p.stages
+                    .iter()
+                    .map(move |s| (format!("{}/{}", p.name, s.id), s.fingerprint))
+            })
+            .collect()
+    }
 }
 
 #[derive(Default)]
@@ -121,7 +144,11 @@ impl Engine {
             .metrics
             .add_collector(Box::new(engine_collector(&stats, &outlets)));
         Engine {
-            pipelines: Arc::new(pipelines.into_iter().map(Arc::new).collect()),
+            pipelines: watch::channel(Arc::new(PipelineSet {
+                generation: 1,
+                pipelines: pipelines.into_iter().map(Arc::new).collect(),
+            }))
+            .0,
             settings,
             outlets,
             stats,
@@ -141,6 +168,39 @@ impl Engine {
         all.push(observer);
         self.observers = Arc::new(all);
         self
+    }
+
+    /// The files the pipelines in force were loaded from.
+    pub fn pipeline_files(&self) -> Vec<std::path::PathBuf> {
+        self.pipelines
+            .borrow()
+            .pipelines
+            .iter()
+            .map(|p| p.file.clone())
+            .collect()
+    }
+
+    /// The configuration generation in force (1 until the first reload).
+    pub fn generation(&self) -> u64 {
+        self.pipelines.borrow().generation
+    }
+
+    /// Switches to `pipelines` (built and validated by the caller, off the hot path); returns
+    /// the new generation. Nothing stops: each conversation takes the new set when it dequeues
+    /// its next event, and that whole event runs on it; runs already started finish on the set
+    /// they started with. Stage state (the conversation's book) is kept for every stage whose
+    /// pipeline, id and configuration are unchanged, and dropped for the others.
+    pub fn reload(&self, pipelines: Vec<Pipeline>) -> u64 {
+        let mut generation = 0;
+        self.pipelines.send_modify(|set| {
+            generation = set.generation + 1;
+            *set = Arc::new(PipelineSet {
+                generation,
+                pipelines: pipelines.into_iter().map(Arc::new).collect(),
+            });
+        });
+        self.stats.metrics.reload(true);
+        generation
     }
 
     /// The counters.
@@ -263,16 +323,20 @@ impl Engine {
                 take_released(&self.released, id).unwrap_or_default(),
             ),
         };
+        let mut pipelines_rx = self.pipelines.subscribe();
+        let pipelines = pipelines_rx.borrow_and_update().clone();
         let shared = Arc::new(Shared {
             book: Mutex::new(book),
             delivery: tokio::sync::Mutex::new(()),
             outlets: self.outlets.clone(),
             stats: self.stats.clone(),
+            generation: AtomicU64::new(pipelines.generation),
         });
         let task = Conversation {
             state,
             shared,
-            pipelines: self.pipelines.clone(),
+            pipelines,
+            pipelines_rx,
             stats: self.stats.clone(),
             idle: self.settings.conversation_idle,
             run_ids: self.run_ids.clone(),
@@ -400,12 +464,17 @@ struct Shared {
     delivery: tokio::sync::Mutex<()>,
     outlets: Arc<Outlets>,
     stats: Arc<Stats>,
+    /// The generation of the conversation's pipeline set, for outputs not stamped by a run.
+    generation: AtomicU64,
 }
 
 #[prompter_core::async_trait]
 impl Host for Shared {
     async fn deliver(&self, mut output: Output) -> Result<Output, PluginError> {
         let _order = self.delivery.lock().await;
+        if output.generation == 0 {
+            output.generation = self.generation.load(Ordering::Relaxed);
+        }
         lock(&self.book).stamp(&mut output);
         self.stats.outputs.fetch_add(1, Ordering::Relaxed);
         let delivered = Arc::new(output);
@@ -426,7 +495,8 @@ impl Host for Shared {
 struct Conversation {
     state: ConversationState,
     shared: Arc<Shared>,
-    pipelines: Arc<Vec<Arc<Pipeline>>>,
+    pipelines: Arc<PipelineSet>,
+    pipelines_rx: watch::Receiver<Arc<PipelineSet>>,
     stats: Arc<Stats>,
     idle: std::time::Duration,
     run_ids: Arc<AtomicU64>,
@@ -441,21 +511,73 @@ struct Conversation {
 }
 
 impl Conversation {
+    /// Takes a new pipeline set, if a reload sent one: at an event boundary, so every event
+    /// runs wholly on one set.
+    fn switch(&mut self) {
+        if !self.pipelines_rx.has_changed().unwrap_or(false) {
+            return;
+        }
+        let new = self.pipelines_rx.borrow_and_update().clone();
+        if new.generation == self.pipelines.generation {
+            return;
+        }
+        let old = std::mem::replace(&mut self.pipelines, new);
+        // Runs chain per pipeline (by name): re-key what is pending to the new positions.
+        let position = |name: &str| self.pipelines.pipelines.iter().position(|p| p.name == name);
+        let queued = std::mem::take(&mut self.queued);
+        for (i, rx) in queued {
+            if let Some(j) = old.pipelines.get(i).and_then(|p| position(&p.name)) {
+                self.queued.insert(j, rx);
+            }
+        }
+        let latest = std::mem::take(&mut self.latest);
+        for ((i, key), run) in latest {
+            if let Some(j) = old.pipelines.get(i).and_then(|p| position(&p.name)) {
+                self.latest.insert((j, key), run);
+            }
+        }
+        // Stage state survives only where the stage is the same.
+        let kept = self.pipelines.stage_fingerprints();
+        {
+            let mut book = lock(&self.shared.book);
+            for (scope, fingerprint) in old.stage_fingerprints() {
+                if kept.get(&scope) != Some(&fingerprint) {
+                    book.forget_scope(&scope);
+                }
+            }
+        }
+        for p in &old.pipelines {
+            for s in &p.stages {
+                s.plugin.conversation_ended(&self.state.id);
+            }
+        }
+        self.shared
+            .generation
+            .store(self.pipelines.generation, Ordering::Relaxed);
+        debug!(conversation = %self.state.id, generation = self.pipelines.generation, "Switched to a reloaded configuration.");
+    }
+
     /// Folds `event` in and starts the runs it triggers; true when the conversation completed.
     fn handle(&mut self, event: Event) -> bool {
+        self.switch();
         let t0 = Instant::now();
         self.state.apply(&event);
         for o in self.observers.iter() {
             o.folded(&event);
         }
         let completed = event.kind == EventKind::ConversationCompleted;
-        if self.pipelines.iter().any(|p| p.accepts(event.kind)) {
+        if self
+            .pipelines
+            .pipelines
+            .iter()
+            .any(|p| p.accepts(event.kind))
+        {
             let event = Arc::new(event);
             // One snapshot for every run of this event: a clone whose cost does not grow with
             // the call.
             let snapshot = Arc::new(self.state.clone());
-            for i in 0..self.pipelines.len() {
-                if self.pipelines[i].accepts(event.kind) {
+            for i in 0..self.pipelines.pipelines.len() {
+                if self.pipelines.pipelines[i].accepts(event.kind) {
                     self.start(i, &event, &snapshot);
                 }
             }
@@ -470,7 +592,7 @@ impl Conversation {
     }
 
     fn start(&mut self, i: usize, event: &Arc<Event>, snapshot: &Arc<ConversationState>) {
-        let pipeline = self.pipelines[i].clone();
+        let pipeline = self.pipelines.pipelines[i].clone();
         let scope = RunScope::new(event.clone(), snapshot.clone());
         if !pipeline.admits(&scope, &self.stats) {
             return;
@@ -567,7 +689,7 @@ impl Conversation {
             r.order.push_back(id.clone());
             r.books.insert(id, book);
         }
-        for p in self.pipelines.iter() {
+        for p in self.pipelines.pipelines.iter() {
             for s in &p.stages {
                 s.plugin.conversation_ended(&self.state.id);
             }

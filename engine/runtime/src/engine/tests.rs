@@ -93,6 +93,7 @@ fn pipeline(probe: Arc<Probe>, concurrency: Concurrency, key: Option<&str>) -> P
                 timeout: Duration::from_secs(30),
                 on_error: OnError::Stop,
                 metrics: Default::default(),
+                fingerprint: 0,
             }),
             Arc::new(Stage {
                 id: "probe".into(),
@@ -101,6 +102,7 @@ fn pipeline(probe: Arc<Probe>, concurrency: Concurrency, key: Option<&str>) -> P
                 timeout: Duration::from_secs(30),
                 on_error: OnError::Stop,
                 metrics: Default::default(),
+                fingerprint: 0,
             }),
         ],
         deadline: None,
@@ -418,6 +420,7 @@ async fn first_stages_decide_in_trigger_order_even_when_runs_overlap() {
         timeout: Duration::from_secs(30),
         on_error: OnError::Stop,
         metrics: Default::default(),
+        fingerprint: 0,
     });
     let (engine, seen) = engine_with(vec![p], Duration::from_secs(60));
     engine.dispatch(said("a", 0, "slow first")).await;

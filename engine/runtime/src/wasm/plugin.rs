@@ -603,6 +603,7 @@ impl WasmPlugin {
                 model: cx.model(),
                 data,
                 degraded: None,
+                generation: 0,
             };
             cx.emit(output).await?;
         }
