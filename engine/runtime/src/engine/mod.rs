@@ -620,7 +620,19 @@ impl Conversation {
         };
         let shared = self.shared.clone();
         let stats = self.stats.clone();
-        self.runs.spawn(async move {
+        // One span per run, named after its event, so one suggestion's path (the run, then its
+        // stages' spans) can be followed in the logs; its fields are computed only when the
+        // span is enabled.
+        let span = tracing::debug_span!(
+            "run",
+            conversation = %event.conversation_id,
+            event = %format_args!("{:016x}", event.identity()),
+            kind = event.kind.as_str(),
+            pipeline = %pipeline.name,
+            generation = self.pipelines.generation,
+            run = id,
+        );
+        self.runs.spawn(tracing::Instrument::instrument(async move {
             if let Some(prev) = after {
                 // A closed channel means the previous run ended (or panicked): go on either way.
                 let _ = prev.await;
@@ -641,7 +653,7 @@ impl Conversation {
             stats.sample_run(&pipeline.name, t0.elapsed().as_nanos() as u64);
             run.cancel.cancel();
             drop(done);
-        });
+        }, span));
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
