@@ -72,6 +72,8 @@ enum Command {
     Run(crate::live::RunArgs),
     /// Run the pipeline tests (`*.test.yaml`) offline; show each failure as a readable diff.
     Test(crate::pipeline_test::TestArgs),
+    /// Watch a running engine's events and outputs live, as JSON lines (needs PROMPTER_ADMIN_TOKEN).
+    Tap(crate::tap::TapArgs),
     /// Play a bundled sales call through Real-Time Assist, in real time, as the agent would see it.
     Demo {
         /// Engine config [default: ./prompter.yaml, else the embedded defaults].
@@ -344,6 +346,7 @@ pub fn main(
             runtime.block_on(crate::bench::wasm(module, iterations, &out, &err))
         }
         Command::Run(args) => runtime.block_on(crate::live::run(&registry, args, &out, &err)),
+        Command::Tap(args) => runtime.block_on(crate::tap::run(args, &out, &err)),
         Command::Trackers {
             command: TrackersCommand::Sync { config, dry_run },
         } => runtime.block_on(trackers_sync(&registry, config, dry_run, &out, &err)),

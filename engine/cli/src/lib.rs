@@ -13,6 +13,7 @@
 //!   between a fake Twilio and a fake Symbl).
 //! - [`pipeline_test`]: `prompter test`, pipeline tests in YAML (`*.test.yaml`) run offline,
 //!   failures shown as a readable diff.
+//! - [`tap`](mod@tap): `prompter tap`, a running engine's events and outputs, live.
 //! - [`kb`]: `prompter kb ingest`; [`plugin_cli`]: `prompter plugin new|test`;
 //!   `trackers_cli`: `prompter trackers sync`.
 
@@ -26,5 +27,6 @@ pub mod kb;
 pub mod live;
 pub mod pipeline_test;
 pub mod plugin_cli;
+pub mod tap;
 mod trackers_cli;
 pub mod twilio_bench;

@@ -122,7 +122,11 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         sinks.push(feed.sink());
     }
     let engine_pipelines = loaded.pipelines.len();
-    let mut engine = Engine::new(loaded.pipelines, loaded.settings, sinks, stats.clone());
+    // The live tap (`prompter tap`): outputs as a sink, events as an observer.
+    let tap = prompter_engine::tap::Tap::new();
+    sinks.push(tap.sink());
+    let mut engine = Engine::new(loaded.pipelines, loaded.settings, sinks, stats.clone())
+        .with_observer(Arc::new(tap.clone()));
     if let Some(feed) = &feed {
         engine = engine.with_observer(feed.observer());
     }
@@ -193,6 +197,7 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     routes = routes
         .merge(prompter_engine::server::metrics_routes(stats.clone()))
         .merge(prompter_engine::server::ready_routes(checks))
+        .merge(tap.routes(admin_token.clone()))
         .merge(reloader.clone().routes(admin_token));
     if let Some(addr) = &listen {
         match prompter_engine::server::serve(addr, routes, shutdown_rx.clone()).await {

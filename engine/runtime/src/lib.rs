@@ -37,5 +37,6 @@ pub mod session;
 pub mod sink;
 pub mod source;
 pub mod stats;
+pub mod tap;
 pub mod twilio;
 pub mod wasm;
