@@ -37,6 +37,14 @@ if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 
+# The metrics test checks /metrics with Prometheus's own promtool (Debian's prometheus package).
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "== apt-get install prometheus (promtool, for the metrics test)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 echo "== cargo fmt --check (engine and sdk)"
 cargo fmt --all -- --check
 cargo fmt --manifest-path sdk/Cargo.toml --all -- --check
@@ -45,6 +53,23 @@ echo "== cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --manifest-path sdk/Cargo.toml --workspace --all-targets --locked -- -D warnings
 cargo clippy --manifest-path sdk/Cargo.toml --workspace --locked --target wasm32-wasip2 --target-dir target/wasm -- -D warnings
+
+# Dependency policy (deny.toml) with cargo-deny: licences, bans (duplicate versions are warnings,
+# counted in the summary; `cargo deny check bans` lists them) and sources. Advisories need the
+# RustSec database, a GitHub repository: checked only where it can be fetched.
+CARGO_DENY_VERSION=0.20.2
+if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]; then
+  echo "== cargo install cargo-deny@$CARGO_DENY_VERSION (about 3 minutes on 2 cores)"
+  cargo install --locked --quiet "cargo-deny@$CARGO_DENY_VERSION"
+fi
+echo "== cargo deny check licenses bans sources"
+cargo deny --locked --log-level error check --show-stats licenses bans sources
+if timeout 120 cargo deny fetch db >/dev/null 2>&1; then
+  echo "== cargo deny check advisories"
+  cargo deny --locked --log-level error check --show-stats advisories
+else
+  echo "== cargo deny check advisories: skipped (the RustSec database cannot be fetched from here)"
+fi
 
 echo "== cargo doc (rustdoc warnings, such as broken links, are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
