@@ -604,3 +604,43 @@ mod tests {
         assert_eq!(pct(&[], 50.0), 0);
     }
 }
+
+/// A process's `/proc` figures, for the load benches (`feed_bench`, `twilio_bench`).
+pub(crate) mod procfs {
+    /// User+sys clock ticks of a `/proc/.../stat` line, and the task's name.
+    pub(crate) fn stat_ticks(stat: &str) -> Option<(String, u64)> {
+        let open = stat.find('(')?;
+        let close = stat.rfind(')')?;
+        let comm = stat.get(open + 1..close)?.to_owned();
+        let rest: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+        // After the comm: state is field 3, utime field 14, stime field 15.
+        let utime: u64 = rest.get(11)?.parse().ok()?;
+        let stime: u64 = rest.get(12)?.parse().ok()?;
+        Some((comm, utime + stime))
+    }
+
+    /// `VmRSS` and `VmHWM` of process `pid` (`self` for this one), in KiB.
+    pub(crate) fn memory_kib(pid: &str) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (kib("VmRSS:"), kib("VmHWM:"))
+    }
+
+    /// The soft limit on open files, when it can be read (`None` also for unlimited).
+    pub(crate) fn open_files_limit() -> Option<u64> {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        line.trim_start_matches("Max open files")
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+}

@@ -361,14 +361,7 @@ struct Cpu {
 
 /// User+sys seconds of a `/proc/.../stat` line.
 fn stat_seconds(stat: &str) -> Option<(String, f64)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?.to_owned();
-    let rest: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
-    // After the comm: state is field 3, utime field 14, stime field 15.
-    let utime: f64 = rest.get(11)?.parse().ok()?;
-    let stime: f64 = rest.get(12)?.parse().ok()?;
-    Some((comm, (utime + stime) / USER_HZ))
+    crate::bench::procfs::stat_ticks(stat).map(|(comm, ticks)| (comm, ticks as f64 / USER_HZ))
 }
 
 fn cpu_now() -> Cpu {
@@ -393,27 +386,8 @@ fn cpu_now() -> Cpu {
 
 /// `VmHWM` and `VmRSS` in bytes.
 fn memory() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |k| k * 1024)
-    };
-    (kib("VmHWM:"), kib("VmRSS:"))
-}
-
-/// The soft limit on open files, when it can be read (`None` also for unlimited).
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.trim_start_matches("Max open files")
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    let (rss, hwm) = crate::bench::procfs::memory_kib("self");
+    (hwm * 1024, rss * 1024)
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -514,7 +488,7 @@ pub async fn run(registry: &Registry, args: FeedBenchArgs, out: &Stream, err: &S
         return 1;
     }
     let need = 2 * args.clients as u64 + SPARE_FDS;
-    if let Some(limit) = open_files_limit()
+    if let Some(limit) = crate::bench::procfs::open_files_limit()
         && args.clients > 0
         && limit < need
     {

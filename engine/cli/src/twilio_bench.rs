@@ -665,18 +665,6 @@ impl Engine {
     }
 }
 
-/// User+sys clock ticks of a `/proc/.../stat` line, and the task's name.
-fn stat_ticks(stat: &str) -> Option<(String, u64)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?.to_owned();
-    let rest: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
-    // After the comm: state is field 3, utime field 14, stime field 15.
-    let utime: u64 = rest.get(11)?.parse().ok()?;
-    let stime: u64 = rest.get(12)?.parse().ok()?;
-    Some((comm, utime + stime))
-}
-
 /// CPU ticks of a process, and of this process's threads by name.
 #[derive(Debug, Clone, Copy, Default)]
 struct Cpu {
@@ -690,7 +678,7 @@ fn cpu_now(pid: u32) -> Cpu {
     let ticks = |path: &str| {
         std::fs::read_to_string(path)
             .ok()
-            .and_then(|s| stat_ticks(&s))
+            .and_then(|s| crate::bench::procfs::stat_ticks(&s))
             .map_or(0, |(_, t)| t)
     };
     let mut cpu = Cpu {
@@ -702,7 +690,7 @@ fn cpu_now(pid: u32) -> Cpu {
         for t in tasks.flatten() {
             if let Some((comm, n)) = std::fs::read_to_string(t.path().join("stat"))
                 .ok()
-                .and_then(|s| stat_ticks(&s))
+                .and_then(|s| crate::bench::procfs::stat_ticks(&s))
             {
                 match comm.as_str() {
                     CALLER_THREAD => cpu.callers += n,
@@ -717,16 +705,7 @@ fn cpu_now(pid: u32) -> Cpu {
 
 /// `VmRSS` and `VmHWM` of a process, in KiB.
 fn memory(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (kib("VmRSS:"), kib("VmHWM:"))
+    crate::bench::procfs::memory_kib(&pid.to_string())
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`), and whether it was read rather than assumed.
@@ -739,16 +718,6 @@ fn clock_ticks() -> (f64, bool) {
         .and_then(|s| s.trim().parse::<f64>().ok())
         .filter(|t| *t > 0.0)
         .map_or((100.0, false), |t| (t, true))
-}
-
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.trim_start_matches("Max open files")
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// p50, p90, p99 and max of sorted microseconds.
@@ -879,7 +848,7 @@ async fn bench(args: &TwilioBenchArgs, out: &Stream, err: &Stream) -> Result<boo
         ));
     }
     let need = 3 * n as u64 + SPARE_FDS;
-    if let Some(limit) = open_files_limit()
+    if let Some(limit) = crate::bench::procfs::open_files_limit()
         && limit < need
     {
         return Err(format!(
@@ -1380,6 +1349,9 @@ mod tests {
     #[test]
     fn cpu_ticks_read_past_a_comm_with_spaces_and_parens() {
         let stat = "4242 (fake (twilio) x) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 3";
-        assert_eq!(stat_ticks(stat), Some(("fake (twilio) x".to_owned(), 300)));
+        assert_eq!(
+            crate::bench::procfs::stat_ticks(stat),
+            Some(("fake (twilio) x".to_owned(), 300))
+        );
     }
 }

@@ -140,13 +140,7 @@ async fn admin_reload(State(state): State<AdminState>, headers: HeaderMap) -> Re
         )
             .into_response();
     };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !crate::feed::http::constant_time_eq(presented.trim().as_bytes(), token.expose().as_bytes())
-    {
+    if !crate::feed::http::presents(&headers, None, token) {
         return (
             StatusCode::UNAUTHORIZED,
             "a valid admin token is required\n",

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prompter_core::event::Event;
@@ -155,17 +155,8 @@ async fn subscribe(
         )
             .into_response();
     };
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let presented = query
-        .get("access_token")
-        .map(String::as_str)
-        .or(bearer)
-        .unwrap_or("");
-    if !crate::feed::http::constant_time_eq(presented.trim().as_bytes(), token.expose().as_bytes())
-    {
+    let in_query = query.get("access_token").map(String::as_str);
+    if !crate::feed::http::presents(&headers, in_query, token) {
         return (
             StatusCode::UNAUTHORIZED,
             "a valid admin token is required\n",

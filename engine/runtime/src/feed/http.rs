@@ -862,6 +862,18 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether a request presents `expected`, as `Authorization: Bearer <token>` or, when the
+/// route accepts one (WebSockets from browsers and CLIs), a query token; compared in constant
+/// time. The operator surfaces (reload, tap, the update feed) use it.
+pub(crate) fn presents(headers: &HeaderMap, query: Option<&str>, expected: &Secret) -> bool {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let presented = query.or(bearer).unwrap_or("");
+    constant_time_eq(presented.trim().as_bytes(), expected.expose().as_bytes())
+}
+
 /// Percent-encodes everything but unreserved characters (for URL fragments and paths).
 pub fn url_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

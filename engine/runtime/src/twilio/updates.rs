@@ -106,14 +106,8 @@ impl Updates {
         let Some(token) = &self.token else {
             return true;
         };
-        let bearer = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let presented = query.get("access_token").map(String::as_str).or(bearer);
-        presented.is_some_and(|p| {
-            crate::feed::http::constant_time_eq(p.trim().as_bytes(), token.expose().as_bytes())
-        })
+        let in_query = query.get("access_token").map(String::as_str);
+        crate::feed::http::presents(headers, in_query, token)
     }
 }
 
