@@ -15,10 +15,11 @@
 //! The exposition is the Prometheus text format (version 0.0.4): `promtool check metrics`
 //! accepts it.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -421,29 +422,18 @@ impl<F> std::fmt::Debug for FnCollector<F> {
 impl<F: Fn() -> Vec<Reading> + Send + Sync + 'static> Collector for FnCollector<F> {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         for reading in (self.0)() {
-            if reading.counter {
-                let metric = ConstCounter::new(0u64);
-                let mut family = encoder.encode_descriptor(
-                    reading.name,
-                    reading.help,
-                    None,
-                    metric.metric_type(),
-                )?;
-                for (labels, value) in &reading.samples {
-                    let encoder = family.encode_family(labels)?;
-                    ConstCounter::new(*value).encode(encoder)?;
-                }
+            let kind = if reading.counter {
+                MetricType::Counter
             } else {
-                let metric = ConstGauge::new(0i64);
-                let mut family = encoder.encode_descriptor(
-                    reading.name,
-                    reading.help,
-                    None,
-                    metric.metric_type(),
-                )?;
-                for (labels, value) in &reading.samples {
-                    let encoder = family.encode_family(labels)?;
-                    ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX)).encode(encoder)?;
+                MetricType::Gauge
+            };
+            let mut family = encoder.encode_descriptor(reading.name, reading.help, None, kind)?;
+            for (labels, value) in &reading.samples {
+                let sample = family.encode_family(labels)?;
+                if reading.counter {
+                    ConstCounter::new(*value).encode(sample)?;
+                } else {
+                    ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX)).encode(sample)?;
                 }
             }
         }
@@ -459,11 +449,6 @@ pub fn single(name: &'static str, help: &'static str, counter: bool, value: u64)
         counter,
         samples: vec![(Vec::new(), value)],
     }
-}
-
-/// Keeps an [`Arc`] alive inside a collector closure.
-pub fn shared<T>(value: &Arc<T>) -> Arc<T> {
-    value.clone()
 }
 
 #[cfg(test)]
