@@ -79,3 +79,9 @@ cargo test --manifest-path sdk/Cargo.toml --workspace --locked
 
 echo "== cargo test (engine; builds the Wasm plugins and runs them in real pipelines)"
 cargo test --workspace --locked
+
+# The `otlp` feature (OpenTelemetry span export, off by default) adds its own dependencies and
+# code paths: lint them, and run its test on the real binary against a fake OTLP collector.
+echo "== cargo clippy and test with --features otlp (prompter-cli)"
+cargo clippy -p prompter-cli --all-targets --features otlp --locked -- -D warnings
+cargo test -p prompter-cli --features otlp --test otlp --locked

@@ -346,6 +346,7 @@ impl Sandbox {
             files,
             include_config_pipelines: false,
             env: &env,
+            metrics: None,
         };
         config::load(&req, &prompter_engine::registry::builtin())
             .map(|_| ())

@@ -26,6 +26,7 @@ fn shipped_engine() -> (Engine, Arc<Mutex<Vec<Output>>>) {
         files: &[],
         include_config_pipelines: true,
         env: &env,
+        metrics: None,
     };
     let loaded =
         config::load(&req, &registry::builtin()).unwrap_or_else(|d| panic!("{}", d.render()));
@@ -44,7 +45,7 @@ fn shipped_engine() -> (Engine, Arc<Mutex<Vec<Output>>>) {
 }
 
 /// The events of a shipped recording, in order.
-fn recorded(name: &str) -> Vec<Event> {
+pub(crate) fn recorded(name: &str) -> Vec<Event> {
     let path = root().join("pipelines/recordings").join(name);
     let text = std::fs::read_to_string(&path).unwrap();
     let (lines, problems) = recording::parse(&path, 0, &text);

@@ -99,6 +99,7 @@ async fn serve() -> Served {
         files: &files,
         include_config_pipelines: true,
         env: &env,
+        metrics: None,
     };
     let loaded =
         config::load(&req, &registry::builtin()).unwrap_or_else(|d| panic!("{}", d.render()));

@@ -13,6 +13,7 @@ mod engine_api;
 mod feed;
 mod kb;
 mod plugin_tool;
+mod provider_metrics;
 mod reload;
 mod replay;
 mod twilio;

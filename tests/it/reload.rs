@@ -132,6 +132,7 @@ async fn reloads_under_load_lose_nothing_repeat_nothing_and_switch_each_call_at_
             files: &[],
             include_config_pipelines: true,
             env: &env,
+            metrics: None,
         },
         &registry::builtin(),
     )

@@ -146,7 +146,7 @@ async fn knowledge_and_llm_calls_need_a_grant() {
         v["error"],
         denied("knowledge store", "nowhere", "allow_knowledge")
     );
-    assert_eq!(p.metrics.denied.load(Ordering::Relaxed), 3);
+    assert_eq!(p.metrics.denied.get(), 3);
     assert_eq!(
         nebula.peak.load(Ordering::SeqCst),
         0,
@@ -178,7 +178,7 @@ async fn knowledge_and_llm_calls_need_a_grant() {
     );
     let v = output(&p, "ask other").await;
     assert_eq!(v["error"], denied("llm provider", "other", "allow_llm"));
-    assert_eq!(p.metrics.denied.load(Ordering::Relaxed), 2);
+    assert_eq!(p.metrics.denied.get(), 2);
     // A refusal is the guest's to handle, not a failed call.
     assert!(p.metrics.errors().is_empty(), "{:?}", p.metrics.errors());
 }

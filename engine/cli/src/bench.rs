@@ -481,6 +481,7 @@ pub async fn wasm(module: PathBuf, iterations: usize, out: &Stream, err: &Stream
     use std::time::{Duration, Instant};
 
     let spec = prompter_engine::wasm::WasmSpec {
+        metrics: Default::default(),
         stage: "echo".into(),
         module: module.clone(),
         config_json: "{}".into(),

@@ -234,9 +234,11 @@ pub fn main(
             return code;
         }
     };
-    init_logging(cli.verbose);
-    // rustls needs one process-wide crypto provider for HTTPS (Nebula, plugin HTTP).
+    // rustls needs one process-wide crypto provider for HTTPS (Nebula, plugin HTTP, the OTLP
+    // exporter's client, built by `init_logging`).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Held to the end: with the `otlp` feature, dropping it exports the spans still queued.
+    let _logging = init_logging(cli.verbose, &err);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -431,7 +433,27 @@ const SECRET_BEARING_TARGETS: &[&str] = &[
     "h2=info",
 ];
 
-fn init_logging(verbose: u8) {
+/// The variables that turn OTLP trace export on (the `otlp` feature), as OpenTelemetry names
+/// them.
+const OTLP_ENDPOINT_VARS: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
+
+/// What `init_logging` set up that must live until the process exits.
+#[must_use]
+struct LoggingGuard {
+    /// Exports the spans still queued when dropped.
+    #[cfg(feature = "otlp")]
+    _otlp: Option<crate::otlp::OtlpGuard>,
+}
+
+/// The stderr log (`-v`, `RUST_LOG`) and, with the `otlp` feature and an OTLP endpoint in the
+/// environment, the span exporter beside it, with its own filter.
+fn init_logging(verbose: u8, err: &Stream) -> LoggingGuard {
+    let otlp_endpoint = OTLP_ENDPOINT_VARS
+        .into_iter()
+        .find(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -446,12 +468,38 @@ fn init_logging(verbose: u8) {
         .iter()
         .filter_map(|d| d.parse().ok())
         .fold(filter, tracing_subscriber::EnvFilter::add_directive);
+    #[cfg(feature = "otlp")]
+    if otlp_endpoint.is_some() && !tracing::dispatcher::has_been_set() {
+        use tracing_subscriber::Layer as _;
+        // The filter above is the log's alone: the exporter has its own (see `otlp`).
+        let log = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_filter(filter);
+        return LoggingGuard {
+            _otlp: crate::otlp::install(log, err),
+        };
+    }
+    #[cfg(not(feature = "otlp"))]
+    if let Some(var) = otlp_endpoint {
+        say(
+            err,
+            &format!(
+                "warning: {var} is set, but this build of prompter has no OTLP exporter: no spans \
+                 are exported (rebuild with `--features otlp`)"
+            ),
+        );
+    }
     // A second call in the same process (tests) keeps the first subscriber.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
+    LoggingGuard {
+        #[cfg(feature = "otlp")]
+        _otlp: None,
+    }
 }
 
 fn env_lookup(name: &str) -> Option<String> {
@@ -483,6 +531,7 @@ fn validate(
         files,
         include_config_pipelines: listed,
         env: &env_lookup,
+        metrics: None,
     };
     match config::load(&req, registry) {
         Ok(loaded) => {
@@ -547,6 +596,7 @@ pub(crate) fn load_for_run(registry: &Registry, config: &Path, err: &Stream) -> 
         files: &[],
         include_config_pipelines: true,
         env: &env_lookup,
+        metrics: None,
     };
     match config::load(&req, registry) {
         Ok(l) => Some(l),
@@ -659,12 +709,13 @@ async fn replay(
     };
     let printer = out.clone();
     let err2 = err.clone();
+    let stats = Arc::new(Stats::with_metrics(loaded.settings.metrics.clone()));
     let summary = session::run(
         loaded,
         lines,
         paths,
         pace,
-        Arc::new(Stats::default()),
+        stats,
         |_| {},
         move |p| say(&err2, &format!("warning: {p}")),
         move |o| match serde_json::to_string(&o) {

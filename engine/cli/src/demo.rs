@@ -157,12 +157,13 @@ pub async fn run(
     let out_events = out.clone();
     let out_cards = out.clone();
     let err2 = err.clone();
+    let stats = Arc::new(Stats::with_metrics(loaded.settings.metrics.clone()));
     let summary = session::run(
         loaded,
         lines,
         &paths,
         Pace::Realtime(speed),
-        Arc::new(Stats::default()),
+        stats,
         move |e| {
             if let Some(line) = transcript_line(e, style) {
                 say(&out_events, &line);

@@ -16,6 +16,7 @@
 //! - [`tap`](mod@tap): `prompter tap`, a running engine's events and outputs, live.
 //! - [`kb`]: `prompter kb ingest`; [`plugin_cli`]: `prompter plugin new|test`;
 //!   `trackers_cli`: `prompter trackers sync`.
+//! - `otlp` (the `otlp` feature): the engine's spans exported to an OpenTelemetry collector.
 
 pub mod bench;
 pub mod bundle;
@@ -25,6 +26,8 @@ pub mod demo;
 pub mod feed_bench;
 pub mod kb;
 pub mod live;
+#[cfg(feature = "otlp")]
+mod otlp;
 pub mod pipeline_test;
 pub mod plugin_cli;
 pub mod tap;

@@ -75,6 +75,7 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
         }
     };
     let spec = WasmSpec {
+        metrics: Default::default(),
         stage: opts
             .module
             .file_stem()
@@ -178,7 +179,7 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
         plugin.conversation_ended(conv);
     }
     let m = &plugin.metrics;
-    let n = m.calls.load(Ordering::Relaxed).max(1);
+    let n = m.calls.get().max(1);
     let errors: Vec<String> = m
         .errors()
         .into_iter()
@@ -194,10 +195,10 @@ pub async fn test(opts: TestOptions, out: &Stream, err: &Stream) -> u8 {
             } else {
                 format!(" ({})", errors.join(", "))
             },
-            m.denied.load(Ordering::Relaxed),
+            m.denied.get(),
             m.total_ns.load(Ordering::Relaxed) as f64 / n as f64 / 1000.0,
             m.max_ns.load(Ordering::Relaxed) as f64 / 1000.0,
-            m.instances.load(Ordering::Relaxed)
+            m.instances.get()
         ),
     );
     0

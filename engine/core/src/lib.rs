@@ -26,6 +26,7 @@ pub mod conversation;
 pub mod diagnostic;
 pub mod error;
 pub mod event;
+pub mod meter;
 pub mod output;
 pub mod plugin;
 pub mod resource;

@@ -5,7 +5,6 @@
 //! a stage (and later a Wasm plugin) only ever sees the trait.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -181,9 +180,11 @@ pub struct CachedEmbedder {
     inner: Arc<dyn Embedder>,
     capacity: usize,
     cache: Mutex<Generations>,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    observer: Option<LookupObserver>,
 }
+
+/// Told (texts answered from the cache, texts sent to the embedder) after each lookup.
+pub type LookupObserver = Box<dyn Fn(u64, u64) + Send + Sync>;
 
 /// Two generations: lookups promote from `old` to `new`; when `new` is full, `old` is dropped
 /// and `new` becomes `old`. Bounded at twice the capacity, O(1) per operation.
@@ -205,17 +206,21 @@ impl CachedEmbedder {
             inner,
             capacity: capacity.max(1),
             cache: Mutex::new(Generations::default()),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            observer: None,
         }
     }
 
-    /// (texts answered from the cache, texts sent to the embedder) so far.
-    pub fn counts(&self) -> (u64, u64) {
-        (
-            self.hits.load(Ordering::Relaxed),
-            self.misses.load(Ordering::Relaxed),
-        )
+    /// Reports every lookup's hits and misses to `observer` (the engine's metrics).
+    #[must_use]
+    pub fn observed(mut self, observer: LookupObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn report(&self, hits: u64, misses: u64) {
+        if let Some(o) = &self.observer {
+            o(hits, misses);
+        }
     }
 
     fn get(&self, text: &str) -> Option<Arc<[f32]>> {
@@ -257,8 +262,10 @@ impl Embedder for CachedEmbedder {
     }
     fn embed_local(&self, text: &str) -> Option<Vec<f32>> {
         if let Some(v) = self.get(text) {
+            self.report(1, 0);
             return Some(v.to_vec());
         }
+        self.report(0, 1);
         let v = self.inner.embed_local(text)?;
         self.insert(text.to_owned(), v.clone().into());
         Some(v)
@@ -277,10 +284,8 @@ impl Embedder for CachedEmbedder {
             }
         }
         let hits = texts.len() - out.iter().filter(|v| v.is_none()).count();
-        self.hits.fetch_add(hits as u64, Ordering::Relaxed);
+        self.report(hits as u64, missing.len() as u64);
         if !missing.is_empty() {
-            self.misses
-                .fetch_add(missing.len() as u64, Ordering::Relaxed);
             let vectors = self.inner.embed(&missing).await?;
             if vectors.len() != missing.len() {
                 return Err(PluginError::external(format!(
@@ -306,6 +311,7 @@ impl Embedder for CachedEmbedder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     /// Counts calls; the vector of a text is `[len]`.
     #[derive(Default)]
@@ -340,6 +346,13 @@ mod tests {
     async fn repeated_texts_are_embedded_once() {
         let inner = Arc::new(Counting::default());
         let cached = CachedEmbedder::new(inner.clone());
+        let seen = Arc::new(Mutex::new((0, 0)));
+        let counts = seen.clone();
+        let cached = cached.observed(Box::new(move |h, m| {
+            let mut s = counts.lock().unwrap();
+            s.0 += h;
+            s.1 += m;
+        }));
         let a = cached
             .embed(&strings(&["Budget", "Timing", "Budget"]))
             .await
@@ -349,7 +362,8 @@ mod tests {
         assert_eq!(b.len(), 2);
         assert_eq!(inner.calls.load(Ordering::Relaxed), 1);
         assert_eq!(inner.texts.load(Ordering::Relaxed), 2);
-        assert_eq!(cached.counts(), (2, 2));
+        // (hits, misses) as the engine's metrics see them.
+        assert_eq!(*seen.lock().unwrap(), (2, 2));
     }
 
     #[tokio::test]

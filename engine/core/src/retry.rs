@@ -136,6 +136,7 @@ where
             });
         }
         let wait = backoff.wait(n, retry_after);
+        crate::meter::retry();
         on_retry(Retrying {
             attempt: n.saturating_add(1),
             wait,

@@ -27,6 +27,7 @@ pub mod config;
 pub mod delivery;
 pub mod engine;
 pub mod feed;
+pub mod metered;
 pub mod metrics;
 pub mod pipeline;
 pub mod recording;

@@ -77,6 +77,44 @@ struct ReloadLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderResultLabels {
+    provider: String,
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    provider: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    embedder: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageIdLabels {
+    pipeline: String,
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WasmErrorLabels {
+    pipeline: String,
+    stage: String,
+    cause: &'static str,
+}
+
 /// How a pipeline run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunOutcome {
@@ -140,12 +178,45 @@ impl PipelineMetrics {
     }
 }
 
-/// A stage's handles: its duration, its errors and timeouts.
+/// A stage's handles: its duration, its errors and timeouts, its fallbacks.
 #[derive(Debug, Clone)]
 pub struct StageMetrics {
     duration: Histogram,
     errors: Counter,
     timeouts: Counter,
+    /// Only `chat` stages have a fallback.
+    fallbacks: Option<Counter>,
+}
+
+impl prompter_core::meter::StageMeter for StageMetrics {
+    fn fallback(&self) {
+        if let Some(c) = &self.fallbacks {
+            c.inc();
+        }
+    }
+}
+
+/// A chat provider's handles (`kind="chat"`).
+#[derive(Debug)]
+pub struct ChatMetrics {
+    pub(crate) ok: Counter,
+    pub(crate) error: Counter,
+    pub(crate) duration: Histogram,
+    pub(crate) first_token: Histogram,
+    pub(crate) retries: Counter,
+    pub(crate) tokens_in: Counter,
+    pub(crate) tokens_out: Counter,
+}
+
+/// An embedder's handles (`kind="embed"`): calls that reached the provider, and the cache.
+#[derive(Debug)]
+pub struct EmbedMetrics {
+    pub(crate) ok: Counter,
+    pub(crate) error: Counter,
+    pub(crate) duration: Histogram,
+    pub(crate) retries: Counter,
+    pub(crate) hits: Counter,
+    pub(crate) misses: Counter,
 }
 
 impl StageMetrics {
@@ -176,6 +247,17 @@ pub struct Metrics {
     output_seconds: Family<PipelineLabels, Histogram>,
     degraded: Family<PipelineLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    fallbacks: Family<StageIdLabels, Counter>,
+    provider_requests: Family<ProviderResultLabels, Counter>,
+    provider_seconds: Family<ProviderLabels, Histogram>,
+    first_token_seconds: Family<ProviderLabels, Histogram>,
+    provider_retries: Family<ProviderLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    cache: Family<CacheLabels, Counter>,
+    wasm_calls: Family<StageIdLabels, Counter>,
+    wasm_errors: Family<WasmErrorLabels, Counter>,
+    wasm_instances: Family<StageIdLabels, Counter>,
+    wasm_denied: Family<StageIdLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -261,6 +343,78 @@ impl Metrics {
             "Configuration reloads, by result (ok, rejected)",
             reloads.clone(),
         );
+        let fallbacks = Family::<StageIdLabels, Counter>::default();
+        registry.register(
+            "prompter_chat_fallbacks",
+            "Chat answers given by a stage's fallback provider instead of its primary",
+            fallbacks.clone(),
+        );
+        let provider_requests = Family::<ProviderResultLabels, Counter>::default();
+        registry.register(
+            "prompter_provider_requests",
+            "Calls to an LLM provider or embedder (kind chat or embed), by result (ok, error); \
+             embedding calls answered wholly from the cache are not counted",
+            provider_requests.clone(),
+        );
+        let provider_seconds = Family::<ProviderLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "prompter_provider_request_duration_seconds",
+            "Total time of a provider call, retries included",
+            provider_seconds.clone(),
+        );
+        let first_token_seconds = Family::<ProviderLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "prompter_provider_first_token_seconds",
+            "Time from a streamed chat call's start to its first fragment of text",
+            first_token_seconds.clone(),
+        );
+        let provider_retries = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "prompter_provider_retries",
+            "Provider attempts that failed retryably and were tried again",
+            provider_retries.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "prompter_provider_tokens",
+            "Tokens the provider reported using, by direction (input, output)",
+            tokens.clone(),
+        );
+        let cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "prompter_embedding_cache_lookups",
+            "Texts looked up in an embedder's cache, by result (hit, miss)",
+            cache.clone(),
+        );
+        let wasm_calls = Family::<StageIdLabels, Counter>::default();
+        registry.register(
+            "prompter_wasm_calls",
+            "Calls of a WebAssembly stage",
+            wasm_calls.clone(),
+        );
+        let wasm_errors = Family::<WasmErrorLabels, Counter>::default();
+        registry.register(
+            "prompter_wasm_errors",
+            "Failed calls of a WebAssembly stage, by cause (timeout, memory, fuel, trap, grant, \
+             output, plugin_error, instantiate, busy)",
+            wasm_errors.clone(),
+        );
+        let wasm_instances = Family::<StageIdLabels, Counter>::default();
+        registry.register(
+            "prompter_wasm_instances_created",
+            "WebAssembly instances created for a stage",
+            wasm_instances.clone(),
+        );
+        let wasm_denied = Family::<StageIdLabels, Counter>::default();
+        registry.register(
+            "prompter_wasm_host_calls_denied",
+            "Host calls refused because the stage lacks the grant",
+            wasm_denied.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             events,
@@ -272,6 +426,17 @@ impl Metrics {
             output_seconds,
             degraded,
             reloads,
+            fallbacks,
+            provider_requests,
+            provider_seconds,
+            first_token_seconds,
+            provider_retries,
+            tokens,
+            cache,
+            wasm_calls,
+            wasm_errors,
+            wasm_instances,
+            wasm_denied,
         }
     }
 
@@ -336,7 +501,96 @@ impl Metrics {
                 .clone(),
             errors: error("error"),
             timeouts: error("timeout"),
+            fallbacks: (plugin == "chat").then(|| {
+                self.fallbacks
+                    .get_or_create(&StageIdLabels {
+                        pipeline: pipeline.to_owned(),
+                        stage: stage.to_owned(),
+                    })
+                    .clone()
+            }),
         }
+    }
+
+    fn provider_result(&self, provider: &str, kind: &'static str, result: &'static str) -> Counter {
+        self.provider_requests
+            .get_or_create(&ProviderResultLabels {
+                provider: provider.to_owned(),
+                kind,
+                result,
+            })
+            .clone()
+    }
+
+    /// The handles of chat provider `name`.
+    pub fn chat(&self, name: &str) -> ChatMetrics {
+        let labels = ProviderLabels {
+            provider: name.to_owned(),
+            kind: "chat",
+        };
+        let tokens = |direction| {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    provider: name.to_owned(),
+                    direction,
+                })
+                .clone()
+        };
+        ChatMetrics {
+            ok: self.provider_result(name, "chat", "ok"),
+            error: self.provider_result(name, "chat", "error"),
+            duration: self.provider_seconds.get_or_create(&labels).clone(),
+            first_token: self.first_token_seconds.get_or_create(&labels).clone(),
+            retries: self.provider_retries.get_or_create(&labels).clone(),
+            tokens_in: tokens("input"),
+            tokens_out: tokens("output"),
+        }
+    }
+
+    /// The handles of embedder `name`.
+    pub fn embed(&self, name: &str) -> EmbedMetrics {
+        let labels = ProviderLabels {
+            provider: name.to_owned(),
+            kind: "embed",
+        };
+        let cache = |result| {
+            self.cache
+                .get_or_create(&CacheLabels {
+                    embedder: name.to_owned(),
+                    result,
+                })
+                .clone()
+        };
+        EmbedMetrics {
+            ok: self.provider_result(name, "embed", "ok"),
+            error: self.provider_result(name, "embed", "error"),
+            duration: self.provider_seconds.get_or_create(&labels).clone(),
+            retries: self.provider_retries.get_or_create(&labels).clone(),
+            hits: cache("hit"),
+            misses: cache("miss"),
+        }
+    }
+
+    /// The counters of WebAssembly stage `stage` of pipeline `pipeline`.
+    pub fn wasm(&self, pipeline: &str, stage: &str) -> crate::wasm::Metrics {
+        let labels = StageIdLabels {
+            pipeline: pipeline.to_owned(),
+            stage: stage.to_owned(),
+        };
+        crate::wasm::Metrics::with_counters(
+            self.wasm_calls.get_or_create(&labels).clone(),
+            crate::wasm::Cause::ALL.map(|cause| {
+                self.wasm_errors
+                    .get_or_create(&WasmErrorLabels {
+                        pipeline: pipeline.to_owned(),
+                        stage: stage.to_owned(),
+                        cause: cause.name(),
+                    })
+                    .clone()
+            }),
+            self.wasm_instances.get_or_create(&labels).clone(),
+            self.wasm_denied.get_or_create(&labels).clone(),
+        )
     }
 
     /// Counts a configuration reload (`ok` or `rejected`).

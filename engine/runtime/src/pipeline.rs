@@ -54,7 +54,7 @@ pub struct Stage {
     /// Its error policy.
     pub on_error: OnError,
     /// Its metric handles, resolved on first use.
-    pub metrics: OnceLock<StageMetrics>,
+    pub metrics: OnceLock<Arc<StageMetrics>>,
     /// What it is: a hash of its plugin, its definition in the pipeline file and the file's
     /// folder. A reload keeps a conversation's state for this stage only while it is equal.
     pub fingerprint: u64,
@@ -172,6 +172,13 @@ impl Pipeline {
         let mut outputs = Outputs::new();
         let mut timings: Vec<(String, u64)> = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
+            let stage_metrics = stage.metrics.get_or_init(|| {
+                Arc::new(
+                    stats
+                        .metrics
+                        .stage(&self.name, &stage.id, &stage.plugin_name),
+                )
+            });
             let t0 = Instant::now();
             let result = {
                 let cx = StageContext {
@@ -186,17 +193,15 @@ impl Pipeline {
                     host,
                 };
                 let span = debug_span!("stage", pipeline = %self.name, stage = %stage.id, plugin = %stage.plugin_name, conversation = %event.conversation_id);
-                tokio::time::timeout(stage.timeout, stage.plugin.process(&cx))
+                // What the stage reports (a fallback answered) reaches its metrics.
+                let meter: Arc<dyn prompter_core::meter::StageMeter> = stage_metrics.clone();
+                let call = prompter_core::meter::stage_scope(meter, stage.plugin.process(&cx));
+                tokio::time::timeout(stage.timeout, call)
                     .instrument(span)
                     .await
             };
             let took = t0.elapsed();
             timings.push((stage.id.clone(), took.as_micros() as u64));
-            let stage_metrics = stage.metrics.get_or_init(|| {
-                stats
-                    .metrics
-                    .stage(&self.name, &stage.id, &stage.plugin_name)
-            });
             stage_metrics.observe(took.as_secs_f64());
             drop(first_done.take());
             let error = match result {

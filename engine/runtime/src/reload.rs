@@ -65,14 +65,17 @@ impl Reloader {
     pub async fn reload(&self) -> ReloadReport {
         let _one = self.one_at_a_time.lock().await;
         let path = self.config.clone();
+        let engine_metrics = self.engine.stats().metrics.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let registry = crate::registry::builtin();
+            let metrics = Some(engine_metrics);
             let env = |name: &str| std::env::var(name).ok();
             let req = LoadRequest {
                 config: Some(&path),
                 files: &[],
                 include_config_pipelines: true,
                 env: &env,
+                metrics,
             };
             config::load(&req, &registry).map_err(|d| {
                 d.render()

@@ -23,10 +23,21 @@ pub struct Stats {
     /// Per-run time in nanoseconds by pipeline name, when sampling is on.
     pub run_samples: Option<Mutex<Vec<(String, u64)>>>,
     /// The Prometheus metrics (`GET /metrics`).
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Stats {
+    /// Counters reporting to `metrics` (a loaded config's [`Settings::metrics`], so its
+    /// providers and Wasm stages count into the same exposition).
+    ///
+    /// [`Settings::metrics`]: crate::config::Settings::metrics
+    pub fn with_metrics(metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        Stats {
+            metrics,
+            ..Default::default()
+        }
+    }
+
     /// Counters that also sample per-event and per-run times.
     pub fn sampling() -> Self {
         Stats {

@@ -317,6 +317,7 @@ impl Plugin for Chat {
                 };
                 let why = describe(name, &e);
                 tracing::warn!(pipeline = %cx.pipeline, stage = %cx.stage, conversation = %cx.event().conversation_id, reason = %why, fallback = %fallback.name(), "Chat falls back.");
+                prompter_core::meter::fallback();
                 match fallback.chat(&request, None).await {
                     Ok(reply) => (reply, Some(why)),
                     Err(f) => {
@@ -416,6 +417,7 @@ impl ChatProvider for OfflineProvider {
             .collect::<Vec<_>>()
             .join("\n");
         if let Some(tx) = tokens {
+            prompter_core::meter::first_token();
             // A closed receiver only means nobody is watching the stream.
             let _ = tx.send(text.clone()).await;
         }

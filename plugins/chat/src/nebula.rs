@@ -509,6 +509,9 @@ impl NebulaProvider {
                 }
             };
             if let Some(delta) = delta_of(&data).filter(|d| !d.is_empty()) {
+                if text.is_empty() {
+                    prompter_core::meter::first_token();
+                }
                 text.push_str(&delta);
                 // A closed receiver only means nobody is watching the stream.
                 let _ = tokens.send(delta).await;

@@ -517,12 +517,15 @@ async fn chat_answer(s: &OpenAiState, headers: &HeaderMap, req: &Value) -> Respo
     let (answer, finish) = answer_for(s, req);
     let id = format!("chatcmpl-fake{}", s.chat_calls.load(Ordering::SeqCst));
     let delay = Duration::from_millis(u64::from(s.delay_ms.load(Ordering::SeqCst)));
-    if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        return stream(s, id, model, answer, finish, delay);
-    }
-    tokio::time::sleep(delay).await;
     let prompt_tokens = word_count(req);
     let completion_tokens = answer.split_whitespace().count();
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        // OpenAI ends the stream with a usage chunk (empty `choices`) when asked.
+        let usage = (req.pointer("/stream_options/include_usage") == Some(&json!(true)))
+            .then_some((prompt_tokens, completion_tokens));
+        return stream(s, id, model, answer, finish, delay, usage);
+    }
+    tokio::time::sleep(delay).await;
     Json(json!({
         "id": id,
         "object": "chat.completion",
@@ -553,6 +556,7 @@ fn stream(
     answer: String,
     finish: &'static str,
     delay: Duration,
+    usage: Option<(usize, usize)>,
 ) -> Response {
     let created = now_secs();
     let chunk = |delta: Value, finish: Option<&str>| {
@@ -576,6 +580,14 @@ fn stream(
     let mut rest: Vec<String> = if cut { Vec::new() } else { parts.collect() };
     if !cut {
         rest.push(chunk(json!({}), Some(finish)));
+        if let Some((p, c)) = usage {
+            let u = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [],
+                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+            });
+            rest.push(format!("data: {u}\n\n"));
+        }
         rest.push("data: [DONE]\n\n".into());
     }
     let fragmented = s.stream_fragmented.load(Ordering::SeqCst);

@@ -410,6 +410,7 @@ async fn run_one(
         files: &[],
         include_config_pipelines: true,
         env: &env,
+        metrics: None,
     };
     let loaded = config::load(&req, registry).map_err(RunError::Config)?;
     let (mut lines, problems) = recording::read_all(&test.recordings).map_err(|(p, e)| {

@@ -169,7 +169,15 @@ pub(super) fn engine_config(
         }
     }
     // Embedders first: stores name theirs.
-    open_embedders(file, map, &base, registry, resources, diags);
+    open_embedders(
+        file,
+        map,
+        &base,
+        registry,
+        resources,
+        diags,
+        &settings.metrics,
+    );
     let section = |key, kind_key, what| Section {
         file,
         map,
@@ -186,18 +194,20 @@ pub(super) fn engine_config(
             r.knowledge.insert(name, store);
         },
     );
+    let metrics = settings.metrics.clone();
     section("llm", "provider", "llm provider").open(
         &registry.providers,
         resources,
         diags,
         |r, name, provider| {
-            r.chat.insert(name, provider);
+            r.chat
+                .insert(name, crate::metered::MeteredChat::wrap(provider, &metrics));
         },
     );
     files
 }
 
-/// Opens the engine config's `embedders:`, each behind a cache.
+/// Opens the engine config's `embedders:`, each behind a cache, counted in `metrics`.
 fn open_embedders(
     file: &Path,
     map: &MarkedMappingNode,
@@ -205,6 +215,7 @@ fn open_embedders(
     registry: &Registry,
     resources: &mut Resources,
     diags: &mut Diagnostics,
+    metrics: &crate::metrics::Metrics,
 ) {
     let section = Section {
         file,
@@ -215,9 +226,8 @@ fn open_embedders(
         what: "embedder",
     };
     section.open(&registry.embedders, resources, diags, |r, name, e| {
-        let cached: Arc<dyn prompter_core::resource::Embedder> =
-            Arc::new(prompter_core::resource::CachedEmbedder::new(e));
-        r.embedders.insert(name, cached);
+        r.embedders
+            .insert(name, crate::metered::metered_embedder(e, metrics));
     });
 }
 
@@ -325,7 +335,17 @@ pub fn store_decl(
     let Some(map) = expect_map(file, &node, "the engine config", &mut diags) else {
         return Err(diags);
     };
-    open_embedders(file, map, &base, registry, &mut resources, &mut diags);
+    // `prompter kb` has no engine: its metrics are its own, and unread.
+    let metrics = crate::metrics::Metrics::new();
+    open_embedders(
+        file,
+        map,
+        &base,
+        registry,
+        &mut resources,
+        &mut diags,
+        &metrics,
+    );
     let stores = map.get_node("knowledge").and_then(|n| n.as_mapping());
     let decl = stores.and_then(|m| m.get_node(name));
     let Some(decl) = decl else {

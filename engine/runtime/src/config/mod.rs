@@ -74,6 +74,10 @@ pub struct Settings {
     pub sinks: Vec<sinks::SinkDecl>,
     /// The `twilio:` section: Twilio's voice webhooks, when given.
     pub twilio: Option<crate::twilio::TwilioConfig>,
+    /// Where the loaded providers, embedders and Wasm stages count their calls: the engine's
+    /// metrics when the load request gave them (hand them to the engine's
+    /// [`Stats`](crate::stats::Stats)), else fresh ones.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Default for Settings {
@@ -88,6 +92,7 @@ impl Default for Settings {
             feed: None,
             sinks: Vec::new(),
             twilio: None,
+            metrics: std::sync::Arc::default(),
         }
     }
 }
@@ -114,6 +119,9 @@ pub struct LoadRequest<'a> {
     pub include_config_pipelines: bool,
     /// Environment lookup for `${NAME}`.
     pub env: EnvLookup<'a>,
+    /// The metrics of the engine the config is for (a reload passes the running engine's, so
+    /// counters carry on); `None` for fresh ones, in [`Settings::metrics`].
+    pub metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 /// Loads everything; every problem is in the returned diagnostics.
@@ -122,7 +130,10 @@ pub struct LoadRequest<'a> {
 /// [`Diagnostics`] with at least one problem.
 pub fn load(req: &LoadRequest<'_>, registry: &Registry) -> Result<Loaded, Diagnostics> {
     let mut diags = Diagnostics::default();
-    let mut settings = Settings::default();
+    let mut settings = Settings {
+        metrics: req.metrics.clone().unwrap_or_default(),
+        ..Settings::default()
+    };
     let mut resources = Resources::default();
     let mut pipeline_files: Vec<PathBuf> = Vec::new();
 

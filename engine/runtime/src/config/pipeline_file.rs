@@ -322,6 +322,7 @@ pub(super) fn pipeline(
                     base: &base,
                     resources,
                     timeout,
+                    metrics: Arc::new(settings.metrics.wasm(&pipeline_name, &id)),
                 };
                 if let Some(plugin) = wasm::build(input, diags) {
                     stages.push(Stage {

@@ -43,6 +43,8 @@ pub(crate) struct WasmStageInput<'a> {
     pub(crate) base: &'a Path,
     pub(crate) resources: &'a Resources,
     pub(crate) timeout: Duration,
+    /// Where the stage counts its calls and errors.
+    pub(crate) metrics: Arc<crate::wasm::Metrics>,
 }
 
 /// Builds a wasm stage, reporting problems at their positions.
@@ -55,6 +57,7 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
         base,
         resources,
         timeout,
+        metrics,
     } = input;
     let before = diags.len();
     let module_node = required(file, stage, "module", "a `plugin: wasm` stage", diags);
@@ -164,6 +167,7 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
         limits,
         timeout,
         resources: resources.clone(),
+        metrics,
     };
     match block_on(WasmPlugin::build_with_grants(spec, grants)) {
         Ok(Ok(plugin)) => Some(Arc::new(plugin)),

@@ -10,6 +10,8 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,19 +99,20 @@ pub enum Cause {
     Busy,
 }
 
-const CAUSES: [Cause; 9] = [
-    Cause::Timeout,
-    Cause::Memory,
-    Cause::Fuel,
-    Cause::Trap,
-    Cause::Grant,
-    Cause::Output,
-    Cause::Plugin,
-    Cause::Instantiate,
-    Cause::Busy,
-];
-
 impl Cause {
+    /// Every cause, in the order of [`Metrics`]' error counters.
+    pub const ALL: [Cause; 9] = [
+        Cause::Timeout,
+        Cause::Memory,
+        Cause::Fuel,
+        Cause::Trap,
+        Cause::Grant,
+        Cause::Output,
+        Cause::Plugin,
+        Cause::Instantiate,
+        Cause::Busy,
+    ];
+
     /// Its name in metrics.
     pub fn name(self) -> &'static str {
         match self {
@@ -126,44 +129,62 @@ impl Cause {
     }
 }
 
-/// Host-side metrics of one Wasm stage.
+/// Host-side metrics of one Wasm stage. The counters are the engine's Prometheus counters when
+/// the stage was built by a config load with metrics ([`crate::metrics::Metrics::wasm`]), so
+/// they survive reloads; standalone ones otherwise.
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Calls made.
-    pub calls: AtomicU64,
-    errors: [AtomicU64; 9],
+    pub calls: Counter,
+    errors: [Counter; 9],
     /// Total call time, ns.
     pub total_ns: AtomicU64,
     /// Slowest call, ns.
     pub max_ns: AtomicU64,
     /// Instances created.
-    pub instances: AtomicU64,
+    pub instances: Counter,
     /// Host calls refused because the stage lacks the grant (`allow_knowledge`, `allow_llm`).
     /// The guest gets an error and may go on, so these are not call errors.
-    pub denied: AtomicU64,
+    pub denied: Counter,
     /// Whether a refusal was already logged at warn (later ones are logged at debug).
     warned_denial: AtomicBool,
 }
 
 impl Metrics {
+    /// Metrics counting into the given counters (errors in the order of [`Cause::ALL`]).
+    pub fn with_counters(
+        calls: Counter,
+        errors: [Counter; 9],
+        instances: Counter,
+        denied: Counter,
+    ) -> Self {
+        Metrics {
+            calls,
+            errors,
+            instances,
+            denied,
+            ..Default::default()
+        }
+    }
+
     fn error(&self, cause: Cause) {
-        if let Some(i) = CAUSES.iter().position(|c| *c == cause) {
-            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = Cause::ALL.iter().position(|c| *c == cause) {
+            self.errors[i].inc();
         }
     }
 
     /// Counts a refused host call; true for the stage's first one (log it loudly).
     pub(crate) fn grant_denied(&self) -> bool {
-        self.denied.fetch_add(1, Ordering::Relaxed);
+        self.denied.inc();
         !self.warned_denial.swap(true, Ordering::Relaxed)
     }
 
     /// Errors by cause (only causes that happened).
     pub fn errors(&self) -> Vec<(&'static str, u64)> {
-        CAUSES
+        Cause::ALL
             .iter()
             .zip(&self.errors)
-            .map(|(c, n)| (c.name(), n.load(Ordering::Relaxed)))
+            .map(|(c, n)| (c.name(), n.get()))
             .filter(|(_, n)| *n > 0)
             .collect()
     }
@@ -207,6 +228,8 @@ pub struct WasmSpec {
     pub timeout: Duration,
     /// Shared resources the host calls use.
     pub resources: Resources,
+    /// Where the stage counts its calls and errors (`Default::default()` for standalone ones).
+    pub metrics: Arc<Metrics>,
 }
 
 /// A Wasm stage.
@@ -280,7 +303,7 @@ impl WasmPlugin {
             resources: spec.resources,
             http: http_client(),
             idle,
-            metrics: Arc::default(),
+            metrics: spec.metrics,
         };
         let deadline = Instant::now() + plugin.timeout;
         let instance = plugin
@@ -333,7 +356,7 @@ impl WasmPlugin {
                 return Err((PluginError::timeout(msg), None));
             }
         };
-        self.metrics.instances.fetch_add(1, Ordering::Relaxed);
+        self.metrics.instances.inc();
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         // No environment, arguments, files, clocks beyond WASI defaults, or sockets: the only
         // way out is the host interface.
@@ -630,7 +653,7 @@ impl WasmPlugin {
 impl Plugin for WasmPlugin {
     async fn process(&self, cx: &StageContext<'_>) -> Result<Flow, PluginError> {
         let t0 = Instant::now();
-        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics.calls.inc();
         let r = self.call(cx).await;
         let ns = t0.elapsed().as_nanos() as u64;
         self.metrics.total_ns.fetch_add(ns, Ordering::Relaxed);

@@ -31,6 +31,11 @@ pub struct OpenAiConfig {
     /// Nucleus sampling (0 to 1); not sent when unset (the server's default applies).
     #[serde(default)]
     pub top_p: Option<f64>,
+    /// Ask a streamed answer to end with its token usage (`stream_options.include_usage`), for
+    /// the `prompter_provider_tokens_total` metric. Default true; set false for a server that
+    /// rejects `stream_options`.
+    #[serde(default = "default_true")]
+    pub stream_usage: bool,
     /// Per-attempt timeout: until the answer is complete, or for a streamed answer until it
     /// starts and then between two pieces of it. Default 10,000 ms.
     #[serde(default = "default_timeout_ms")]
@@ -77,6 +82,9 @@ pub struct OpenAiEmbedConfig {
 
 fn default_base_url() -> String {
     "https://api.openai.com/v1".into()
+}
+fn default_true() -> bool {
+    true
 }
 fn default_timeout_ms() -> u64 {
     10_000

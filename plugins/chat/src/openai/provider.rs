@@ -30,6 +30,14 @@ pub(super) struct ChatBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
     stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+/// `stream_options` of a streamed request.
+#[derive(Debug, Serialize)]
+pub(super) struct StreamOptions {
+    include_usage: bool,
 }
 
 /// An OpenAI-compatible chat provider.
@@ -86,6 +94,9 @@ impl OpenAiProvider {
             temperature: self.config.temperature.unwrap_or(request.temperature),
             top_p: self.config.top_p,
             stream,
+            stream_options: (stream && self.config.stream_usage).then_some(StreamOptions {
+                include_usage: true,
+            }),
         }
     }
 
@@ -96,6 +107,7 @@ impl OpenAiProvider {
             model: Option<String>,
             #[serde(default)]
             choices: Vec<Choice>,
+            usage: Option<super::stream::Usage>,
         }
         #[derive(Deserialize)]
         struct Choice {
@@ -127,6 +139,9 @@ impl OpenAiProvider {
             ))
             .with_source(e)
         })?;
+        if let Some(u) = &completion.usage {
+            prompter_core::meter::tokens(u.prompt_tokens, u.completion_tokens);
+        }
         let choice = completion.choices.into_iter().next();
         let finish = choice.as_ref().and_then(|c| c.finish_reason.clone());
         let message = choice.and_then(|c| c.message);

@@ -15,6 +15,17 @@ pub(super) struct ChunkEvent {
     pub(super) model: Option<String>,
     /// An `{"error": ...}` sent inside the stream.
     pub(super) error: Option<String>,
+    /// The token usage (the last chunk when `stream_options.include_usage` was asked).
+    pub(super) usage: Option<Usage>,
+}
+
+/// Token usage, as the server reports it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub(super) struct Usage {
+    #[serde(default)]
+    pub(super) prompt_tokens: u64,
+    #[serde(default)]
+    pub(super) completion_tokens: u64,
 }
 
 /// Reads the JSON `data` of one event. Undecodable data gives `None`; so do chunks without
@@ -31,7 +42,17 @@ pub(super) fn chunk_event(data: &str) -> Option<ChunkEvent> {
             ..ChunkEvent::default()
         });
     }
-    let choice = v.get("choices")?.as_array()?.iter().find(|c| {
+    let usage = v
+        .get("usage")
+        .and_then(|u| serde_json::from_value::<Usage>(u.clone()).ok());
+    let choices = v.get("choices").and_then(|c| c.as_array());
+    if usage.is_some() && choices.is_none_or(|c| c.is_empty()) {
+        return Some(ChunkEvent {
+            usage,
+            ..ChunkEvent::default()
+        });
+    }
+    let choice = choices?.iter().find(|c| {
         c.get("index")
             .and_then(serde_json::Value::as_u64)
             .is_none_or(|i| i == 0)
@@ -49,8 +70,10 @@ pub(super) fn chunk_event(data: &str) -> Option<ChunkEvent> {
             .map(str::to_owned),
         model: v.get("model").and_then(|m| m.as_str()).map(str::to_owned),
         error: None,
+        usage,
     };
-    (event.delta.is_some() || event.finish_reason.is_some()).then_some(event)
+    (event.delta.is_some() || event.finish_reason.is_some() || event.usage.is_some())
+        .then_some(event)
 }
 
 /// The answer gathered from a stream so far.
@@ -86,7 +109,13 @@ impl StreamedReply {
         if event.finish_reason.is_some() {
             self.finish_reason = event.finish_reason;
         }
+        if let Some(u) = event.usage {
+            prompter_core::meter::tokens(u.prompt_tokens, u.completion_tokens);
+        }
         if let Some(delta) = event.delta {
+            if self.text.is_empty() {
+                prompter_core::meter::first_token();
+            }
             self.text.push_str(&delta);
             // A closed receiver only means nobody is watching the stream.
             let _ = tokens.send(delta).await;

@@ -546,6 +546,21 @@ fn stream_chunks_are_parsed_defensively() {
     }
     let err = chunk_event(r#"{"error": {"message": "overloaded", "type": "server_error"}}"#);
     assert_eq!(err.unwrap().error.as_deref(), Some("overloaded"));
+    // `stream_options.include_usage`: a last chunk with no choices and the usage.
+    let usage = chunk_event(
+        r#"{"object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":31,"completion_tokens":7,"total_tokens":38}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (usage.delta, usage.usage),
+        (
+            None,
+            Some(super::stream::Usage {
+                prompt_tokens: 31,
+                completion_tokens: 7
+            })
+        )
+    );
 }
 
 #[tokio::test]
