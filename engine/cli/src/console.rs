@@ -147,9 +147,9 @@ pub async fn demo(
     let engine = Arc::new(
         Engine::new(
             loaded.pipelines,
-            loaded.settings,
+            loaded.settings.clone(),
             vec![Box::new(printer), wiring.sink()],
-            Arc::new(Stats::default()),
+            Arc::new(Stats::with_metrics(loaded.settings.metrics)),
         )
         .with_observer(wiring.observer()),
     );
@@ -226,10 +226,10 @@ pub async fn demo(
             }
             if !opts.exit_at_end {
                 say(out, &style.dim("end of call; the console stays open. Ctrl-C to stop."));
-                let _ = tokio::signal::ctrl_c().await;
+                crate::live::stop_requested().await;
             }
         }
-        _ = tokio::signal::ctrl_c() => {}
+        () = crate::live::stop_requested() => {}
     }
     let _ = shutdown_tx.send(true);
     engine.finish().await;

@@ -108,7 +108,7 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         }
         listen.is_some()
     });
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::with_metrics(loaded.settings.metrics.clone()));
     let printer_out = out.clone();
     let printer = JsonLines::new(move |line| say(&printer_out, line));
     let printed = printer.written();
@@ -517,4 +517,14 @@ async fn wait_terminate(s: &mut Terminate) {
 #[cfg(not(unix))]
 async fn wait_terminate(_: &mut Terminate) {
     std::future::pending().await
+}
+
+/// Waits for Ctrl-C or SIGTERM (`docker stop`, systemd): a process that is a container's PID 1
+/// gets no default action for either, so both are handled.
+pub(crate) async fn stop_requested() {
+    let mut sigterm = terminate_signal();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = wait_terminate(&mut sigterm) => {}
+    }
 }
