@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// How a followed socket is paced and watched (the Subscribe socket's
@@ -87,11 +87,30 @@ pub(crate) enum OpenError {
 
 /// Opens a socket, giving up after `timeout`.
 pub(crate) async fn open(request: Request, timeout: Duration) -> Result<Ws, OpenError> {
-    match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(request)).await {
+    let connect = tokio_tungstenite::connect_async_with_config(request, Some(config()), true);
+    match tokio::time::timeout(timeout, connect).await {
         Ok(Ok((socket, _response))) => Ok(socket),
         Ok(Err(e)) => Err(OpenError::Connect(e)),
         Err(_) => Err(OpenError::TimedOut(timeout)),
     }
+}
+
+/// Read and write buffer of every socket to Symbl (Subscribe, Streaming, the update feed).
+pub(crate) const SOCKET_BUFFER: usize = 8 * 1024;
+/// The largest frame or message taken from Symbl, and the most output buffered.
+pub(crate) const MAX_INCOMING: usize = 4 << 20;
+
+/// The sockets' settings: 8 KiB buffers each way instead of tungstenite's 128 KiB (about 135 KiB
+/// per connection, 1.3 GiB for 10,000 followed calls; 8 KiB is plenty for Symbl's small JSON
+/// frames, and a larger message is still read whole), and messages, frames and unsent output
+/// capped at 4 MiB, so a peer cannot make the engine buffer without bound.
+pub(crate) fn config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
+        .max_write_buffer_size(MAX_INCOMING)
+        .max_message_size(Some(MAX_INCOMING))
+        .max_frame_size(Some(MAX_INCOMING))
 }
 
 /// A peer's judgement of a failure.

@@ -253,21 +253,11 @@ async fn connect(url: &str, token: &Secret) -> Result<Ws, StreamingError> {
     }
 }
 
-/// A session's socket buffers: 8 KiB each way (tungstenite's 128 KiB defaults would cost about
-/// 270 KiB per call with two tracks), and Symbl's frames, which are small JSON, capped at 4 MiB.
+/// A session's socket buffers: those of every socket to Symbl (tungstenite's 128 KiB defaults
+/// would cost about 270 KiB per call with two tracks).
 fn socket_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(SOCKET_BUFFER)
-        .write_buffer_size(SOCKET_BUFFER)
-        .max_write_buffer_size(MAX_INCOMING)
-        .max_message_size(Some(MAX_INCOMING))
-        .max_frame_size(Some(MAX_INCOMING))
+    crate::socket::config()
 }
-
-/// Read and write buffer of a session's socket.
-const SOCKET_BUFFER: usize = 8 * 1024;
-/// The largest frame or message taken from Symbl, and the most output buffered.
-const MAX_INCOMING: usize = 4 << 20;
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
 fn encode(s: &str) -> String {
