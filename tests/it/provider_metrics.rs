@@ -4,10 +4,12 @@
 
 use std::sync::Arc;
 
+use prompter_core::output::{Output, Status};
 use prompter_engine::config::{self, LoadRequest};
 use prompter_engine::engine::Engine;
 use prompter_engine::metrics::Metrics;
 use prompter_engine::registry;
+use prompter_engine::sink::FnSink;
 use prompter_engine::stats::Stats;
 use prompter_fakes::openai::{CHAT_MODEL, Endpoint, OpenAiFake};
 
@@ -66,10 +68,15 @@ async fn provider_embedder_and_wasm_calls_are_counted_as_the_fakes_saw_them() {
     };
     let loaded =
         config::load(&req, &registry::builtin()).unwrap_or_else(|d| panic!("{}", d.render()));
+    let seen: Arc<std::sync::Mutex<Vec<Output>>> = Arc::default();
+    let into = seen.clone();
+    let sink = FnSink::new("test", move |o: &Output| {
+        into.lock().unwrap().push(o.clone())
+    });
     let engine = Engine::new(
         loaded.pipelines,
         loaded.settings,
-        Vec::new(),
+        vec![Box::new(sink)],
         Arc::new(Stats::with_metrics(metrics.clone())),
     );
     let events = recorded("billing-dispute-call.jsonl");
@@ -179,6 +186,24 @@ async fn provider_embedder_and_wasm_calls_are_counted_as_the_fakes_saw_them() {
             "prompter_wasm_instances_created_total{pipeline=\"rta_redacted\",stage=\"redact\"}"
         ) >= 1.0
     );
+    // Each answer's time is split into the engine's own and the providers': the fake's
+    // streamed answers and the retries' waits are providers' time.
+    let finals: Vec<Output> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|o| o.pipeline == "ask" && o.status == Status::Final)
+        .cloned()
+        .collect();
+    assert_eq!(finals.len() as f64, trackers);
+    for o in &finals {
+        let t = &o.timings;
+        assert!(t.waited_us > 0, "{t:?}");
+        assert!(
+            t.waited_us <= t.total_us && t.total_us <= t.received_us,
+            "{t:?}"
+        );
+    }
     // No label carries the conversation.
     assert!(!text.contains("billing"), "{text}");
 }

@@ -10,6 +10,7 @@
 //! `prompter kb`) costs nothing.
 
 use std::future::Future;
+use std::time::Duration;
 
 /// Receives one provider call's facts. Methods take `&self`: a meter keeps its per-call state in
 /// cells; it lives in one task.
@@ -28,19 +29,45 @@ pub trait StageMeter: Send + Sync + 'static {
     fn fallback(&self);
 }
 
-tokio::task_local! {
-    static METER: Box<dyn Meter>;
-    static STAGE: std::sync::Arc<dyn StageMeter>;
+/// One stage call's scope: its meter, and the time it spent waiting on providers.
+struct StageScope {
+    meter: std::sync::Arc<dyn StageMeter>,
+    waited_ns: std::cell::Cell<u64>,
 }
 
-/// Runs a stage call `f` with `meter` receiving what the stage reports.
-pub async fn stage_scope<F: Future>(meter: std::sync::Arc<dyn StageMeter>, f: F) -> F::Output {
-    STAGE.scope(meter, f).await
+tokio::task_local! {
+    static METER: Box<dyn Meter>;
+    static STAGE: StageScope;
+}
+
+/// Runs a stage call `f` with `meter` receiving what the stage reports; returns its output and
+/// the time it spent waiting on providers (what [`waited`] reported inside it).
+pub async fn stage_scope<F: Future>(
+    meter: std::sync::Arc<dyn StageMeter>,
+    f: F,
+) -> (F::Output, Duration) {
+    let scope = StageScope {
+        meter,
+        waited_ns: std::cell::Cell::new(0),
+    };
+    let mut call = std::pin::pin!(STAGE.scope(scope, f));
+    let out = call.as_mut().await;
+    let waited = call.as_mut().take_value().map_or(0, |s| s.waited_ns.get());
+    (out, Duration::from_nanos(waited))
 }
 
 /// Reports to the current stage that its fallback answered.
 pub fn fallback() {
-    let _ = STAGE.try_with(|m| m.fallback());
+    let _ = STAGE.try_with(|s| s.meter.fallback());
+}
+
+/// Reports to the current stage a wait on a provider (an LLM or embedder call): the engine
+/// subtracts it from an output's time to tell its own time (`Timings::waited_us`).
+///
+/// [`Timings::waited_us`]: crate::output::Timings::waited_us
+pub fn waited(d: Duration) {
+    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    let _ = STAGE.try_with(|s| s.waited_ns.set(s.waited_ns.get().saturating_add(ns)));
 }
 
 /// Runs `f` with `meter` receiving what happens inside it.
@@ -110,11 +137,17 @@ mod tests {
         })
         .await;
         let stage = Arc::new(AtomicU64::new(0));
-        stage_scope(Arc::new(Counting(stage.clone())), async {
-            scope(Box::new(Counting(inner.clone())), async { fallback() }).await;
+        let ((), waited_for) = stage_scope(Arc::new(Counting(stage.clone())), async {
+            scope(Box::new(Counting(inner.clone())), async {
+                fallback();
+                waited(Duration::from_millis(3));
+            })
+            .await;
+            waited(Duration::from_millis(4));
         })
         .await;
         assert_eq!(stage.load(Ordering::Relaxed), 10_000);
+        assert_eq!(waited_for, Duration::from_millis(7));
         assert_eq!(outer.load(Ordering::Relaxed), 1);
         assert_eq!(inner.load(Ordering::Relaxed), 310);
         sync_scope(Box::new(Counting(inner.clone())), retry);

@@ -217,6 +217,14 @@ pub struct Timings {
     pub stages_us: BTreeMap<String, u64>,
     /// Microseconds from the start of the pipeline run to the emission.
     pub total_us: u64,
+    /// Microseconds from the triggering event's receipt by the engine to the emission (the
+    /// run's `total_us` plus the time the event waited for its run to start).
+    #[serde(default)]
+    pub received_us: u64,
+    /// Microseconds the run's finished stages spent waiting on providers (LLM and embedder
+    /// calls) before the emission: `received_us - waited_us` is the engine's own time.
+    #[serde(default)]
+    pub waited_us: u64,
 }
 
 #[cfg(test)]

@@ -559,6 +559,8 @@ pub struct StageContext<'a> {
     pub outputs: &'a Outputs,
     /// Durations of the earlier stages in microseconds.
     pub stage_timings: &'a [(String, u64)],
+    /// Microseconds the run's earlier stages spent waiting on providers.
+    pub waited_us: u64,
     /// When the run started.
     pub started: Instant,
     /// When the pipeline's answer is due (its `deadline_ms` after the event was received), if
@@ -585,6 +587,7 @@ impl<'a> StageContext<'a> {
             scope,
             outputs: &NO_OUTPUTS,
             stage_timings: &[],
+            waited_us: 0,
             started: Instant::now(),
             deadline: None,
             run,
@@ -695,6 +698,8 @@ impl<'a> StageContext<'a> {
         Timings {
             stages_us: self.stage_timings.iter().cloned().collect(),
             total_us: self.started.elapsed().as_micros() as u64,
+            received_us: self.scope.event.received.elapsed().as_micros() as u64,
+            waited_us: self.waited_us,
         }
     }
 

@@ -135,6 +135,7 @@ pub async fn run_with_outputs(
         scope: &scope,
         outputs,
         stage_timings: &[],
+        waited_us: 0,
         started: Instant::now(),
         deadline,
         run: &run,

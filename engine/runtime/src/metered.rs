@@ -71,7 +71,9 @@ impl ChatProvider for MeteredChat {
         };
         let result = meter::scope(Box::new(call), self.inner.chat(request, tokens)).await;
         let m = &self.metrics;
-        m.duration.observe(start.elapsed().as_secs_f64());
+        let took = start.elapsed();
+        meter::waited(took);
+        m.duration.observe(took.as_secs_f64());
         if result.is_ok() { &m.ok } else { &m.error }.inc();
         result
     }
@@ -141,7 +143,9 @@ impl Embedder for MeteredEmbedder {
         let call = Box::new(EmbedCall(self.metrics.clone()));
         let result = meter::scope(call, self.inner.embed(texts)).await;
         let m = &self.metrics;
-        m.duration.observe(start.elapsed().as_secs_f64());
+        let took = start.elapsed();
+        meter::waited(took);
+        m.duration.observe(took.as_secs_f64());
         if result.is_ok() { &m.ok } else { &m.error }.inc();
         result
     }

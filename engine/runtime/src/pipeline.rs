@@ -171,6 +171,7 @@ impl Pipeline {
         let end = |outcome| metrics.run(outcome, started.elapsed().as_secs_f64());
         let mut outputs = Outputs::new();
         let mut timings: Vec<(String, u64)> = Vec::with_capacity(self.stages.len());
+        let mut waited_us = 0u64;
         for stage in &self.stages {
             let stage_metrics = stage.metrics.get_or_init(|| {
                 Arc::new(
@@ -187,6 +188,7 @@ impl Pipeline {
                     scope,
                     outputs: &outputs,
                     stage_timings: &timings,
+                    waited_us,
                     started,
                     deadline: self.deadline.map(|d| event.received + d),
                     run,
@@ -196,9 +198,16 @@ impl Pipeline {
                 // What the stage reports (a fallback answered) reaches its metrics.
                 let meter: Arc<dyn prompter_core::meter::StageMeter> = stage_metrics.clone();
                 let call = prompter_core::meter::stage_scope(meter, stage.plugin.process(&cx));
-                tokio::time::timeout(stage.timeout, call)
+                match tokio::time::timeout(stage.timeout, call)
                     .instrument(span)
                     .await
+                {
+                    Ok((result, waited)) => {
+                        waited_us += waited.as_micros() as u64;
+                        Ok(result)
+                    }
+                    Err(elapsed) => Err(elapsed),
+                }
             };
             let took = t0.elapsed();
             timings.push((stage.id.clone(), took.as_micros() as u64));
