@@ -10,6 +10,7 @@ mod config_ui;
 #[cfg(unix)] // The examples sandbox links `pipelines/` and `target/` into a temp folder.
 mod docs_yaml;
 mod engine_api;
+mod fuzz_config;
 mod feed;
 mod kb;
 mod plugin_tool;

@@ -81,6 +81,13 @@ impl PluginError {
 
 impl From<minijinja::Error> for PluginError {
     fn from(e: minijinja::Error) -> Self {
+        if e.kind() == minijinja::ErrorKind::OutOfFuel {
+            return PluginError::input(format!(
+                "template failed: it ran past its budget of {} instructions (a loop over a loop?)",
+                crate::template::FUEL
+            ))
+            .with_source(e);
+        }
         PluginError::input(format!("template failed: {e}")).with_source(e)
     }
 }

@@ -882,3 +882,157 @@ mod tests {
         assert_eq!(EventKind::from_name("tracker"), None);
     }
 }
+
+/// Property tests: no frame, however malformed, panics the parser or the conversation fold.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::conversation::ConversationState;
+    use proptest::prelude::*;
+
+    /// Keys and values Symbl frames use, so generated objects often look like the real thing.
+    const KEYS: &[&str] = &[
+        "type",
+        "message",
+        "messages",
+        "trackers",
+        "insights",
+        "topics",
+        "payload",
+        "raw",
+        "alternatives",
+        "words",
+        "isFinal",
+        "conversationId",
+        "matches",
+        "messageRefs",
+        "value",
+        "punctuated",
+        "transcript",
+        "user",
+        "userId",
+        "name",
+        "id",
+        "text",
+        "from",
+        "data",
+        "startTime",
+        "endTime",
+        "seconds",
+        "nanos",
+        "offset",
+        "confidence",
+        "sentiment",
+        "polarity",
+        "score",
+        "hints",
+        "assignee",
+        "phrases",
+        "rootWords",
+        "parentRefs",
+    ];
+    const TYPES: &[&str] = &[
+        "message",
+        "message_response",
+        "tracker_response",
+        "insight_response",
+        "topic_response",
+        "recognition_result",
+        "conversation_created",
+        "conversation_completed",
+        "started_listening",
+        "recognition_started",
+        "recognition_stopped",
+        "question",
+        "action_item",
+        "follow_up",
+    ];
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "\\PC{0,12}".prop_map(Value::from),
+            proptest::sample::select(TYPES).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                proptest::collection::vec((proptest::sample::select(KEYS), inner), 0..6).prop_map(
+                    |kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                ),
+            ]
+        })
+    }
+
+    /// The frames of the shipped recordings.
+    fn recorded_frames() -> &'static [Value] {
+        static FRAMES: std::sync::OnceLock<Vec<Value>> = std::sync::OnceLock::new();
+        FRAMES.get_or_init(|| {
+            [
+                include_str!("../../../pipelines/recordings/acme-discovery-call.jsonl"),
+                include_str!("../../../pipelines/recordings/billing-dispute-call.jsonl"),
+                include_str!("../../../pipelines/recordings/globex-renewal-call.jsonl"),
+                include_str!("../../../pipelines/recordings/initech-demo-call.jsonl"),
+            ]
+            .iter()
+            .flat_map(|t| t.lines())
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|mut l| l.get_mut("event").map(Value::take))
+            .collect()
+        })
+    }
+
+    /// Replaces the node `path` leads to (each step picks a child, wrapping) with `with`.
+    fn mutate(v: &mut Value, path: &[usize], with: Value) {
+        let child = match (path.split_first(), &mut *v) {
+            (Some((step, _)), Value::Object(m)) if !m.is_empty() => {
+                let n = m.len();
+                m.values_mut().nth(step % n)
+            }
+            (Some((step, _)), Value::Array(a)) if !a.is_empty() => {
+                let n = a.len();
+                a.get_mut(step % n)
+            }
+            _ => None,
+        };
+        match child {
+            Some(c) => mutate(c, &path[1..], with),
+            None => *v = with,
+        }
+    }
+
+    fn fold(frame: Value) {
+        let mut state = ConversationState::new("c");
+        if let Ok(events) = parse_frame("c", 1_000, frame) {
+            for e in &events {
+                state.apply(e);
+            }
+            let _ = state.last_lines(8);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn any_json_is_parsed_or_refused(frame in json()) {
+            fold(frame);
+        }
+
+        #[test]
+        fn real_frames_with_one_part_replaced_are_parsed_or_refused(
+            pick in any::<proptest::sample::Index>(),
+            path in proptest::collection::vec(any::<usize>(), 0..8),
+            with in json(),
+        ) {
+            let frames = recorded_frames();
+            let mut frame = frames[pick.index(frames.len())].clone();
+            mutate(&mut frame, &path, with);
+            fold(frame);
+        }
+    }
+}

@@ -27,9 +27,16 @@ use crate::event::{Detail, Event};
 
 const NAME: &str = "t";
 
+/// Instructions one render or filter evaluation may run. The shipped prompt templates use a few
+/// hundred; a template that loops over loops (`{% for a in x %}{% for b in x %}...`) stops here,
+/// in a few milliseconds, instead of holding a worker thread: a stage's timeout cannot interrupt
+/// synchronous code.
+pub const FUEL: u64 = 1_000_000;
+
 /// A fresh environment with Prompter's settings and filters.
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(FUEL));
     // Chainable: `event.tracker.name` is empty (not an error) on a non-tracker event, which is
     // what filters like `when: event.tracker.name == "Budget"` want.
     env.set_undefined_behavior(UndefinedBehavior::Chainable);
@@ -364,5 +371,101 @@ mod tests {
         assert!(!e.is_true(&no).unwrap());
         assert!(Expr::compile("event.kind == ").is_err());
         assert!(Template::compile("{{ x(").is_err());
+    }
+}
+
+/// Property tests: no template, however odd, panics the engine or holds a thread.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use minijinja::context;
+    use proptest::prelude::*;
+
+    /// Pieces of Jinja that fit together often enough to make templates that compile, loops
+    /// and big multiplications included.
+    const PIECES: &[&str] = &[
+        "{{ ",
+        " }}",
+        "{% for x in range(100000) %}",
+        "{% for y in conversation.transcript %}",
+        "{% endfor %}",
+        "{% if event.tracker.name %}",
+        "{% else %}",
+        "{% endif %}",
+        "event.tracker.name",
+        "conversation.transcript",
+        "stages.kb.documents[0].data",
+        " | transcript",
+        " | upper",
+        " | length",
+        " * ",
+        "100000000",
+        "'x'",
+        "x",
+        "loop.index",
+        " ~ ",
+        "(",
+        ")",
+        "[-3:]",
+        "text",
+        "{#",
+        "#}",
+        "{% set z = ",
+        "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}",
+    ];
+
+    fn context() -> minijinja::Value {
+        context! {
+            event => context!{ kind => "tracker_response", tracker => context!{ name => "Budget" } },
+            conversation => context!{ transcript => vec![
+                context!{ speaker => "A", text => "we have no budget" },
+                context!{ speaker => "B", text => "what would help?" }] },
+            stages => context!{ kb => context!{ documents => vec![context!{ data => "Offer a pilot." }] } },
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_text_compiles_or_fails_cleanly(source in "\\PC{0,80}") {
+            if let Ok(t) = Template::compile(&source) {
+                let _ = t.render(&context());
+            }
+            let _ = Expr::compile(&source).map(|e| e.is_true(&context()));
+        }
+
+        #[test]
+        fn templates_made_of_jinja_pieces_render_or_fail_within_their_fuel(
+            picks in proptest::collection::vec(0..PIECES.len(), 0..24)
+        ) {
+            let source: String = picks.iter().map(|i| PIECES[*i]).collect();
+            if let Ok(t) = Template::compile(&source) {
+                let started = std::time::Instant::now();
+                let _ = t.render(&context());
+                // Fuel bounds the work: far under a second even unoptimized.
+                prop_assert!(started.elapsed() < std::time::Duration::from_secs(5), "{source}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_loop_over_a_loop_runs_out_of_fuel_with_a_clear_error() {
+        let t = Template::compile(
+            "{% for a in range(100000) %}{% for b in range(100000) %}.{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let e = t.render(&context()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("ran past its budget of 1000000 instructions"),
+            "{e}"
+        );
+        // A real prompt is far inside the budget.
+        let prompt = Template::compile(
+            "{% for line in conversation.transcript %}{{ line.speaker }}: {{ line.text }}\n{% endfor %}{{ stages.kb.documents[0].data }}",
+        )
+        .unwrap();
+        assert!(prompt.render(&context()).is_ok());
     }
 }

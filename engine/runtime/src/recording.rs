@@ -167,3 +167,64 @@ mod tests {
         );
     }
 }
+
+/// Property tests: any recording text is read, and every line is accepted or named.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SHIPPED: &str = include_str!("../../../pipelines/recordings/acme-discovery-call.jsonl");
+
+    /// Every line is a kept line or a problem with its number, never both, never lost.
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        let path = Path::new("fuzz.jsonl");
+        let (lines, problems) = parse(path, 0, text);
+        let non_empty = text.lines().filter(|l| !l.trim().is_empty()).count();
+        prop_assert_eq!(lines.len() + problems.len(), non_empty);
+        let total = text.lines().count();
+        for p in &problems {
+            prop_assert!(p.line >= 1 && p.line <= total);
+        }
+        for l in &lines {
+            // Turning a kept line into events fails only as a problem naming the line.
+            if let Err(p) = events(l, path) {
+                prop_assert_eq!(p.line, l.line);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_text_is_read_line_by_line(text in "(\\PC{0,60}\n){0,12}") {
+            check(&text)?;
+        }
+
+        #[test]
+        fn shipped_lines_cut_spliced_or_doubled_are_accounted_for(
+            cuts in proptest::collection::vec((any::<proptest::sample::Index>(), 0usize..400, 0usize..3), 1..6)
+        ) {
+            let mut lines: Vec<String> = SHIPPED.lines().map(str::to_owned).collect();
+            for (which, at, how) in cuts {
+                let i = which.index(lines.len());
+                let l = &lines[i];
+                let at = (0..=at.min(l.len())).rev().find(|c| l.is_char_boundary(*c)).unwrap_or(0);
+                match how {
+                    0 => lines[i].truncate(at),
+                    1 => {
+                        let (a, b) = l.split_at(at);
+                        lines[i] = format!("{b}{a}");
+                    }
+                    _ => {
+                        let copy = lines[i].clone();
+                        lines.insert(i, copy);
+                    }
+                }
+            }
+            check(&lines.join("\n"))?;
+        }
+    }
+}

@@ -16,9 +16,40 @@ use super::diagnostics::{Diagnostics, WithHelp};
 /// Where to read environment variables from (the process environment, or a map in tests).
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
+/// The deepest column a block-style line may start at. Each level of block nesting takes at
+/// least one column, so this bounds the nesting (the parser bounds flow-style `[[[...]]]`
+/// itself); without it, a few thousand levels overflow the stack while the tree is built or
+/// dropped. Real configs stay under 30.
+pub const MAX_COLUMN: usize = 256;
+
+/// The line and column of the first line whose content starts past [`MAX_COLUMN`] (counting
+/// indentation and block indicators: `- `, `? `).
+fn too_deep(text: &str) -> Option<(usize, usize)> {
+    text.lines().enumerate().find_map(|(i, line)| {
+        let col = line
+            .char_indices()
+            .find(|&(at, c)| {
+                !(c == ' ' || ((c == '-' || c == '?') && line[at + 1..].starts_with([' ', '\t'])))
+            })
+            .map_or(0, |(at, _)| line[..at].chars().count());
+        (col > MAX_COLUMN).then_some((i + 1, col + 1))
+    })
+}
+
 /// Parses `text` into a node tree; reports a syntax error with its position.
 pub fn parse(file: &Path, text: &str, diags: &mut Diagnostics) -> Option<Node> {
     diags.add_source(file, text);
+    if let Some((line, col)) = too_deep(text) {
+        diags.error_at(
+            file,
+            Some(Position { line, col }),
+            format!(
+                "nested too deeply: this line starts at column {col}, past the {MAX_COLUMN} a \
+                 Prompter config may use"
+            ),
+        );
+        return None;
+    }
     let options = LoaderOptions::default()
         .error_on_duplicate_keys(true)
         .prevent_coercion(true);
