@@ -13,6 +13,7 @@ mod engine_api;
 mod fuzz_config;
 mod feed;
 mod kb;
+mod overload;
 mod plugin_tool;
 mod provider_metrics;
 mod reload;

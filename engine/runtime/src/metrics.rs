@@ -150,9 +150,15 @@ pub struct PipelineMetrics {
     outputs: [Counter; 5],
     output_latency: Histogram,
     degraded: Counter,
+    shed: Counter,
 }
 
 impl PipelineMetrics {
+    /// Counts a run shed by an overloaded engine.
+    pub fn shed(&self) {
+        self.shed.inc();
+    }
+
     /// Counts a run that ended `outcome` after `seconds`.
     pub fn run(&self, outcome: RunOutcome, seconds: f64) {
         match outcome {
@@ -258,6 +264,8 @@ pub struct Metrics {
     wasm_errors: Family<WasmErrorLabels, Counter>,
     wasm_instances: Family<StageIdLabels, Counter>,
     wasm_denied: Family<StageIdLabels, Counter>,
+    shed: Family<PipelineLabels, Counter>,
+    overload_waits: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -415,6 +423,18 @@ impl Metrics {
             "Host calls refused because the stage lacks the grant",
             wasm_denied.clone(),
         );
+        let shed = Family::<PipelineLabels, Counter>::default();
+        registry.register(
+            "prompter_runs_shed",
+            "Pipeline runs an overloaded engine dropped (engine.overload.policy: shed)",
+            shed.clone(),
+        );
+        let overload_waits = Counter::default();
+        registry.register(
+            "prompter_overload_waits",
+            "Times a conversation waited for a free run slot (engine.overload.policy: backpressure)",
+            overload_waits.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             events,
@@ -437,6 +457,8 @@ impl Metrics {
             wasm_errors,
             wasm_instances,
             wasm_denied,
+            shed,
+            overload_waits,
         }
     }
 
@@ -476,6 +498,7 @@ impl Metrics {
             }),
             output_latency: self.output_seconds.get_or_create(&labels).clone(),
             degraded: self.degraded.get_or_create(&labels).clone(),
+            shed: self.shed.get_or_create(&labels).clone(),
         }
     }
 
@@ -591,6 +614,11 @@ impl Metrics {
             self.wasm_instances.get_or_create(&labels).clone(),
             self.wasm_denied.get_or_create(&labels).clone(),
         )
+    }
+
+    /// Counts a conversation that waited for a run slot.
+    pub fn overload_wait(&self) {
+        self.overload_waits.inc();
     }
 
     /// Counts a configuration reload (`ok` or `rejected`).

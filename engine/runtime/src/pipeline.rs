@@ -28,6 +28,30 @@ pub enum OnError {
     Continue,
 }
 
+/// Which runs an overloaded engine sheds first (`priority:` of a pipeline; see
+/// [`crate::config::Overload`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    /// Shed first: when half the engine's run slots are taken (under `overload: shed`).
+    Low,
+    /// Shed when every run slot is taken (default).
+    #[default]
+    Normal,
+    /// Never shed: runs even past the limit.
+    High,
+}
+
+impl Priority {
+    /// Its name in configs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+}
+
 /// How runs of one pipeline in one conversation overlap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Concurrency {
@@ -78,6 +102,8 @@ pub struct Pipeline {
     pub deadline: Option<Duration>,
     /// How runs overlap.
     pub concurrency: Concurrency,
+    /// Which of its runs an overloaded engine sheds (`priority:`).
+    pub priority: Priority,
     /// What the run's card is about (`key`): runs with the same key update one output.
     pub key: Option<Template>,
     /// Which runs a newer one supersedes under `latest_wins` (`supersede`; default: `key`).
@@ -451,6 +477,7 @@ mod tests {
             stages,
             deadline: None,
             concurrency: Concurrency::Parallel,
+            priority: Default::default(),
             key: None,
             supersede: None,
             sinks: Vec::new(),

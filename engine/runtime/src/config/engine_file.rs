@@ -91,6 +91,7 @@ pub(super) fn engine_config(
                 "queue_capacity",
                 "default_stage_timeout_ms",
                 "sink_drain_ms",
+                "overload",
             ],
             "`engine`",
             diags,
@@ -106,6 +107,33 @@ pub(super) fn engine_config(
         }
         if let Some(v) = opt_u64(file, engine, "sink_drain_ms", diags) {
             settings.sink_drain = Duration::from_millis(v);
+        }
+        if let Some(o) = engine
+            .get_node("overload")
+            .and_then(|n| expect_map(file, n, "`engine.overload`", diags))
+        {
+            check_keys(file, o, &["max_runs", "policy"], "`engine.overload`", diags);
+            if let Some(v) = opt_u64(file, o, "max_runs", diags) {
+                settings.overload.max_runs =
+                    usize::try_from(v).unwrap_or(usize::MAX).clamp(1, 1 << 24);
+            }
+            if let Some(n) = o.get_node("policy")
+                && let Some(s) = expect_scalar(file, n, "`policy`", diags)
+            {
+                settings.overload.policy = match s.as_str() {
+                    "backpressure" => super::OverloadPolicy::Backpressure,
+                    "shed" => super::OverloadPolicy::Shed,
+                    other => {
+                        let help = did_you_mean(other, ["backpressure", "shed"])
+                            .map(|s| format!("did you mean `{s}`?"))
+                            .or_else(|| Some("use `backpressure` or `shed`".into()));
+                        diags
+                            .error_node(file, n, format!("unknown overload `policy` `{other}`"))
+                            .help(help);
+                        super::OverloadPolicy::Backpressure
+                    }
+                };
+            }
         }
     }
     if let Some(symbl) = map.get_node("symbl")

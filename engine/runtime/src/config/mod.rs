@@ -74,6 +74,8 @@ pub struct Settings {
     pub sinks: Vec<sinks::SinkDecl>,
     /// The `twilio:` section: Twilio's voice webhooks, when given.
     pub twilio: Option<crate::twilio::TwilioConfig>,
+    /// What the engine does when pipeline runs pile up (`engine.overload`).
+    pub overload: Overload,
     /// Where the loaded providers, embedders and Wasm stages count their calls: the engine's
     /// metrics when the load request gave them (hand them to the engine's
     /// [`Stats`](crate::stats::Stats)), else fresh ones.
@@ -92,9 +94,41 @@ impl Default for Settings {
             feed: None,
             sinks: Vec::new(),
             twilio: None,
+            overload: Overload::default(),
             metrics: std::sync::Arc::default(),
         }
     }
+}
+
+/// What an overloaded engine does (`engine.overload`): runs in flight across every
+/// conversation are bounded by `max_runs`; events are always folded into their conversation (the
+/// transcript is never shed), only the runs they trigger wait or are shed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overload {
+    /// Pipeline runs in flight at most (`max_runs`). Default 20,000.
+    pub max_runs: usize,
+    /// What happens to a run that finds no free slot.
+    pub policy: OverloadPolicy,
+}
+
+impl Default for Overload {
+    fn default() -> Self {
+        Overload {
+            max_runs: 20_000,
+            policy: OverloadPolicy::Backpressure,
+        }
+    }
+}
+
+/// What happens to a run that finds no free slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverloadPolicy {
+    /// The conversation waits for a slot before starting its runs (after folding the event), so
+    /// its queue fills and its source slows: nothing is dropped (default).
+    Backpressure,
+    /// Runs are dropped, lowest priority first: `low` pipelines once half the slots are taken,
+    /// `normal` ones when all are, `high` ones never. Counted in `prompter_runs_shed_total`.
+    Shed,
 }
 
 /// A loaded, valid configuration: pipelines ready to run.

@@ -16,7 +16,7 @@ use super::diagnostics::{Diagnostics, WithHelp};
 use super::yaml;
 use super::yaml::{check_keys, expect_map, expect_scalar, expect_seq, opt_u64, required};
 use super::{Settings, base_dir, wasm};
-use crate::pipeline::{Concurrency, OnError, Pipeline, Stage};
+use crate::pipeline::{Concurrency, OnError, Pipeline, Priority, Stage};
 use crate::registry::Registry;
 
 use super::engine_file::EMPTY_MAP;
@@ -28,6 +28,7 @@ const PIPELINE_KEYS: &[&str] = &[
     "when",
     "deadline_ms",
     "concurrency",
+    "priority",
     "key",
     "supersede",
     "sinks",
@@ -128,6 +129,26 @@ pub(super) fn pipeline(
                     .error_node(file, n, format!("unknown `concurrency` `{other}`"))
                     .help(help);
                 Concurrency::Parallel
+            }
+        },
+    };
+    let priority = match map
+        .get_node("priority")
+        .and_then(|n| expect_scalar(file, n, "`priority`", diags).map(|s| (n, s)))
+    {
+        None => Priority::Normal,
+        Some((n, s)) => match s.as_str() {
+            "low" => Priority::Low,
+            "normal" => Priority::Normal,
+            "high" => Priority::High,
+            other => {
+                let help = did_you_mean(other, ["low", "normal", "high"])
+                    .map(|s| format!("did you mean `{s}`?"))
+                    .or_else(|| Some("use `low`, `normal` or `high`".into()));
+                diags
+                    .error_node(file, n, format!("unknown `priority` `{other}`"))
+                    .help(help);
+                Priority::Normal
             }
         },
     };
@@ -396,6 +417,7 @@ pub(super) fn pipeline(
         stages: stages.into_iter().map(Arc::new).collect(),
         deadline,
         concurrency,
+        priority,
         key,
         supersede,
         sinks,

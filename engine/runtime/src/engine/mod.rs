@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::debug;
 
-use crate::config::Settings;
-use crate::pipeline::{Concurrency, Pipeline};
+use crate::config::{OverloadPolicy, Settings};
+use crate::pipeline::{Concurrency, Pipeline, Priority};
 use crate::sink::{Outlets, Sink};
 use crate::stats::Stats;
 
@@ -102,6 +102,62 @@ pub struct Engine {
     run_ids: Arc<AtomicU64>,
     released: Arc<Mutex<ReleasedBooks>>,
     observers: Arc<Vec<Arc<dyn Observer>>>,
+    /// One permit per pipeline run in flight, across conversations (`engine.overload`).
+    slots: Arc<Slots>,
+}
+
+/// The engine's run slots and what to do when they run out.
+struct Slots {
+    permits: Arc<tokio::sync::Semaphore>,
+    overload: crate::config::Overload,
+}
+
+impl Slots {
+    fn new(overload: crate::config::Overload) -> Self {
+        Slots {
+            permits: Arc::new(tokio::sync::Semaphore::new(overload.max_runs)),
+            overload,
+        }
+    }
+
+    /// Runs in flight that hold a slot.
+    fn in_flight(&self) -> usize {
+        self.overload
+            .max_runs
+            .saturating_sub(self.permits.available_permits())
+    }
+
+    /// A slot for a run of a `priority` pipeline: `Ok(None)` runs without one (a `high` run past
+    /// the limit), `Err` sheds it. Under back-pressure, waits for a slot.
+    async fn admit(
+        &self,
+        priority: Priority,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
+        let permits = &self.permits;
+        match self.overload.policy {
+            OverloadPolicy::Backpressure => {
+                if let Ok(p) = permits.clone().try_acquire_owned() {
+                    return Ok(Some(p));
+                }
+                metrics.overload_wait();
+                Ok(permits.clone().acquire_owned().await.ok())
+            }
+            OverloadPolicy::Shed => {
+                let free = permits.available_permits();
+                let allowed = match priority {
+                    Priority::High => true,
+                    Priority::Normal => free > 0,
+                    Priority::Low => free > self.overload.max_runs / 2,
+                };
+                match permits.clone().try_acquire_owned() {
+                    Ok(p) if allowed => Ok(Some(p)),
+                    Err(_) if priority == Priority::High => Ok(None),
+                    _ => Err(()),
+                }
+            }
+        }
+    }
 }
 
 /// The pipelines of one configuration generation.
@@ -140,9 +196,11 @@ impl Engine {
         stats: Arc<Stats>,
     ) -> Self {
         let outlets = Arc::new(Outlets::start(sinks));
+        let settings_overload = settings.overload;
+        let slots = Arc::new(Slots::new(settings_overload));
         stats
             .metrics
-            .add_collector(Box::new(engine_collector(&stats, &outlets)));
+            .add_collector(Box::new(engine_collector(&stats, &outlets, &slots)));
         Engine {
             pipelines: watch::channel(Arc::new(PipelineSet {
                 generation: 1,
@@ -158,6 +216,7 @@ impl Engine {
             run_ids: Arc::new(AtomicU64::new(0)),
             released: Arc::default(),
             observers: Arc::default(),
+            slots,
         }
     }
 
@@ -345,6 +404,7 @@ impl Engine {
             latest: HashMap::new(),
             released: self.released.clone(),
             observers: self.observers.clone(),
+            slots: self.slots.clone(),
         };
         tasks.spawn(task.run(rx));
         Some(tx)
@@ -373,14 +433,24 @@ impl Engine {
 fn engine_collector(
     stats: &Arc<Stats>,
     outlets: &Arc<Outlets>,
+    slots: &Arc<Slots>,
 ) -> crate::metrics::FnCollector<impl Fn() -> Vec<crate::metrics::Reading> + Send + Sync + 'static>
 {
     use crate::metrics::{Reading, single};
     // Weak: the registry lives in the stats, which must not keep themselves alive.
     let stats = Arc::downgrade(stats);
     let outlets = Arc::downgrade(outlets);
+    let slots = Arc::downgrade(slots);
     crate::metrics::FnCollector(move || {
         let mut out = Vec::new();
+        if let Some(s) = slots.upgrade() {
+            out.push(single(
+                "prompter_runs_in_flight",
+                "Pipeline runs holding one of the engine's run slots (engine.overload.max_runs)",
+                false,
+                s.in_flight() as u64,
+            ));
+        }
         if let Some(s) = stats.upgrade() {
             let opened = s.conversations_opened.load(Ordering::Relaxed);
             let released = s.conversations_released.load(Ordering::Relaxed);
@@ -508,6 +578,7 @@ struct Conversation {
     latest: HashMap<(usize, String), Arc<Run>>,
     released: Arc<Mutex<ReleasedBooks>>,
     observers: Arc<Vec<Arc<dyn Observer>>>,
+    slots: Arc<Slots>,
 }
 
 impl Conversation {
@@ -558,7 +629,9 @@ impl Conversation {
     }
 
     /// Folds `event` in and starts the runs it triggers; true when the conversation completed.
-    fn handle(&mut self, event: Event) -> bool {
+    /// The event is folded first, whatever the load: only its runs wait for a slot (or are
+    /// shed).
+    async fn handle(&mut self, event: Event) -> bool {
         self.switch();
         let t0 = Instant::now();
         self.state.apply(&event);
@@ -578,7 +651,7 @@ impl Conversation {
             let snapshot = Arc::new(self.state.clone());
             for i in 0..self.pipelines.pipelines.len() {
                 if self.pipelines.pipelines[i].accepts(event.kind) {
-                    self.start(i, &event, &snapshot);
+                    self.start(i, &event, &snapshot).await;
                 }
             }
         }
@@ -591,12 +664,21 @@ impl Conversation {
         completed
     }
 
-    fn start(&mut self, i: usize, event: &Arc<Event>, snapshot: &Arc<ConversationState>) {
+    async fn start(&mut self, i: usize, event: &Arc<Event>, snapshot: &Arc<ConversationState>) {
         let pipeline = self.pipelines.pipelines[i].clone();
         let scope = RunScope::new(event.clone(), snapshot.clone());
         if !pipeline.admits(&scope, &self.stats) {
             return;
         }
+        let Ok(slot) = self
+            .slots
+            .admit(pipeline.priority, &self.stats.metrics)
+            .await
+        else {
+            pipeline.metrics(&self.stats).shed();
+            debug!(conversation = %event.conversation_id, pipeline = %pipeline.name, "Overloaded: run shed.");
+            return;
+        };
         let id = self.run_ids.fetch_add(1, Ordering::Relaxed) + 1;
         let run = Arc::new(Run::new(id, pipeline.output_id(&scope)));
         // Runs of one pipeline start in trigger order: each waits for the one before it, to
@@ -652,6 +734,7 @@ impl Conversation {
             lock(&shared.book).settle(run.id, run.delivered());
             stats.sample_run(&pipeline.name, t0.elapsed().as_nanos() as u64);
             run.cancel.cancel();
+            drop(slot);
             drop(done);
         }, span));
     }
@@ -660,7 +743,7 @@ impl Conversation {
         loop {
             match tokio::time::timeout(self.idle, rx.recv()).await {
                 Ok(Some(Msg::Event(event))) => {
-                    if self.handle(event) {
+                    if self.handle(event).await {
                         debug!(conversation = %self.state.id, "Conversation completed; releasing its state.");
                         break;
                     }
@@ -680,7 +763,7 @@ impl Conversation {
         while let Some(msg) = rx.recv().await {
             match msg {
                 Msg::Event(event) => {
-                    self.handle(event);
+                    self.handle(event).await;
                 }
                 Msg::Snapshot(reply) => self.snapshot(reply).await,
             }

@@ -107,6 +107,7 @@ fn pipeline(probe: Arc<Probe>, concurrency: Concurrency, key: Option<&str>) -> P
         ],
         deadline: None,
         concurrency,
+        priority: Default::default(),
         key: key.map(|k| Template::compile(k).unwrap()),
         supersede: None,
         sinks: Vec::new(),
