@@ -606,7 +606,8 @@ mod tests {
     }
 }
 
-/// A process's `/proc` figures, for the load benches (`feed_bench`, `twilio_bench`).
+/// A process's `/proc` figures, for the load benches (`feed_bench`, `twilio_bench`,
+/// `live_bench`).
 pub(crate) mod procfs {
     /// User+sys clock ticks of a `/proc/.../stat` line, and the task's name.
     pub(crate) fn stat_ticks(stat: &str) -> Option<(String, u64)> {
@@ -636,12 +637,19 @@ pub(crate) mod procfs {
 
     /// The soft limit on open files, when it can be read (`None` also for unlimited).
     pub(crate) fn open_files_limit() -> Option<u64> {
-        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-        line.trim_start_matches("Max open files")
+        open_files_limits().0
+    }
+
+    /// The soft and hard limits on open files (`None`: unlimited or unreadable).
+    pub(crate) fn open_files_limits() -> (Option<u64>, Option<u64>) {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) else {
+            return (None, None);
+        };
+        let mut values = line
+            .trim_start_matches("Max open files")
             .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+            .map(|v| v.parse::<u64>().ok());
+        (values.next().flatten(), values.next().flatten())
     }
 }

@@ -32,6 +32,60 @@ pub const FILES: &[(&str, &str)] = &[
 /// The recorded call the demo plays.
 pub const DEMO_CALL: &str = "pipelines/recordings/acme-discovery-call.jsonl";
 
+/// What the live load bench (`prompter bench --live-calls`) takes besides [`FILES`]: the live
+/// Real-Time Assist pipeline and every shipped recording. Not part of [`extract`] (the demo
+/// needs none of them).
+pub const LOAD_FILES: &[(&str, &str)] = &[
+    (
+        "pipelines/live/rta.yaml",
+        include_str!("../../../pipelines/live/rta.yaml"),
+    ),
+    (
+        DEMO_CALL,
+        include_str!("../../../pipelines/recordings/acme-discovery-call.jsonl"),
+    ),
+    (
+        "pipelines/recordings/billing-dispute-call.jsonl",
+        include_str!("../../../pipelines/recordings/billing-dispute-call.jsonl"),
+    ),
+    (
+        "pipelines/recordings/globex-renewal-call.jsonl",
+        include_str!("../../../pipelines/recordings/globex-renewal-call.jsonl"),
+    ),
+    (
+        "pipelines/recordings/initech-demo-call.jsonl",
+        include_str!("../../../pipelines/recordings/initech-demo-call.jsonl"),
+    ),
+];
+
+/// The bundled file at `rel` (from [`FILES`] or [`LOAD_FILES`]).
+pub fn file(rel: &str) -> Option<&'static str> {
+    FILES
+        .iter()
+        .chain(LOAD_FILES)
+        .find(|(p, _)| *p == rel)
+        .map(|(_, text)| *text)
+}
+
+/// Writes the bundled file at `rel` under `dir` (folders included); returns its path.
+///
+/// # Errors
+/// When the bundle has no such file (`NotFound`) or it cannot be written.
+pub fn write(dir: &Path, rel: &str) -> std::io::Result<PathBuf> {
+    let text = file(rel).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("`{rel}` is not in the bundle"),
+        )
+    })?;
+    let path = dir.join(rel);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
 /// Writes the bundle under `dir`; returns the engine config's path.
 ///
 /// # Errors

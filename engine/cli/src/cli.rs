@@ -109,7 +109,11 @@ enum Command {
     /// Mint an agent-console access link (or token) from the feed secret in the environment.
     ConsoleToken(crate::console::TokenArgs),
     /// Measure events per second and per-event engine overhead on replayed calls.
-    #[command(group(clap::ArgGroup::new("load").args(["feed_clients", "twilio_calls"])))]
+    #[command(group(
+        clap::ArgGroup::new("load").args(["feed_clients", "twilio_calls", "live_calls"])
+    ))]
+    #[command(group(clap::ArgGroup::new("paced").args(["feed_clients", "live_calls"])))]
+    #[command(group(clap::ArgGroup::new("timed").args(["twilio_calls", "live_calls"])))]
     Bench {
         /// Engine config [default: ./prompter.yaml].
         #[arg(long)]
@@ -134,21 +138,32 @@ enum Command {
         /// Calls replayed by the feed bench [default: 1000].
         #[arg(long, value_name = "M", requires = "feed_clients")]
         calls: Option<usize>,
-        /// Replay speed of the feed bench, times real time [default: 2].
-        #[arg(long, value_name = "S", requires = "feed_clients")]
+        /// Replay speed of the feed bench, times real time [default: 2]; of the live bench
+        /// [default: the speed at which a call sends 2 frames per second, about 3.1].
+        #[arg(long, value_name = "S", requires = "paced")]
         speed: Option<f64>,
         /// Instead, measure the Twilio bridge: this many simulated calls (both tracks, real
         /// time) through a child `prompter run`, between a fake Twilio and a fake Symbl.
         #[arg(
             long,
             value_name = "N",
-            conflicts_with_all = ["iterations", "long_call", "recordings", "config"]
+            conflicts_with_all = ["iterations", "long_call", "recordings", "config", "calls", "speed"]
         )]
         twilio_calls: Option<usize>,
-        /// Length of each call of the Twilio bench, in seconds [default: 30].
-        #[arg(long, value_name = "S", requires = "twilio_calls")]
+        /// Instead, measure the engine on live calls: this many simulated calls at a time,
+        /// back to back (the shipped recordings over Symbl's Subscribe API, the live RTA
+        /// pipeline against a fake Nebula), through a child `prompter run`.
+        #[arg(
+            long,
+            value_name = "N",
+            conflicts_with_all = ["iterations", "long_call", "recordings", "config", "twilio_calls", "feed_clients", "calls"]
+        )]
+        live_calls: Option<usize>,
+        /// Length of each call of the Twilio bench [default: 30], or of the live bench's steady
+        /// window [default: 60], in seconds.
+        #[arg(long, value_name = "S", requires = "timed")]
         seconds: Option<u64>,
-        /// Print the feed or Twilio bench's report as one JSON object.
+        /// Print the feed, Twilio or live bench's report as one JSON object.
         #[arg(long, requires = "load")]
         json: bool,
     },
@@ -289,6 +304,21 @@ pub fn main(
             ))
         }
         Command::ConsoleToken(args) => crate::console::token(&registry, args, &out, &err),
+        Command::Bench {
+            live_calls: Some(calls),
+            seconds,
+            speed,
+            json,
+            ..
+        } => {
+            let args = crate::live_bench::LiveBenchArgs {
+                calls,
+                seconds: seconds.unwrap_or(crate::live_bench::DEFAULT_SECONDS),
+                speed,
+                json,
+            };
+            runtime.block_on(crate::live_bench::run(args, &out, &err))
+        }
         Command::Bench {
             twilio_calls: Some(calls),
             seconds,

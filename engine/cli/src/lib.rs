@@ -10,7 +10,10 @@
 //! - [`bench`](mod@bench): `prompter bench` and `prompter plugin bench`; [`feed_bench`]:
 //!   `prompter bench --feed-clients N`, the agent feed's fan-out under load; [`twilio_bench`]:
 //!   `prompter bench --twilio-calls N`, the Twilio bridge under load (a child `prompter run`
-//!   between a fake Twilio and a fake Symbl).
+//!   between a fake Twilio and a fake Symbl); [`live_bench`]: `prompter bench --live-calls N`,
+//!   the engine on N live calls at a time (a child `prompter run` between a fake Symbl
+//!   Subscribe API and a fake Nebula), every event and output accounted for; `bench_child`:
+//!   what these two share (the child process, `/proc` figures, report spreads).
 //! - [`pipeline_test`]: `prompter test`, pipeline tests in YAML (`*.test.yaml`) run offline,
 //!   failures shown as a readable diff.
 //! - [`tap`](mod@tap): `prompter tap`, a running engine's events and outputs, live.
@@ -19,6 +22,7 @@
 //! - `otlp` (the `otlp` feature): the engine's spans exported to an OpenTelemetry collector.
 
 pub mod bench;
+mod bench_child;
 pub mod bundle;
 pub mod cli;
 pub mod console;
@@ -26,6 +30,7 @@ pub mod demo;
 pub mod feed_bench;
 pub mod kb;
 pub mod live;
+pub mod live_bench;
 #[cfg(feature = "otlp")]
 mod otlp;
 pub mod pipeline_test;

@@ -34,14 +34,12 @@
 //! window; `VmHWM` at the end of the calls.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -56,7 +54,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::bench::pct;
+use crate::bench_child::{
+    Cpu, Engine, Figures, SYMBL_TOKEN, StderrLog, clock_ticks, close_normally, cpu_now, memory,
+    run_command, single_thread_runtime, spread, spread_text, token,
+};
 use crate::cli::{Stream, say};
 
 /// Call length when `--seconds` is not given.
@@ -74,23 +75,18 @@ const FRAME: usize = 160;
 const FRAME_EVERY: Duration = Duration::from_millis(20);
 /// How often each fake Symbl socket sends a sentence.
 const SENTENCE_EVERY: Duration = Duration::from_secs(2);
-/// How long the child may take to print its address.
-const PORT_WAIT: Duration = Duration::from_secs(20);
 /// How long the Symbl sessions may take to end after the last caller's `stop`.
 const END_WAIT: Duration = Duration::from_secs(30);
-/// How long the child may take to exit after SIGTERM.
-const EXIT_WAIT: Duration = Duration::from_secs(30);
 /// Sockets' buffers on the fakes' side (the defaults would hold 128 KiB per socket).
 const BUFFER: usize = 8 * 1024;
 /// Open files kept free besides three per call on each side.
 const SPARE_FDS: u64 = 256;
 const PUBLIC_URL: &str = "https://bridge.bench.local";
 const TWILIO_TOKEN: &str = "twilio-auth-token-of-the-bench";
-const APP_ID: &str = "bench-app";
-const APP_SECRET: &str = "bench-app-secret";
-const SYMBL_TOKEN: &str = "symbl-access-token-of-the-bench";
 const CALLER_THREAD: &str = "fake-twilio";
 const SYMBL_THREAD: &str = "fake-symbl";
+/// The threads whose CPU time is read apart, in this order.
+const THREADS: [&str; 2] = [CALLER_THREAD, SYMBL_THREAD];
 /// The two tracks, in stamp order.
 const TRACKS: [&str; 2] = ["inbound", "outbound"];
 
@@ -179,16 +175,6 @@ struct SymblSide {
     refused: AtomicU64,
 }
 
-async fn token(body: axum::body::Bytes) -> Response {
-    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-    if v["type"] == "application" && v["appId"] == APP_ID && v["appSecret"] == APP_SECRET {
-        axum::Json(json!({"accessToken": SYMBL_TOKEN, "expiresIn": 86_400})).into_response()
-    } else {
-        let message = json!({"message": "Combination of appId and appSecret is not valid."});
-        (StatusCode::UNAUTHORIZED, axum::Json(message)).into_response()
-    }
-}
-
 async fn streaming(
     State(s): State<Arc<SymblSide>>,
     UrlPath(connection_id): UrlPath<String>,
@@ -216,20 +202,7 @@ async fn symbl_socket(s: Arc<SymblSide>, connection_id: String, mut socket: WebS
     let served = serve_symbl(&s, &connection_id, &mut socket).await;
     if served == Some(true) {
         s.stopped.fetch_add(1, Ordering::Relaxed);
-        let frame = CloseFrame {
-            code: 1000,
-            reason: "".into(),
-        };
-        if socket.send(WsMessage::Close(Some(frame))).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while let Some(Ok(m)) = socket.recv().await {
-                    if matches!(m, WsMessage::Close(_)) {
-                        break;
-                    }
-                }
-            })
-            .await;
-        }
+        close_normally(&mut socket).await;
     }
     s.closed.fetch_add(1, Ordering::Relaxed);
 }
@@ -517,228 +490,6 @@ async fn voice_webhook(c: &Callers, call_sid: &str, from: &str) -> Result<Value,
     Ok(Value::Object(out))
 }
 
-/// The engine under test, killed if still running when dropped.
-struct Engine {
-    child: Child,
-    pid: u32,
-    stderr: Arc<Mutex<Vec<String>>>,
-    stdout_lines: Arc<AtomicU64>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-    exited: Option<std::process::ExitStatus>,
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Engine {
-    fn spawn(config: &Path) -> Result<Engine, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-        let mut child = Command::new(&exe)
-            .args(["run", "--config"])
-            .arg(config)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("SYMBL_APP_ID", APP_ID)
-            .env("SYMBL_APP_SECRET", APP_SECRET)
-            .env("TWILIO_AUTH_TOKEN", TWILIO_TOKEN)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start `{} run`: {e}", exe.display()))?;
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let stdout_lines = Arc::new(AtomicU64::new(0));
-        let mut readers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            let n = stdout_lines.clone();
-            readers.push(std::thread::spawn(move || {
-                for _ in BufReader::new(out).lines().map_while(Result::ok) {
-                    n.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
-        }
-        if let Some(err) = child.stderr.take() {
-            let lines = stderr.clone();
-            readers.push(std::thread::spawn(move || {
-                for l in BufReader::new(err).lines().map_while(Result::ok) {
-                    lines
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(l);
-                }
-            }));
-        }
-        Ok(Engine {
-            pid: child.id(),
-            child,
-            stderr,
-            stdout_lines,
-            readers,
-            exited: None,
-        })
-    }
-
-    fn stderr(&self) -> Vec<String> {
-        self.stderr
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    fn said(&self, prefix: &str) -> Option<String> {
-        self.stderr()
-            .iter()
-            .find_map(|l| l.find(prefix).map(|i| l[i..].to_owned()))
-    }
-
-    /// The server's address, once printed.
-    async fn address(&mut self) -> Result<String, String> {
-        let deadline = Instant::now() + PORT_WAIT;
-        loop {
-            if let Some(l) = self.said("control endpoint listening on http://") {
-                return Ok(l.rsplit("http://").next().unwrap_or("").trim().to_owned());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.exited = Some(status);
-                self.join_readers().await;
-                return Err(format!(
-                    "the engine exited ({status}) before listening:\n{}",
-                    self.stderr().join("\n")
-                ));
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the engine printed no address within {} s:\n{}",
-                    PORT_WAIT.as_secs(),
-                    self.stderr().join("\n")
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn join_readers(&mut self) {
-        let readers = std::mem::take(&mut self.readers);
-        let _ = tokio::task::spawn_blocking(move || {
-            for r in readers {
-                let _ = r.join();
-            }
-        })
-        .await;
-    }
-
-    /// SIGTERM, then waits for the exit; the exit status, or why there is none.
-    async fn terminate(&mut self) -> Result<std::process::ExitStatus, String> {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-        if !sent.is_ok_and(|s| s.success()) {
-            let _ = self.child.kill();
-        }
-        let deadline = Instant::now() + EXIT_WAIT;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => {
-                    self.exited = Some(status);
-                    self.join_readers().await;
-                    return Ok(status);
-                }
-                Ok(None) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Ok(None) => {
-                    let _ = self.child.kill();
-                    return Err(format!(
-                        "the engine did not exit within {} s of SIGTERM (killed)",
-                        EXIT_WAIT.as_secs()
-                    ));
-                }
-                Err(e) => return Err(format!("cannot wait for the engine: {e}")),
-            }
-        }
-    }
-}
-
-/// CPU ticks of a process, and of this process's threads by name.
-#[derive(Debug, Clone, Copy, Default)]
-struct Cpu {
-    child: u64,
-    bench: u64,
-    callers: u64,
-    symbl: u64,
-}
-
-fn cpu_now(pid: u32) -> Cpu {
-    let ticks = |path: &str| {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|s| crate::bench::procfs::stat_ticks(&s))
-            .map_or(0, |(_, t)| t)
-    };
-    let mut cpu = Cpu {
-        child: ticks(&format!("/proc/{pid}/stat")),
-        bench: ticks("/proc/self/stat"),
-        ..Cpu::default()
-    };
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            if let Some((comm, n)) = std::fs::read_to_string(t.path().join("stat"))
-                .ok()
-                .and_then(|s| crate::bench::procfs::stat_ticks(&s))
-            {
-                match comm.as_str() {
-                    CALLER_THREAD => cpu.callers += n,
-                    SYMBL_THREAD => cpu.symbl += n,
-                    _ => {}
-                }
-            }
-        }
-    }
-    cpu
-}
-
-/// `VmRSS` and `VmHWM` of a process, in KiB.
-fn memory(pid: u32) -> (u64, u64) {
-    crate::bench::procfs::memory_kib(&pid.to_string())
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`), and whether it was read rather than assumed.
-fn clock_ticks() -> (f64, bool) {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        .map_or((100.0, false), |t| (t, true))
-}
-
-/// p50, p90, p99 and max of sorted microseconds.
-fn spread(v: &[u64]) -> Value {
-    let ms = |us: u64| us as f64 / 1000.0;
-    json!({"count": v.len(), "p50_ms": ms(pct(v, 50.0)), "p90_ms": ms(pct(v, 90.0)),
-        "p99_ms": ms(pct(v, 99.0)), "max_ms": ms(v.last().copied().unwrap_or(0))})
-}
-
-fn spread_text(s: &Value) -> String {
-    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
-    format!(
-        "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} frames)",
-        f("p50_ms"),
-        f("p90_ms"),
-        f("p99_ms"),
-        f("max_ms"),
-        s["count"]
-    )
-}
-
 /// Frames per track: received (distinct), duplicated, out of order.
 #[derive(Debug, Default, Clone, Copy)]
 struct TrackTally {
@@ -789,29 +540,11 @@ fn tally(
     (tracks, steady, all)
 }
 
-fn single_thread_runtime(name: &str) -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the `{name}` runtime: {e}"))
-}
-
 /// The child's config, in a temporary folder with the bundled offline pipelines.
 fn write_config(dir: &Path, symbl: std::net::SocketAddr) -> Result<std::path::PathBuf, String> {
     let pipelines = ["pipelines/open_questions.yaml", "pipelines/call_recap.yaml"];
     for rel in pipelines {
-        let text = crate::bundle::FILES
-            .iter()
-            .find(|(p, _)| *p == rel)
-            .map(|(_, t)| *t)
-            .ok_or_else(|| format!("`{rel}` is not in the bundle"))?;
-        let path = dir.join(rel);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-        }
-        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        crate::bundle::write(dir, rel).map_err(|e| format!("cannot write `{rel}`: {e}"))?;
     }
     let config = dir.join("bench.yaml");
     let yaml = format!(
@@ -900,7 +633,7 @@ struct Run {
     hwm: u64,
     reports: Vec<CallReport>,
     exit: Result<std::process::ExitStatus, String>,
-    stderr: Vec<String>,
+    stderr: StderrLog,
     outputs: u64,
 }
 
@@ -913,17 +646,7 @@ async fn start_symbl(
         .route("/oauth2/token:generate", post(token))
         .route("/v1/streaming/{connection_id}", get(streaming))
         .with_state(side.clone());
-    rt.spawn(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok::<_, std::io::Error>(addr)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("the fake Symbl cannot listen: {e}"))
+    crate::bench_child::serve(rt, app, "Symbl").await
 }
 
 /// When call `i` of `n` starts: spread over [`STAGGER`], each at its own phase of the 20 ms
@@ -947,7 +670,9 @@ async fn measure(
     let dir = tempfile::tempdir().map_err(|e| format!("cannot make a temporary folder: {e}"))?;
     let config = write_config(dir.path(), symbl_addr)?;
     let spawned = Instant::now();
-    let mut engine = Engine::spawn(&config)?;
+    let mut command = run_command(&config)?;
+    command.env("TWILIO_AUTH_TOKEN", TWILIO_TOKEN);
+    let mut engine = Engine::spawn(command, |_| {})?;
     let addr = engine.address().await?;
     let startup_s = spawned.elapsed().as_secs_f64();
     say(
@@ -991,7 +716,7 @@ async fn measure(
     }
     tokio::time::sleep(SETTLE).await;
     let (start, start_ns) = (Instant::now(), ns_since(side.epoch));
-    let cpu0 = cpu_now(engine.pid);
+    let cpu0 = cpu_now(engine.pid, &THREADS);
     let over = |p: &Progress| p.streamed > 0 || p.ended > 0;
     if over(&progress_rx.borrow()) {
         return Err(
@@ -1011,7 +736,7 @@ async fn measure(
             }
         }
     }
-    let cpu1 = cpu_now(engine.pid);
+    let cpu1 = cpu_now(engine.pid, &THREADS);
     let window = (start_ns, ns_since(side.epoch));
     let window_s = start.elapsed().as_secs_f64();
 
@@ -1037,7 +762,7 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (_, hwm) = memory(engine.pid);
-    let engine_cpu_total = cpu_now(engine.pid).child;
+    let engine_cpu_total = cpu_now(engine.pid, &[]).child;
     say(
         err,
         "twilio bench: calls over; stopping the engine (SIGTERM)",
@@ -1059,7 +784,7 @@ async fn measure(
         reports,
         exit,
         stderr: engine.stderr(),
-        outputs: engine.stdout_lines.load(Ordering::Relaxed),
+        outputs: engine.stdout_lines(),
     })
 }
 
@@ -1091,20 +816,13 @@ fn figures(mut run: Run, side: &SymblSide) -> (Value, bool) {
     let (hz, hz_read) = clock_ticks();
     let secs = |ticks: u64| ticks as f64 / hz;
     let share = |ticks: u64| 100.0 * secs(ticks) / run.window_s.max(1e-9);
-    let (c0, c1) = run.cpu;
+    let (c0, c1) = &run.cpu;
     let engine_cpu = c1.child.saturating_sub(c0.child);
-    let find = |what: &str| {
-        run.stderr
-            .iter()
-            .find_map(|l| l.find(what).map(|i| l[i..].to_owned()))
-    };
-    let complaints: Vec<&String> = run
-        .stderr
-        .iter()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.starts_with("error"))
-        .collect();
+    let find = |what: &str| run.stderr.find(what);
+    // Counted over the kept lines: a run of more calls than the log keeps lines undercounts.
     let ended_by_stop = run
         .stderr
+        .lines
         .iter()
         .filter(|l| l.contains(": ended (the call's stream stopped)"))
         .count();
@@ -1142,11 +860,11 @@ fn figures(mut run: Run, side: &SymblSide) -> (Value, bool) {
     let engine = json!({"pid": run.pid, "startup_s": run.startup_s, "cpu": cpu, "rss": rss,
         "outputs": run.outputs, "calls_ended_by_stop": ended_by_stop, "exit": exit,
         "bridge_line": find("twilio bridge:"), "stopped_line": find("stopped:"),
-        "warnings": complaints.len(),
-        "first_warnings": complaints.iter().take(5).collect::<Vec<_>>()});
+        "warnings": run.stderr.complaints,
+        "first_warnings": run.stderr.first_complaints});
     let bench = json!({"cpu_pct_of_core": share(c1.bench.saturating_sub(c0.bench)),
-        "fake_twilio_cpu_pct_of_core": share(c1.callers.saturating_sub(c0.callers)),
-        "fake_symbl_cpu_pct_of_core": share(c1.symbl.saturating_sub(c0.symbl)),
+        "fake_twilio_cpu_pct_of_core": share(c1.threads[0].saturating_sub(c0.threads[0])),
+        "fake_symbl_cpu_pct_of_core": share(c1.threads[1].saturating_sub(c0.threads[1])),
         "caller_tick_lag": spread(&lag), "caller_errors": errors.len(),
         "first_caller_error": errors.first()});
     let report = json!({"setup": setup,
@@ -1158,41 +876,33 @@ fn figures(mut run: Run, side: &SymblSide) -> (Value, bool) {
 
 /// The report as text, one line per figure.
 fn text(r: &Value) -> Vec<String> {
-    let f = |p: &str| r.pointer(p).and_then(Value::as_f64).unwrap_or(0.0);
-    let u = |p: &str| r.pointer(p).and_then(Value::as_u64).unwrap_or(0);
-    let s = |p: &str| {
-        r.pointer(p)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
-    let mib = |p: &str| f(p) / 1024.0;
-    let n = u("/setup/calls");
+    let v = Figures(r);
+    let n = v.u("/setup/calls");
     let mut lines = vec![
         format!(
             "twilio bench: {n} call(s) of {} s ({} frames of 20 ms per track, both tracks), starts spread over {} s; engine = child `prompter run` (pid {}), up in {:.2} s",
-            u("/setup/seconds"),
-            u("/setup/frames_per_track_per_call"),
-            f("/setup/stagger_s"),
-            u("/engine/pid"),
-            f("/engine/startup_s")
+            v.u("/setup/seconds"),
+            v.u("/setup/frames_per_track_per_call"),
+            v.f("/setup/stagger_s"),
+            v.u("/engine/pid"),
+            v.f("/engine/startup_s")
         ),
         format!(
             "steady window: {:.1} s (from {} s after the last call's first frame to the first call's last frame)",
-            f("/setup/window_s"),
-            f("/setup/settle_s")
+            v.f("/setup/window_s"),
+            v.f("/setup/settle_s")
         ),
         format!(
             "latency, caller's send -> fake Symbl's receipt, steady window: {}",
-            spread_text(&r["latency"]["steady"])
+            spread_text(&r["latency"]["steady"], "frames")
         ),
         format!(
             "  whole run (incl. each call's sessions opening): {}",
-            spread_text(&r["latency"]["whole_run"])
+            spread_text(&r["latency"]["whole_run"], "frames")
         ),
     ];
     for track in TRACKS {
-        let t = |k: &str| u(&format!("/tracks/{track}/{k}"));
+        let t = |k: &str| v.u(&format!("/tracks/{track}/{k}"));
         lines.push(format!(
             "frames {track}: {} sent, {} received, {} lost, {} duplicated, {} out of order",
             t("sent"),
@@ -1205,18 +915,18 @@ fn text(r: &Value) -> Vec<String> {
     lines.extend([
         format!(
             "Symbl sessions: {} opened, {} stopped cleanly (stop_request answered), {} refused; {} sentences sent; {} unstamped frame(s)",
-            u("/symbl/sessions"),
-            u("/symbl/stopped_cleanly"),
-            u("/symbl/refused"),
-            u("/symbl/sentences_sent"),
-            u("/symbl/unstamped_frames")
+            v.u("/symbl/sessions"),
+            v.u("/symbl/stopped_cleanly"),
+            v.u("/symbl/refused"),
+            v.u("/symbl/sentences_sent"),
+            v.u("/symbl/unstamped_frames")
         ),
         format!(
             "engine CPU over the window: {:.2} s user+sys = {:.1}% of one core, {:.2}% per call ({} ticks/s, {})",
-            f("/engine/cpu/window_s"),
-            f("/engine/cpu/pct_of_core"),
-            f("/engine/cpu/pct_of_core_per_call"),
-            f("/setup/clock_ticks_per_s"),
+            v.f("/engine/cpu/window_s"),
+            v.f("/engine/cpu/pct_of_core"),
+            v.f("/engine/cpu/pct_of_core_per_call"),
+            v.f("/setup/clock_ticks_per_s"),
             if r["setup"]["clock_ticks_assumed"] == true {
                 "assumed: getconf CLK_TCK failed"
             } else {
@@ -1225,29 +935,29 @@ fn text(r: &Value) -> Vec<String> {
         ),
         format!(
             "engine memory: RSS {:.1} MiB idle, {:.1} MiB mean / {:.1} MiB max in the window -> {:.0} KiB per call; peak (VmHWM) {:.1} MiB",
-            mib("/engine/rss/idle_kib"),
-            mib("/engine/rss/loaded_mean_kib"),
-            mib("/engine/rss/loaded_max_kib"),
-            f("/engine/rss/per_call_kib"),
-            mib("/engine/rss/vmhwm_kib")
+            v.mib("/engine/rss/idle_kib"),
+            v.mib("/engine/rss/loaded_mean_kib"),
+            v.mib("/engine/rss/loaded_max_kib"),
+            v.f("/engine/rss/per_call_kib"),
+            v.mib("/engine/rss/vmhwm_kib")
         ),
         format!(
             "bench process CPU over the window: {:.1}% of one core (fake Twilio thread {:.1}%, fake Symbl thread {:.1}%); {} cores shared with the engine",
-            f("/bench/cpu_pct_of_core"),
-            f("/bench/fake_twilio_cpu_pct_of_core"),
-            f("/bench/fake_symbl_cpu_pct_of_core"),
-            u("/setup/cores")
+            v.f("/bench/cpu_pct_of_core"),
+            v.f("/bench/fake_twilio_cpu_pct_of_core"),
+            v.f("/bench/fake_symbl_cpu_pct_of_core"),
+            v.u("/setup/cores")
         ),
         format!(
             "caller pacing, how late each 20 ms tick fired: {}",
-            spread_text(&r["bench"]["caller_tick_lag"])
+            spread_text(&r["bench"]["caller_tick_lag"], "ticks")
         ),
         format!(
             "engine: {}; {} output line(s) on stdout; {}/{n} call(s) ended by their stream's stop; {} warning/error line(s) on stderr",
-            s("/engine/exit"),
-            u("/engine/outputs"),
-            u("/engine/calls_ended_by_stop"),
-            u("/engine/warnings")
+            v.s("/engine/exit"),
+            v.u("/engine/outputs"),
+            v.u("/engine/calls_ended_by_stop"),
+            v.u("/engine/warnings")
         ),
     ]);
     for key in ["bridge_line", "stopped_line"] {
@@ -1262,11 +972,11 @@ fn text(r: &Value) -> Vec<String> {
     {
         lines.push(format!("  stderr: {}", w.as_str().unwrap_or("")));
     }
-    if u("/bench/caller_errors") > 0 {
+    if v.u("/bench/caller_errors") > 0 {
         lines.push(format!(
             "caller errors: {} (first: {})",
-            u("/bench/caller_errors"),
-            s("/bench/first_caller_error")
+            v.u("/bench/caller_errors"),
+            v.s("/bench/first_caller_error")
         ));
     }
     if r["ok"] != true {
