@@ -10,8 +10,8 @@ mod config_ui;
 #[cfg(unix)] // The examples sandbox links `pipelines/` and `target/` into a temp folder.
 mod docs_yaml;
 mod engine_api;
-mod fuzz_config;
 mod feed;
+mod fuzz_config;
 mod kb;
 mod overload;
 mod plugin_tool;
