@@ -135,24 +135,33 @@ fn load(dir: &Path, engine: &str, pipeline: &str) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn shipped() -> (String, String) {
-    let csv = at("pipelines/data/sales_objections.csv");
-    let engine = format!(
-        "pipelines:\n  - rta.yaml\nknowledge:\n  sales:\n    store: embedded\n    config:\n      source: \"{csv}\"\n      index: index.json\nllm:\n  offline:\n    provider: offline\nengine:\n  conversation_idle_secs: 1800\n  queue_capacity: 64\n"
-    );
+/// The engine config and pipeline to mutate; the knowledge base is copied into `dir`, so the
+/// text (and every case) is the same wherever the checkout is.
+fn shipped(dir: &Path) -> (String, String) {
+    std::fs::copy(
+        at("pipelines/data/sales_objections.csv"),
+        dir.join("sales.csv"),
+    )
+    .unwrap();
+    let engine = "pipelines:\n  - rta.yaml\nknowledge:\n  sales:\n    store: embedded\n    config:\n      source: sales.csv\n      index: index.json\nllm:\n  offline:\n    provider: offline\nengine:\n  conversation_idle_secs: 1800\n  queue_capacity: 64\n".to_owned();
     let pipeline = std::fs::read_to_string(root().join("pipelines/rta.yaml")).unwrap();
     (engine, pipeline)
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig {
+            cases: 256,
+            // The same cases on every machine: CI never meets a case nobody ran here.
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x5EED),
+            ..ProptestConfig::default()
+        })]
 
     #[test]
     fn mutated_pipelines_load_or_say_where(
         edits in proptest::collection::vec((any::<proptest::sample::Index>(), edit()), 1..5)
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let (engine, pipeline) = shipped();
+        let (engine, pipeline) = shipped(dir.path());
         load(dir.path(), &engine, &apply(&pipeline, &edits))?;
     }
 
@@ -161,7 +170,7 @@ proptest! {
         edits in proptest::collection::vec((any::<proptest::sample::Index>(), edit()), 1..5)
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let (engine, pipeline) = shipped();
+        let (engine, pipeline) = shipped(dir.path());
         load(dir.path(), &apply(&engine, &edits), &pipeline)?;
     }
 }
@@ -169,7 +178,7 @@ proptest! {
 #[test]
 fn the_unmutated_files_load() {
     let dir = tempfile::tempdir().unwrap();
-    let (engine, pipeline) = shipped();
+    let (engine, pipeline) = shipped(dir.path());
     std::fs::write(dir.path().join("prompter.yaml"), &engine).unwrap();
     std::fs::write(dir.path().join("rta.yaml"), &pipeline).unwrap();
     let config = dir.path().join("prompter.yaml");

@@ -1016,7 +1016,12 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(1024))]
+        #![proptest_config(ProptestConfig {
+            cases: 1024,
+            // The same cases on every machine: CI never meets a case nobody ran here.
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x5EED),
+            ..ProptestConfig::default()
+        })]
 
         #[test]
         fn any_json_is_parsed_or_refused(frame in json()) {

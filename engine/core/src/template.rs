@@ -425,7 +425,12 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            // The same cases on every machine: CI never meets a case nobody ran here.
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x5EED),
+            ..ProptestConfig::default()
+        })]
 
         #[test]
         fn any_text_compiles_or_fails_cleanly(source in "\\PC{0,80}") {

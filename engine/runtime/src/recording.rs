@@ -196,7 +196,12 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            // The same cases on every machine: CI never meets a case nobody ran here.
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x5EED),
+            ..ProptestConfig::default()
+        })]
 
         #[test]
         fn any_text_is_read_line_by_line(text in "(\\PC{0,60}\n){0,12}") {

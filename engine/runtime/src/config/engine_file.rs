@@ -64,7 +64,24 @@ pub(super) fn engine_config(
                 Ok(paths) => {
                     let mut matched: Vec<PathBuf> = paths.filter_map(Result::ok).collect();
                     matched.sort();
-                    if matched.is_empty() {
+                    // A folder is not a pipeline file: say so here, where it is named.
+                    let folders = matched.iter().filter(|p| p.is_dir()).count();
+                    matched.retain(|p| !p.is_dir());
+                    if folders > 0 && matched.is_empty() {
+                        diags
+                            .error_node(
+                                file,
+                                item,
+                                format!(
+                                    "`{}` names a folder, not pipeline files",
+                                    pattern.as_str()
+                                ),
+                            )
+                            .help(Some(format!(
+                                "name the files, or a glob such as `{}/*.yaml`",
+                                pattern.as_str().trim_end_matches('/')
+                            )));
+                    } else if matched.is_empty() {
                         diags.error_node(
                             file,
                             item,
