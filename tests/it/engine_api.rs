@@ -9,6 +9,7 @@ use prompter_core::event::{Event, parse_frame};
 use prompter_core::output::{Output, Status};
 use prompter_engine::config::{self, LoadRequest};
 use prompter_engine::engine::Engine;
+use prompter_engine::metrics::Metrics;
 use prompter_engine::recording;
 use prompter_engine::registry;
 use prompter_engine::sink::FnSink;
@@ -17,20 +18,28 @@ use serde_json::json;
 
 use crate::cli::root;
 
+/// What a test engine delivered, in order.
+pub(crate) type Delivered = Arc<Mutex<Vec<Output>>>;
+
 /// A fresh engine on the shipped `prompter.yaml` (offline LLM), collecting what it delivers.
-fn shipped_engine() -> (Engine, Arc<Mutex<Vec<Output>>>) {
-    let config = root().join("prompter.yaml");
+fn shipped_engine() -> (Engine, Delivered) {
+    engine_on(&root().join("prompter.yaml"), Arc::new(Metrics::new()))
+}
+
+/// A fresh engine on engine config `config` (no environment), counting into `metrics` (its
+/// providers and Wasm stages too) and collecting what it delivers.
+pub(crate) fn engine_on(config: &Path, metrics: Arc<Metrics>) -> (Engine, Delivered) {
     let env = |_: &str| None;
     let req = LoadRequest {
-        config: Some(&config),
+        config: Some(config),
         files: &[],
         include_config_pipelines: true,
         env: &env,
-        metrics: None,
+        metrics: Some(metrics.clone()),
     };
     let loaded =
         config::load(&req, &registry::builtin()).unwrap_or_else(|d| panic!("{}", d.render()));
-    let seen: Arc<Mutex<Vec<Output>>> = Arc::default();
+    let seen: Delivered = Arc::default();
     let into = seen.clone();
     let sink = FnSink::new("test", move |o: &Output| {
         into.lock().unwrap().push(o.clone())
@@ -39,9 +48,17 @@ fn shipped_engine() -> (Engine, Arc<Mutex<Vec<Output>>>) {
         loaded.pipelines,
         loaded.settings,
         vec![Box::new(sink)],
-        Arc::new(Stats::default()),
+        Arc::new(Stats::with_metrics(metrics)),
     );
     (engine, seen)
+}
+
+/// The value of `sample` (a full series name with its labels) in a metrics exposition; 0 when
+/// absent.
+pub(crate) fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
 }
 
 /// The events of a shipped recording, in order.

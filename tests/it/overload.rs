@@ -3,20 +3,17 @@
 //! under `backpressure` nothing is dropped and the bound holds; every event is folded into its
 //! conversation either way.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prompter_core::event::parse_frame;
 use prompter_core::output::{Output, Status};
-use prompter_engine::config::{self, LoadRequest};
-use prompter_engine::engine::Engine;
 use prompter_engine::metrics::Metrics;
-use prompter_engine::registry;
-use prompter_engine::sink::FnSink;
-use prompter_engine::stats::Stats;
 use prompter_fakes::openai::{CHAT_MODEL, OpenAiFake};
 use serde_json::json;
+
+use crate::engine_api::{engine_on, metric};
 
 const CALLS: usize = 8;
 const SAID: usize = 3;
@@ -38,12 +35,6 @@ struct Outcome {
     transcript_lines: Vec<usize>,
 }
 
-fn value(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.parse().unwrap())
-}
-
 async fn overload(policy: &str) -> Outcome {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let fake = OpenAiFake::start().await;
@@ -61,27 +52,8 @@ async fn overload(policy: &str) -> Outcome {
     let config = dir.path().join("prompter.yaml");
     std::fs::write(&config, cfg).unwrap();
     let metrics = Arc::new(Metrics::new());
-    let env = |_: &str| None;
-    let req = LoadRequest {
-        config: Some(&config),
-        files: &[],
-        include_config_pipelines: true,
-        env: &env,
-        metrics: Some(metrics.clone()),
-    };
-    let loaded =
-        config::load(&req, &registry::builtin()).unwrap_or_else(|d| panic!("{}", d.render()));
-    let seen: Arc<Mutex<Vec<Output>>> = Arc::default();
-    let into = seen.clone();
-    let sink = FnSink::new("test", move |o: &Output| {
-        into.lock().unwrap().push(o.clone())
-    });
-    let engine = Arc::new(Engine::new(
-        loaded.pipelines,
-        loaded.settings,
-        vec![Box::new(sink)],
-        Arc::new(Stats::with_metrics(metrics.clone())),
-    ));
+    let (engine, seen) = engine_on(&config, metrics.clone());
+    let engine = Arc::new(engine);
     // Watch the slots while the calls run.
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicUsize::new(0));
@@ -89,7 +61,7 @@ async fn overload(policy: &str) -> Outcome {
         let (stop, peak, metrics) = (stop.clone(), peak.clone(), metrics.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let n = value(&metrics.render(), "prompter_runs_in_flight") as usize;
+                let n = metric(&metrics.render(), "prompter_runs_in_flight") as usize;
                 peak.fetch_max(n, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -141,7 +113,7 @@ async fn shedding_drops_low_priority_runs_first_and_never_the_transcript() {
     let o = overload("shed").await;
     let runs = (CALLS * SAID) as f64;
     let shed = |p: &str| {
-        value(
+        metric(
             &o.text,
             &format!("prompter_runs_shed_total{{pipeline=\"{p}\"}}"),
         )
@@ -151,7 +123,7 @@ async fn shedding_drops_low_priority_runs_first_and_never_the_transcript() {
     assert!(shed("low") > 0.0, "{}", o.text);
     assert_eq!(finals(&o, "low") + shed("low"), runs, "{}", o.text);
     assert_eq!(o.transcript_lines, vec![SAID; CALLS]);
-    assert_eq!(value(&o.text, "prompter_overload_waits_total"), 0.0);
+    assert_eq!(metric(&o.text, "prompter_overload_waits_total"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +138,7 @@ async fn backpressure_drops_nothing_and_keeps_the_bound() {
             .any(|l| l.starts_with("prompter_runs_shed_total") && !l.ends_with(" 0"))
     );
     assert!(
-        value(&o.text, "prompter_overload_waits_total") > 0.0,
+        metric(&o.text, "prompter_overload_waits_total") > 0.0,
         "{}",
         o.text
     );

@@ -5,24 +5,12 @@
 use std::sync::Arc;
 
 use prompter_core::output::{Output, Status};
-use prompter_engine::config::{self, LoadRequest};
-use prompter_engine::engine::Engine;
 use prompter_engine::metrics::Metrics;
-use prompter_engine::registry;
-use prompter_engine::sink::FnSink;
-use prompter_engine::stats::Stats;
 use prompter_fakes::openai::{CHAT_MODEL, Endpoint, OpenAiFake};
 
 use crate::cli::{at, root};
-use crate::engine_api::recorded;
+use crate::engine_api::{engine_on, metric, recorded};
 use crate::wasm::module;
-
-/// The value of `sample` (a full series name with labels) in `text`; 0 when absent.
-fn value(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.parse().unwrap())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_embedder_and_wasm_calls_are_counted_as_the_fakes_saw_them() {
@@ -58,27 +46,7 @@ async fn provider_embedder_and_wasm_calls_are_counted_as_the_fakes_saw_them() {
     std::fs::write(&config, cfg).unwrap();
 
     let metrics = Arc::new(Metrics::new());
-    let env = |_: &str| None;
-    let req = LoadRequest {
-        config: Some(&config),
-        files: &[],
-        include_config_pipelines: true,
-        env: &env,
-        metrics: Some(metrics.clone()),
-    };
-    let loaded =
-        config::load(&req, &registry::builtin()).unwrap_or_else(|d| panic!("{}", d.render()));
-    let seen: Arc<std::sync::Mutex<Vec<Output>>> = Arc::default();
-    let into = seen.clone();
-    let sink = FnSink::new("test", move |o: &Output| {
-        into.lock().unwrap().push(o.clone())
-    });
-    let engine = Engine::new(
-        loaded.pipelines,
-        loaded.settings,
-        vec![Box::new(sink)],
-        Arc::new(Stats::with_metrics(metrics.clone())),
-    );
+    let (engine, seen) = engine_on(&config, metrics.clone());
     let events = recorded("billing-dispute-call.jsonl");
     let trackers = events
         .iter()
@@ -94,9 +62,9 @@ async fn provider_embedder_and_wasm_calls_are_counted_as_the_fakes_saw_them() {
     // The provider: every tracker asked it once; the first ask failed three times.
     let chat_calls = f64::from(fake.calls(Endpoint::Chat));
     assert_eq!(chat_calls, trackers + 2.0, "{text}");
-    let gpt = |m: &str| value(&text, &format!("{m}{{provider=\"gpt\",kind=\"chat\"}}"));
+    let gpt = |m: &str| metric(&text, &format!("{m}{{provider=\"gpt\",kind=\"chat\"}}"));
     let result = |r: &str| {
-        value(
+        metric(
             &text,
             &format!(
                 "prompter_provider_requests_total{{provider=\"gpt\",kind=\"chat\",result=\"{r}\"}}"
@@ -123,19 +91,19 @@ async fn provider_embedder_and_wasm_calls_are_counted_as_the_fakes_saw_them() {
             .iter()
             .all(|r| r["stream_options"]["include_usage"] == true)
     );
-    let output_tokens = value(
+    let output_tokens = metric(
         &text,
         "prompter_provider_tokens_total{provider=\"gpt\",direction=\"output\"}",
     );
     assert!(output_tokens > 0.0, "{text}");
     assert!(
-        value(
+        metric(
             &text,
             "prompter_provider_tokens_total{provider=\"gpt\",direction=\"input\"}"
         ) > output_tokens
     );
     assert_eq!(
-        value(
+        metric(
             &text,
             "prompter_chat_fallbacks_total{pipeline=\"ask\",stage=\"answer\"}"
         ),
@@ -143,14 +111,14 @@ async fn provider_embedder_and_wasm_calls_are_counted_as_the_fakes_saw_them() {
         "{text}"
     );
     assert!(
-        value(&text, "prompter_degraded_outputs_total{pipeline=\"ask\"}") >= 1.0,
+        metric(&text, "prompter_degraded_outputs_total{pipeline=\"ask\"}") >= 1.0,
         "{text}"
     );
 
     // The declared embedder: the store's rows at start-up, then each query; a query met again
     // (the same tracker) is a hit.
     let cache = |r: &str| {
-        value(
+        metric(
             &text,
             &format!(
                 "prompter_embedding_cache_lookups_total{{embedder=\"lexical\",result=\"{r}\"}}"
@@ -160,7 +128,7 @@ async fn provider_embedder_and_wasm_calls_are_counted_as_the_fakes_saw_them() {
     assert!(cache("miss") > 0.0, "{text}");
     assert_eq!(
         cache("miss"),
-        value(
+        metric(
             &text,
             "prompter_provider_requests_total{provider=\"lexical\",kind=\"embed\",result=\"ok\"}"
         ),
@@ -169,7 +137,7 @@ async fn provider_embedder_and_wasm_calls_are_counted_as_the_fakes_saw_them() {
     assert!(cache("hit") + cache("miss") >= 2.0 * trackers, "{text}");
 
     // The Wasm stage ran once per run that passed `dedupe`, without an error.
-    let wasm_calls = value(
+    let wasm_calls = metric(
         &text,
         "prompter_wasm_calls_total{pipeline=\"rta_redacted\",stage=\"redact\"}",
     );
@@ -181,7 +149,7 @@ async fn provider_embedder_and_wasm_calls_are_counted_as_the_fakes_saw_them() {
         "{text}"
     );
     assert!(
-        value(
+        metric(
             &text,
             "prompter_wasm_instances_created_total{pipeline=\"rta_redacted\",stage=\"redact\"}"
         ) >= 1.0
