@@ -87,11 +87,16 @@ pub(crate) struct StderrLog {
     pub(crate) complaints: u64,
     /// The first few of them.
     pub(crate) first_complaints: Vec<String>,
+    /// The engine's last word when it stops (`stopped: N event(s), ...`), wherever it comes.
+    pub(crate) stopped: Option<String>,
 }
 
 impl StderrLog {
     fn push(&mut self, line: String) {
         self.total += 1;
+        if line.starts_with("stopped: ") {
+            self.stopped = Some(line.clone());
+        }
         let complaint =
             line.contains(" WARN ") || line.contains(" ERROR ") || line.starts_with("error");
         if complaint {

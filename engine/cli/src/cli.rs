@@ -139,7 +139,7 @@ enum Command {
         #[arg(long, value_name = "M", requires = "feed_clients")]
         calls: Option<usize>,
         /// Replay speed of the feed bench, times real time [default: 2]; of the live bench
-        /// [default: the speed at which a call sends 2 frames per second, about 3.1].
+        /// [default: 1].
         #[arg(long, value_name = "S", requires = "paced")]
         speed: Option<f64>,
         /// Instead, measure the Twilio bridge: this many simulated calls (both tracks, real
@@ -159,6 +159,15 @@ enum Command {
             conflicts_with_all = ["iterations", "long_call", "recordings", "config", "twilio_calls", "feed_clients", "calls"]
         )]
         live_calls: Option<usize>,
+        /// Live bench: an interim caption every this many words of speech besides the
+        /// recordings' own frames, as Symbl sends them (about 2 frames per second per call at
+        /// real time); 0: the recordings' frames only.
+        #[arg(long, value_name = "WORDS", requires = "live_calls")]
+        interim_words: Option<usize>,
+        /// Live bench: inject this fault 5 s into the steady window (a window of at least
+        /// 30 s) and account for what it did.
+        #[arg(long, value_enum, value_name = "KIND", requires = "live_calls")]
+        fault: Option<crate::live_bench::Fault>,
         /// Length of each call of the Twilio bench [default: 30], or of the live bench's steady
         /// window [default: 60], in seconds.
         #[arg(long, value_name = "S", requires = "timed")]
@@ -308,13 +317,17 @@ pub fn main(
             live_calls: Some(calls),
             seconds,
             speed,
+            interim_words,
+            fault,
             json,
             ..
         } => {
             let args = crate::live_bench::LiveBenchArgs {
                 calls,
                 seconds: seconds.unwrap_or(crate::live_bench::DEFAULT_SECONDS),
-                speed,
+                speed: speed.unwrap_or(1.0),
+                interim_words: interim_words.unwrap_or(crate::live_bench::DEFAULT_INTERIM_WORDS),
+                fault,
                 json,
             };
             runtime.block_on(crate::live_bench::run(args, &out, &err))

@@ -44,6 +44,7 @@
 //! call did not end with). Any loss, duplicate, failed call or engine failure exits 1.
 
 mod fakes;
+mod faults;
 mod outputs;
 mod report;
 mod script;
@@ -62,14 +63,19 @@ use crate::bench_child::{
 };
 use crate::cli::{Stream, say};
 use fakes::{Call, NEBULA_KEY, NebulaSide, Stage, SymblSide, ns_since};
+pub use faults::Fault;
+use faults::{FAULT_AT, FaultSwitch, MIN_FAULT_WINDOW};
 use outputs::OutputLog;
 use script::{RECORDINGS, Script};
 
 /// Steady window when `--seconds` is not given.
 pub const DEFAULT_SECONDS: u64 = 60;
+/// Interim captions every this many words when `--interim-words` is not given.
+pub const DEFAULT_INTERIM_WORDS: usize = script::INTERIM_WORDS;
 /// More calls than this would not fit one machine's open files anyway.
 const MAX_CALLS: usize = 50_000;
 const MAX_SECONDS: u64 = 3_600;
+const MAX_INTERIM_WORDS: usize = 1_000;
 /// The slots' first calls start at this rate at most (and spread over at least a mean call's
 /// length).
 const STARTS_PER_SECOND: usize = 500;
@@ -105,6 +111,11 @@ const PIPELINES: [&str; 3] = [
     "pipelines/call_recap.yaml",
 ];
 const KNOWLEDGE: &str = "pipelines/data/sales_objections.csv";
+/// The webhook sink's secret (for the sink-stall fault): its variable and value.
+const WEBHOOK_SECRET_ENV: &str = "PROMPTER_BENCH_WEBHOOK_SECRET";
+const WEBHOOK_SECRET: &str = "whsec_YmVuY2gtd2ViaG9vay1zZWNyZXQtb2YtdGhlLWxvYWQ=";
+/// The webhook sink's dead letters, in the run's folder.
+const DEAD_LETTERS: &str = "dead-letters-hook.jsonl";
 
 /// Options of the live bench (`prompter bench --live-calls N ...`).
 #[derive(Debug, Clone)]
@@ -113,8 +124,12 @@ pub struct LiveBenchArgs {
     pub calls: usize,
     /// Length of the steady window, in seconds.
     pub seconds: u64,
-    /// Replay speed, times real time; `None`: the speed that gives 2 frames per second per call.
-    pub speed: Option<f64>,
+    /// Replay speed, times real time.
+    pub speed: f64,
+    /// An interim caption every this many words of speech (0: only the recordings' frames).
+    pub interim_words: usize,
+    /// The fault to inject, if any.
+    pub fault: Option<Fault>,
     /// Print the report as one JSON object instead of text.
     pub json: bool,
 }
@@ -144,8 +159,19 @@ async fn bench(args: &LiveBenchArgs, out: &Stream, err: &Stream) -> Result<bool,
     if !(1..=MAX_SECONDS).contains(&args.seconds) {
         return Err(format!("--seconds must be between 1 and {MAX_SECONDS}"));
     }
-    if args.speed.is_some_and(|s| !(1.0..=100.0).contains(&s)) {
+    if !(1.0..=100.0).contains(&args.speed) {
         return Err("--speed must be between 1 and 100".into());
+    }
+    if args.fault.is_some() && args.seconds < MIN_FAULT_WINDOW {
+        return Err(format!(
+            "a fault run needs a window of at least {MIN_FAULT_WINDOW} s (--seconds): the fault starts {} s in, lasts up to 10 s, and the engine must recover",
+            FAULT_AT.as_secs()
+        ));
+    }
+    if args.interim_words > MAX_INTERIM_WORDS {
+        return Err(format!(
+            "--interim-words must be between 0 (none) and {MAX_INTERIM_WORDS}"
+        ));
     }
     let open_files = raise_open_files_limit();
     let need = n as u64 + SPARE_FDS;
@@ -156,12 +182,16 @@ async fn bench(args: &LiveBenchArgs, out: &Stream, err: &Stream) -> Result<bool,
             "{n} calls need about {need} open files in this process and in the engine (a socket per call on each side), but the limit is {limit}: raise it with `ulimit -n {need}`"
         ));
     }
-    let script = Arc::new(Script::load(args.speed)?);
+    let script = Arc::new(Script::load(args.speed, args.interim_words)?);
     let symbl_rt = single_thread_runtime(SYMBL_THREAD)?;
     let nebula_rt = single_thread_runtime(NEBULA_THREAD)?;
     let epoch = Instant::now();
-    let symbl = Arc::new(SymblSide::new(epoch, script.clone()));
-    let nebula = Arc::new(NebulaSide::default());
+    let switch = Arc::new(FaultSwitch::new(args.fault));
+    let symbl = Arc::new(SymblSide::new(epoch, script.clone(), switch.clone()));
+    let nebula = Arc::new(NebulaSide {
+        fault: switch,
+        ..NebulaSide::default()
+    });
     let measured = measure(args, &script, &symbl, &nebula, (&symbl_rt, &nebula_rt), err).await;
     symbl_rt.shutdown_background();
     nebula_rt.shutdown_background();
@@ -182,6 +212,7 @@ async fn bench(args: &LiveBenchArgs, out: &Stream, err: &Stream) -> Result<bool,
 struct Run {
     calls: usize,
     seconds: u64,
+    interim_words: usize,
     stagger: Duration,
     pid: u32,
     startup_s: f64,
@@ -210,6 +241,13 @@ struct Run {
     exit: Result<std::process::ExitStatus, String>,
     stderr: StderrLog,
     outputs: OutputLog,
+    fault: Option<Fault>,
+    /// When the fault started and ended, in nanoseconds since the epoch.
+    fault_ns: Option<(u64, u64)>,
+    /// Stopped by SIGTERM under load (the `terminate` fault).
+    terminated: bool,
+    /// The webhook sink's dead letters: (output id, version).
+    dead_letters: Vec<(String, u32)>,
 }
 
 /// Call failures: how many, and the first few.
@@ -344,6 +382,7 @@ fn write_config(
     dir: &Path,
     symbl: std::net::SocketAddr,
     nebula: std::net::SocketAddr,
+    fault: Option<Fault>,
 ) -> Result<PathBuf, String> {
     for rel in PIPELINES.iter().chain([&KNOWLEDGE]) {
         crate::bundle::write(dir, rel).map_err(|e| format!("cannot write `{rel}`: {e}"))?;
@@ -352,12 +391,35 @@ fn write_config(
     std::fs::create_dir_all(dir.join("index"))
         .map_err(|e| format!("cannot make the index folder: {e}"))?;
     let pipelines: String = PIPELINES.iter().map(|p| format!("  - {p}\n")).collect();
+    let keepalive = if fault.is_some_and(Fault::fast_keepalive) {
+        "  keepalive: { ping_ms: 1000, idle_timeout_ms: 4000 }\n"
+    } else {
+        ""
+    };
+    let sinks = if fault.is_some_and(Fault::needs_webhook) {
+        format!(
+            r#"sinks:
+  hook:
+    type: webhook
+    config:
+      url: http://{nebula}/hooks
+      secret_env: {WEBHOOK_SECRET_ENV}
+      timeout_ms: 2000
+      retry_schedule_ms: [1000, 2000, 4000]
+    take: {{ statuses: [final] }}
+    dead_letter: {dead}
+"#,
+            dead = dir.join(DEAD_LETTERS).display()
+        )
+    } else {
+        String::new()
+    };
     let yaml = format!(
         r#"# Written by `prompter bench --live-calls`: the shipped live pipelines against the bench's fakes.
 pipelines:
 {pipelines}symbl:
   api_base: http://{symbl}
-embedders:
+{keepalive}{sinks}embedders:
   nebula:
     provider: nebula
     config:
@@ -404,6 +466,7 @@ async fn ingest(dir: &Path, config: &Path) -> Result<f64, String> {
         .args(["--store", "sales", "--quiet", "--config"])
         .arg(config)
         .env("NEBULA_API_KEY", NEBULA_KEY)
+        .env(WEBHOOK_SECRET_ENV, WEBHOOK_SECRET)
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null());
     let started = Instant::now();
@@ -422,7 +485,7 @@ async fn ingest(dir: &Path, config: &Path) -> Result<f64, String> {
 }
 
 /// What the bench reads of the engine's metrics at the end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Scraped {
     /// `prompter_events_received_total{source="symbl"}`, summed over kinds.
     events: u64,
@@ -430,7 +493,32 @@ struct Scraped {
     overload_waits: u64,
     /// `prompter_runs_shed_total`, summed over pipelines.
     runs_shed: u64,
+    /// What the engine says it did about failures ([`OUTCOME_METRICS`]), by name.
+    outcomes: Vec<(&'static str, u64)>,
 }
+
+/// The engine's own account of failures, read for every run: (name in the report, metric,
+/// label the samples must carry).
+const OUTCOME_METRICS: [(&str, &str, &str); 10] = [
+    (
+        "runs_failed",
+        "prompter_pipeline_runs_total",
+        "outcome=\"failed\"",
+    ),
+    ("stage_errors", "prompter_stage_errors_total", ""),
+    ("outputs_degraded", "prompter_degraded_outputs_total", ""),
+    ("chat_fallbacks", "prompter_chat_fallbacks_total", ""),
+    (
+        "provider_errors",
+        "prompter_provider_requests_total",
+        "result=\"error\"",
+    ),
+    ("provider_retries", "prompter_provider_retries_total", ""),
+    ("sink_deliveries", "prompter_sink_deliveries_total", ""),
+    ("sink_retries", "prompter_sink_retries_total", ""),
+    ("sink_dead_letters", "prompter_sink_dead_letters_total", ""),
+    ("sink_dropped", "prompter_sink_dropped_total", ""),
+];
 
 /// The samples of metric `name` in a Prometheus text page whose labels contain `label`,
 /// summed.
@@ -449,7 +537,21 @@ fn scraped(page: &str) -> Scraped {
         events: metric_sum(page, "prompter_events_received_total", "source=\"symbl\""),
         overload_waits: metric_sum(page, "prompter_overload_waits_total", ""),
         runs_shed: metric_sum(page, "prompter_runs_shed_total", ""),
+        outcomes: OUTCOME_METRICS
+            .iter()
+            .map(|(key, name, label)| (*key, metric_sum(page, name, label)))
+            .collect(),
     }
+}
+
+/// What an engine stopped by SIGTERM says last on stderr (`stopped: N event(s), M output(s),
+/// K stage error(s)`): its events and outputs.
+fn stopped_counts(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("stopped: ")?;
+    let mut numbers = rest
+        .split(", ")
+        .map(|part| part.split(' ').next()?.parse::<u64>().ok());
+    Some((numbers.next()??, numbers.next()??))
 }
 
 async fn scrape(http: &reqwest::Client, control: &str) -> Result<Scraped, String> {
@@ -546,10 +648,12 @@ async fn start_engine(
     let nebula_addr =
         crate::bench_child::serve(nebula_rt, fakes::nebula_app(nebula.clone()), "Nebula").await?;
     let dir = tempfile::tempdir().map_err(|e| format!("cannot make a temporary folder: {e}"))?;
-    let config = write_config(dir.path(), symbl_addr, nebula_addr)?;
+    let config = write_config(dir.path(), symbl_addr, nebula_addr, symbl.fault.fault)?;
     let ingest_s = ingest(dir.path(), &config).await?;
     let mut command = run_command(&config)?;
-    command.env("NEBULA_API_KEY", NEBULA_KEY);
+    command
+        .env("NEBULA_API_KEY", NEBULA_KEY)
+        .env(WEBHOOK_SECRET_ENV, WEBHOOK_SECRET);
     let reader_log = log.clone();
     let epoch = symbl.epoch;
     let spawned = Instant::now();
@@ -609,6 +713,10 @@ async fn calibrate(
 struct Window {
     /// In nanoseconds since the epoch.
     ns: (u64, u64),
+    /// When the fault started and ended, in nanoseconds since the epoch.
+    fault_ns: Option<(u64, u64)>,
+    /// The engine was stopped by the fault (SIGTERM) and the window cut there.
+    terminated: bool,
     secs: f64,
     cpu: (Cpu, Cpu),
     rss_samples: Vec<u64>,
@@ -645,8 +753,22 @@ async fn load(
     let (t, ns) = (Instant::now(), ns_since(placer.side.epoch));
     let cpu0 = cpu_now(engine.pid, &THREADS);
     let (mut rss_samples, mut live_samples) = (Vec::new(), Vec::new());
+    let switch = placer.side.fault.clone();
+    let mut injector = switch.fault.map(|f| Injector::new(f, engine.pid));
+    let epoch = placer.side.epoch;
     while t.elapsed() < window {
-        tokio::time::sleep(SAMPLE_EVERY.min(window.saturating_sub(t.elapsed()))).await;
+        let next_sample = SAMPLE_EVERY.min(window.saturating_sub(t.elapsed()));
+        let next = injector
+            .as_ref()
+            .and_then(|i| i.next_step(t.elapsed()))
+            .map_or(next_sample, |d| d.min(next_sample));
+        tokio::time::sleep(next).await;
+        if let Some(i) = injector.as_mut() {
+            i.step(t.elapsed(), &switch, epoch, progress, placer, engine);
+            if i.terminated() {
+                break;
+            }
+        }
         rss_samples.push(memory(engine.pid).0);
         live_samples.push(placer.side.counts.live.load(Ordering::Relaxed));
         if Instant::now() >= progress.next {
@@ -654,7 +776,10 @@ async fn load(
         }
     }
     let cpu1 = cpu_now(engine.pid, &THREADS);
+    let terminated = injector.as_ref().is_some_and(Injector::terminated);
     let measured = Window {
+        terminated,
+        fault_ns: injector.as_ref().and_then(|i| i.span),
         ns: (ns, ns_since(placer.side.epoch)),
         secs: t.elapsed().as_secs_f64(),
         cpu: (cpu0, cpu1),
@@ -662,10 +787,108 @@ async fn load(
         live_samples,
     };
     placer.placing.store(false, Ordering::Relaxed);
+    if terminated {
+        // The engine is going: the calls in progress end with it, not with their recordings.
+        slots.abort_all();
+        progress.say("engine stopping; calls cut", placer, engine);
+        return Ok(measured);
+    }
     progress.say("window over; the calls in progress end", placer, engine);
     let ending = async { while slots.join_next().await.is_some() {} };
     progress.during("ending", placer, engine, ending).await;
     Ok(measured)
+}
+
+/// Plays the run's fault: starts it [`FAULT_AT`] into the window, ends it after its length.
+struct Injector {
+    fault: Fault,
+    pid: u32,
+    /// Steps taken: 0 none, 1 started, 2 ended.
+    done: u8,
+    /// When it started and ended, in nanoseconds since the epoch.
+    span: Option<(u64, u64)>,
+}
+
+impl Injector {
+    fn new(fault: Fault, pid: u32) -> Injector {
+        Injector {
+            fault,
+            pid,
+            done: 0,
+            span: None,
+        }
+    }
+
+    fn terminated(&self) -> bool {
+        self.fault == Fault::Terminate && self.done > 0
+    }
+
+    /// Time until the next step, `elapsed` into the window.
+    fn next_step(&self, elapsed: Duration) -> Option<Duration> {
+        let at = match self.done {
+            0 => FAULT_AT,
+            1 => FAULT_AT + self.fault.lasts(),
+            _ => return None,
+        };
+        Some(at.saturating_sub(elapsed))
+    }
+
+    fn signal(&self, signal: &str) -> bool {
+        std::process::Command::new("kill")
+            .args([signal, &self.pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn step(
+        &mut self,
+        elapsed: Duration,
+        switch: &FaultSwitch,
+        epoch: Instant,
+        progress: &mut Progress<'_>,
+        placer: &Placer,
+        engine: &Engine,
+    ) {
+        if self.next_step(elapsed).is_none_or(|d| !d.is_zero()) {
+            return;
+        }
+        let now = ns_since(epoch);
+        if self.done == 0 {
+            let sent = match self.fault {
+                Fault::Pause => self.signal("-STOP"),
+                Fault::Terminate => {
+                    placer.placing.store(false, Ordering::Relaxed);
+                    self.signal("-TERM")
+                }
+                _ => {
+                    switch.start();
+                    true
+                }
+            };
+            if !sent {
+                placer.failed(format!(
+                    "cannot signal the engine for `{}`",
+                    self.fault.name()
+                ));
+            }
+            self.span = Some((now, now));
+            progress.say(&format!("fault `{}` on", self.fault.name()), placer, engine);
+        } else {
+            if self.fault == Fault::Pause && !self.signal("-CONT") {
+                placer.failed("cannot resume the engine (SIGCONT)".into());
+            }
+            switch.stop();
+            if let Some((start, _)) = self.span {
+                self.span = Some((start, now));
+            }
+            progress.say(
+                &format!("fault `{}` off", self.fault.name()),
+                placer,
+                engine,
+            );
+        }
+        self.done += 1;
+    }
 }
 
 async fn measure(
@@ -725,17 +948,42 @@ async fn measure(
     let window = Duration::from_secs(args.seconds);
     let measured = load(&placer, &engine, n, (stagger, window), &mut progress).await?;
     let (_, hwm) = memory(engine.pid);
-    outputs_settled(&engine).await;
-    let scraped = scrape(&placer.http, &control).await;
-    let engine_cpu_total = cpu_now(engine.pid, &[]).child;
-    say(err, "live bench: stopping the engine (SIGTERM)");
-    let exit = engine.terminate().await;
+    let (scraped, engine_cpu_total, exit);
+    if measured.terminated {
+        // Stopped under load by the fault: what it handled is what it says last.
+        engine_cpu_total = cpu_now(engine.pid, &[]).child;
+        say(
+            err,
+            "live bench: waiting for the engine to stop (SIGTERM sent)",
+        );
+        exit = engine.terminate().await;
+        scraped = engine
+            .stderr()
+            .stopped
+            .as_deref()
+            .and_then(stopped_counts)
+            .map(|(events, _)| Scraped {
+                events,
+                overload_waits: 0,
+                runs_shed: 0,
+                outcomes: Vec::new(),
+            })
+            .ok_or_else(|| "the engine stopped without its `stopped:` line".to_owned());
+    } else {
+        outputs_settled(&engine).await;
+        scraped = scrape(&placer.http, &control).await;
+        engine_cpu_total = cpu_now(engine.pid, &[]).child;
+        say(err, "live bench: stopping the engine (SIGTERM)");
+        exit = engine.terminate().await;
+    }
+    let dead_letters = read_dead_letters(&_dir.path().join(DEAD_LETTERS));
     let outputs = std::mem::take(&mut *lock(&log));
     let placed = std::mem::take(&mut *lock(&placer.calls));
     let errors = std::mem::take(&mut *lock(&placer.errors));
     Ok(Run {
         calls: n,
         seconds: args.seconds,
+        interim_words: args.interim_words,
         stagger,
         pid: engine.pid,
         startup_s,
@@ -758,7 +1006,28 @@ async fn measure(
         exit,
         stderr: engine.stderr(),
         outputs,
+        fault: args.fault,
+        fault_ns: measured.fault_ns,
+        terminated: measured.terminated,
+        dead_letters,
     })
+}
+
+/// The (output id, version) of every line of a dead-letter file (none when there is no
+/// file); a line that is not a dead letter counts as `("", 0)`, so it is still seen.
+fn read_dead_letters(path: &Path) -> Vec<(String, u32)> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            let id = v["output"]["id"].as_str().unwrap_or_default().to_owned();
+            let version = v["output"]["version"].as_u64().unwrap_or(0) as u32;
+            (id, version)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -776,15 +1045,27 @@ mod tests {
             prompter_runs_shed_total{pipeline=\"rta_live\"} 2\n\
             prompter_runs_shed_total{pipeline=\"open_questions\"} 1\n";
         let s = scraped(page);
-        assert_eq!(
-            s,
-            Scraped {
-                events: 42,
-                overload_waits: 3,
-                runs_shed: 3
-            }
-        );
+        assert_eq!((s.events, s.overload_waits, s.runs_shed), (42, 3, 3));
         assert_eq!(scraped("").events, 0);
+        let outcomes = scraped(
+            "prompter_pipeline_runs_total{pipeline=\"rta_live\",outcome=\"failed\"} 2\n\
+             prompter_pipeline_runs_total{pipeline=\"rta_live\",outcome=\"completed\"} 9\n\
+             prompter_chat_fallbacks_total{pipeline=\"rta_live\",stage=\"answer\"} 4\n",
+        )
+        .outcomes;
+        assert!(outcomes.contains(&("runs_failed", 2)));
+        assert!(outcomes.contains(&("chat_fallbacks", 4)));
+        assert!(outcomes.contains(&("sink_dead_letters", 0)));
+    }
+
+    #[test]
+    fn the_stopped_line_gives_events_and_outputs() {
+        assert_eq!(
+            stopped_counts("stopped: 1200 event(s), 340 output(s), 0 stage error(s)"),
+            Some((1200, 340))
+        );
+        assert_eq!(stopped_counts("stopping: closing sockets"), None);
+        assert_eq!(stopped_counts("stopped: many event(s)"), None);
     }
 
     #[test]

@@ -210,6 +210,20 @@ impl SymblAuth {
         *self.token.lock().await = None;
     }
 
+    /// Forgets the cached token if it is still `refused` (a service answered 401 to it). When
+    /// a thousand sockets are refused the same old token at once, the first refusal makes the
+    /// next caller fetch a new token and the others leave that new one alone, instead of each
+    /// forgetting the token the one before fetched.
+    pub async fn invalidate_token(&self, refused: &Secret) {
+        let mut guard = self.token.lock().await;
+        if guard
+            .as_ref()
+            .is_some_and(|t| t.value.expose() == refused.expose())
+        {
+            *guard = None;
+        }
+    }
+
     async fn fetch(&self) -> Result<Token, AuthError> {
         let body = serde_json::json!({
             "type": "application",
@@ -400,6 +414,29 @@ mod tests {
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
         auth.invalidate().await;
         assert_eq!(auth.token().await.unwrap().expose(), "jwt-1");
+    }
+
+    #[tokio::test]
+    async fn many_refusals_of_one_old_token_fetch_one_new_token() {
+        let (config, fake) = serve(Fake {
+            expires_in: 86_400.0,
+            ..Fake::default()
+        })
+        .await;
+        let auth = SymblAuth::new(&config, creds(&config, "s3cret")).unwrap();
+        let old = auth.token().await.unwrap();
+        auth.invalidate_token(&old).await;
+        let new = auth.token().await.unwrap();
+        assert_eq!(new.expose(), "jwt-1");
+        // Sockets refused the old token later leave the new one alone.
+        for _ in 0..100 {
+            auth.invalidate_token(&old).await;
+        }
+        assert_eq!(auth.token().await.unwrap().expose(), "jwt-1");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+        // A refusal of the new one forgets it.
+        auth.invalidate_token(&new).await;
+        assert_eq!(auth.token().await.unwrap().expose(), "jwt-2");
     }
 
     #[tokio::test]

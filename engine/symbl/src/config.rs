@@ -12,6 +12,7 @@
 //!   updates: wss://bridge.example.com/symbl/updates     # an integration server's feed
 //!   listen: 127.0.0.1:7070                  # HTTP: POST /connections/{connectionId}
 //!   reconnect: { base_ms: 250, max_ms: 10000, max_retries: 20 }
+//!   keepalive: { ping_ms: 30000, idle_timeout_ms: 75000 }   # half-open sockets dropped
 //!   trackers:
 //!     - name: Budget Constraints
 //!       vocabulary: [too expensive, no budget, over our budget]
@@ -56,9 +57,53 @@ pub struct SymblConfig {
     /// Reconnection pacing for dropped sockets. Default: 250 ms doubling to 10 s, 20 retries.
     #[serde(default = "default_reconnect")]
     pub reconnect: Backoff,
+    /// How Subscribe sockets are kept alive and watched. Default: a ping every 30 s; a socket
+    /// on which nothing arrived for 75 s is taken for half-open, dropped and reconnected.
+    #[serde(default)]
+    pub keepalive: Keepalive,
     /// Trackers that `prompter trackers sync` creates or updates.
     #[serde(default)]
     pub trackers: Vec<TrackerSpec>,
+}
+
+/// The `symbl.keepalive` section: how often Subscribe sockets are pinged, and how long one may
+/// stay silent before it is taken for half-open (dropped and reconnected, resuming the
+/// conversation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Keepalive {
+    /// Ping period. Default 30,000 ms (the Go SDK's).
+    #[serde(default = "default_ping_ms")]
+    pub ping_ms: u64,
+    /// Silence after which a socket is dropped. Default: 2 × `ping_ms` + 15,000 ms.
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
+}
+
+fn default_ping_ms() -> u64 {
+    30_000
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            ping_ms: default_ping_ms(),
+            idle_timeout_ms: None,
+        }
+    }
+}
+
+impl Keepalive {
+    /// The socket options these settings give (pings of at least 100 ms; a silence limit
+    /// longer than the ping period).
+    pub fn options(&self) -> crate::socket::SocketOptions {
+        let ping = std::time::Duration::from_millis(self.ping_ms.max(100));
+        let mut o = crate::socket::SocketOptions::with_ping_every(ping);
+        if let Some(idle) = self.idle_timeout_ms {
+            o.idle_timeout = std::time::Duration::from_millis(idle).max(ping + ping / 2);
+        }
+        o
+    }
 }
 
 /// A tracker as declared in YAML and as the Management API takes it.
@@ -99,6 +144,7 @@ impl Default for SymblConfig {
             updates: None,
             listen: None,
             reconnect: default_reconnect(),
+            keepalive: Keepalive::default(),
             trackers: Vec::new(),
         }
     }

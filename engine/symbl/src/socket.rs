@@ -5,8 +5,10 @@
 //! [`SocketOptions::ping_every`], takes a socket on which nothing arrived for
 //! [`SocketOptions::idle_timeout`] for half-open and drops it, and reconnects after a drop with
 //! jittered exponential backoff (`prompter_core::backoff`). The retry budget restarts only after
-//! a socket that delivered a frame or stayed up [`SocketOptions::stable_after`]. It stops at
-//! once when a watch channel turns true.
+//! a socket that delivered a frame or stayed up [`SocketOptions::stable_after`]. When a watch
+//! channel turns true it stops: an open socket is closed politely (a close frame), and the
+//! frames the far end sent before it saw the close are still relayed until its own close
+//! frame comes (at most [`CLOSE_GRACE`]), so nothing the far end counted as sent is lost.
 //!
 //! It does not own what a frame means, how to authenticate, which closes or refusals are final
 //! or what to tell the engine about a drop: the [`Peer`] decides those.
@@ -69,6 +71,10 @@ pub(crate) fn secs(d: Duration) -> String {
         format!("{:.1} s", d.as_secs_f64())
     }
 }
+
+/// How long a socket being closed on stop waits for the far end's close frame, relaying the
+/// frames that come before it.
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// An open client WebSocket.
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -217,10 +223,7 @@ pub(crate) async fn run<P: Peer>(
         if stop_now {
             return End::Stopped;
         }
-        let life = tokio::select! {
-            l = life(peer, options, reconnects) => l,
-            () = stopped(stop) => return End::Stopped,
-        };
+        let life = life(peer, options, reconnects, stop).await;
         let reason = match life {
             Life::Completed => return End::Completed,
             Life::Stopped => return End::Stopped,
@@ -265,9 +268,19 @@ enum Life {
     },
 }
 
-/// One socket's life: connect, relay frames until it ends.
-async fn life<P: Peer>(peer: &mut P, options: &SocketOptions, reconnects: u32) -> Life {
-    let mut socket = match peer.connect(options.handshake_timeout).await {
+/// One socket's life: connect, relay frames until it ends. Told to stop, it closes the socket
+/// politely and relays what still comes until the far end's close (at most [`CLOSE_GRACE`]).
+async fn life<P: Peer>(
+    peer: &mut P,
+    options: &SocketOptions,
+    reconnects: u32,
+    stop: &mut watch::Receiver<bool>,
+) -> Life {
+    let connected = tokio::select! {
+        c = peer.connect(options.handshake_timeout) => c,
+        () = stopped(stop) => return Life::Stopped,
+    };
+    let mut socket = match connected {
         Ok(socket) => socket,
         Err(Verdict::Final(reason)) => return Life::Final(reason),
         Err(Verdict::Retry(reason)) => {
@@ -288,8 +301,11 @@ async fn life<P: Peer>(peer: &mut P, options: &SocketOptions, reconnects: u32) -
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = opened;
     let no_data = || format!("no data for {}", secs(options.idle_timeout));
+    // Set once told to stop: the close frame is sent, the far end's is awaited until then.
+    let mut closing: Option<Instant> = None;
     loop {
         let idle_at = last_heard + options.idle_timeout;
+        let close_by = closing.unwrap_or(idle_at);
         tokio::select! {
             // Read first: a frame already waiting must not lose to the idle timer after a slow
             // hand-off to the engine.
@@ -306,6 +322,8 @@ async fn life<P: Peer>(peer: &mut P, options: &SocketOptions, reconnects: u32) -
                         }
                         Step::Stop => return Life::Stopped,
                     },
+                    Some(Ok(Message::Close(_))) | None if closing.is_some() => return Life::Stopped,
+                    Some(Err(_)) if closing.is_some() => return Life::Stopped,
                     Some(Ok(Message::Close(frame))) => {
                         return match peer.hangup(Hangup::Close(frame.as_ref())) {
                             Verdict::Final(reason) => Life::Final(reason),
@@ -323,7 +341,16 @@ async fn life<P: Peer>(peer: &mut P, options: &SocketOptions, reconnects: u32) -
                     }
                 }
             }
-            _ = ping.tick() => {
+            () = stopped(stop), if closing.is_none() => {
+                let by = Instant::now() + CLOSE_GRACE;
+                closing = Some(by);
+                // A half-open socket may never take the close frame: bound the send too.
+                if !matches!(tokio::time::timeout_at(by, socket.close(None)).await, Ok(Ok(()))) {
+                    return Life::Stopped;
+                }
+            }
+            () = tokio::time::sleep_until(close_by), if closing.is_some() => return Life::Stopped,
+            _ = ping.tick(), if closing.is_none() => {
                 // A half-open socket may never finish a send: bound it by the idle timer.
                 match tokio::time::timeout_at(idle_at, socket.send(Message::Ping(Vec::new().into()))).await {
                     Ok(Ok(())) => {}
@@ -331,7 +358,7 @@ async fn life<P: Peer>(peer: &mut P, options: &SocketOptions, reconnects: u32) -
                     Err(_) => return dropped(no_data(), delivered),
                 }
             }
-            () = tokio::time::sleep_until(idle_at) => {
+            () = tokio::time::sleep_until(idle_at), if closing.is_none() => {
                 peer.silent(options.idle_timeout);
                 return dropped(no_data(), delivered);
             }

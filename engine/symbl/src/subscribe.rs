@@ -132,7 +132,7 @@ pub async fn follow(
     stop: watch::Receiver<bool>,
 ) {
     follow_with(
-        FollowOptions::default(),
+        config.keepalive.options(),
         config,
         auth,
         connection_id,
@@ -218,7 +218,7 @@ impl Peer for Subscriber<'_> {
                 Err(match status.as_u16() {
                     401 => {
                         // The token may have been revoked or expired early: a new one next time.
-                        self.auth.invalidate().await;
+                        self.auth.invalidate_token(&token).await;
                         Verdict::Retry(why)
                     }
                     403 | 404 => Verdict::Final(why),

@@ -21,8 +21,9 @@ use prompter_plugin_retrieve::embedder::HashingEmbedder;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use super::faults::{Fault, FaultSwitch, HALF_OPEN_HOLD, HANG, REPLAY};
 use super::script::Script;
-use crate::bench_child::{SYMBL_TOKEN, close_normally};
+use crate::bench_child::{APP_ID, APP_SECRET, close_normally};
 
 /// The Nebula key the child is given (`NEBULA_API_KEY`) and the fake requires.
 pub(super) const NEBULA_KEY: &str = "nebula-key-of-the-bench";
@@ -109,6 +110,11 @@ impl Call {
         let _ = self.stage.subscribe().wait_for(|s| *s >= stage).await;
     }
 
+    /// Whether its recording was sent whole.
+    pub(super) fn done(&self) -> bool {
+        *self.stage.borrow() == Stage::Done
+    }
+
     fn advance(&self, stage: Stage) -> bool {
         self.stage.send_if_modified(|s| {
             let later = stage > *s;
@@ -134,6 +140,7 @@ pub(super) fn call_number(id: &str) -> Option<u32> {
 pub(super) struct SymblSide {
     pub(super) epoch: Instant,
     script: Arc<Script>,
+    pub(super) fault: Arc<FaultSwitch>,
     /// Calls placed and not yet done, by connection id.
     calls: Mutex<HashMap<String, Arc<Call>>>,
     pub(super) counts: SymblCounts,
@@ -156,10 +163,11 @@ pub(super) struct SymblCounts {
 }
 
 impl SymblSide {
-    pub(super) fn new(epoch: Instant, script: Arc<Script>) -> SymblSide {
+    pub(super) fn new(epoch: Instant, script: Arc<Script>, fault: Arc<FaultSwitch>) -> SymblSide {
         SymblSide {
             epoch,
             script,
+            fault,
             calls: Mutex::new(HashMap::new()),
             counts: SymblCounts::default(),
         }
@@ -179,9 +187,27 @@ impl SymblSide {
 /// The fake Symbl's routes.
 pub(super) fn symbl_app(side: Arc<SymblSide>) -> axum::Router {
     axum::Router::new()
-        .route("/oauth2/token:generate", post(crate::bench_child::token))
+        .route("/oauth2/token:generate", post(token))
         .route("/v1/subscribe/{connection_id}", get(subscribe))
         .with_state(side)
+}
+
+/// `POST /oauth2/token:generate`: the token the Subscribe API accepts now, for the bench's
+/// app; 503 while the token storm lasts.
+async fn token(State(s): State<Arc<SymblSide>>, body: axum::body::Bytes) -> Response {
+    if s.fault.active(Fault::TokenStorm) {
+        FaultSwitch::hit(&s.fault.tokens_refused);
+        let message = json!({"message": "Service Unavailable"});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(message)).into_response();
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+    if v["type"] == "application" && v["appId"] == APP_ID && v["appSecret"] == APP_SECRET {
+        FaultSwitch::hit(&s.fault.tokens_issued);
+        axum::Json(json!({"accessToken": s.fault.token(), "expiresIn": 86_400})).into_response()
+    } else {
+        let message = json!({"message": "Combination of appId and appSecret is not valid."});
+        (StatusCode::UNAUTHORIZED, axum::Json(message)).into_response()
+    }
 }
 
 /// `GET /v1/subscribe/{connectionId}` with the token as `?access_token=` or `X-API-KEY`.
@@ -196,7 +222,7 @@ async fn subscribe(
         .get("access_token")
         .map(String::as_str)
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-    if token != Some(SYMBL_TOKEN) {
+    if token != Some(s.fault.token().as_str()) {
         s.counts.refused.fetch_add(1, Ordering::Relaxed);
         let message = json!({"message": "Token validation failed for provided token."});
         return (StatusCode::UNAUTHORIZED, axum::Json(message)).into_response();
@@ -222,11 +248,26 @@ async fn play(s: Arc<SymblSide>, call: Arc<Call>, mut socket: WebSocket) {
     let t0 = *call.opened.get_or_init(tokio::time::Instant::now);
     call.advance(Stage::Live);
     let frames = &s.script.recordings[call.recording].frames;
+    let mut fault = s.fault.sockets.subscribe();
+    fault.mark_unchanged();
     loop {
         let i = call.next.load(Ordering::Relaxed);
         let Some(frame) = frames.get(i) else { break };
         tokio::select! {
             () = tokio::time::sleep_until(t0 + frame.at) => {}
+            Ok(()) = fault.changed() => {
+                // Dropped (or frozen) by the fault: the next socket sends the last frames again.
+                FaultSwitch::hit(&s.fault.sockets_hit);
+                let replay = i.min(REPLAY);
+                call.next.store(i - replay, Ordering::Relaxed);
+                s.fault.frames_replayed.fetch_add(replay as u64, Ordering::Relaxed);
+                counts.dropped.fetch_add(1, Ordering::Relaxed);
+                if s.fault.fault == Some(Fault::HalfOpen) {
+                    // Silent and deaf: no frames, no pongs, until the hold ends.
+                    tokio::time::sleep(HALF_OPEN_HOLD).await;
+                }
+                return;
+            }
             msg = socket.recv() => match msg {
                 // Pings are answered by the socket itself; the engine sends nothing else.
                 Some(Ok(Message::Close(_)) | Err(_)) | None => {
@@ -238,10 +279,15 @@ async fn play(s: Arc<SymblSide>, call: Arc<Call>, mut socket: WebSocket) {
         }
         let text = frame.text_for(&call.id);
         let sent = &call.sent_ns[i];
-        sent.store(ns_since(s.epoch), Ordering::Relaxed);
+        // A frame sent again after a drop keeps its first time.
+        let first = sent
+            .compare_exchange(0, ns_since(s.epoch), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
         if socket.send(Message::Text(text.into())).await.is_err() {
             // Not sent: a socket opened again sends it.
-            sent.store(0, Ordering::Relaxed);
+            if first {
+                sent.store(0, Ordering::Relaxed);
+            }
             counts.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -267,6 +313,10 @@ pub(super) struct NebulaSide {
     /// Requests refused: a wrong key, or a body of the wrong shape.
     pub(super) refused: AtomicU64,
     pub(super) malformed: AtomicU64,
+    pub(super) fault: Arc<FaultSwitch>,
+    /// What the webhook receiver took: each output version's `webhook-id`
+    /// (`<output id>:<version>`), once.
+    pub(super) webhook: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The fake Nebula's routes.
@@ -274,6 +324,7 @@ pub(super) fn nebula_app(side: Arc<NebulaSide>) -> axum::Router {
     axum::Router::new()
         .route("/v1/model/embed", post(embed))
         .route("/v1/model/chat/streaming", post(chat_streaming))
+        .route("/hooks", post(webhook))
         .with_state(side)
 }
 
@@ -313,6 +364,9 @@ async fn embed(
         return bad_request(&s, "`text` is required");
     };
     s.embeds.fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = faulty(&s, Fault::Embed5xx, Fault::EmbedTimeout).await {
+        return r;
+    }
     tokio::time::sleep(EMBED_LATENCY).await;
     let model = req
         .get("model")
@@ -320,6 +374,37 @@ async fn embed(
         .unwrap_or("nebula-text-embedding-large");
     let embedding = HashingEmbedder::new(DIMS).embed(text);
     axum::Json(json!({"model": model, "embedding": embedding})).into_response()
+}
+
+/// The answer a request gets while `error` (503 at once) or `hang` (held for [`HANG`], then
+/// 503) is on; `None` when neither is.
+async fn faulty(s: &NebulaSide, error: Fault, hang: Fault) -> Option<Response> {
+    let held = s.fault.active(hang);
+    if !held && !s.fault.active(error) {
+        return None;
+    }
+    FaultSwitch::hit(&s.fault.requests_hit);
+    if held {
+        tokio::time::sleep(HANG).await;
+    }
+    let message = json!({"message": "Service Unavailable"});
+    Some((StatusCode::SERVICE_UNAVAILABLE, axum::Json(message)).into_response())
+}
+
+/// `POST /hooks`: the webhook sink's receiver. It keeps each output version's `webhook-id`
+/// and answers 204; while the sink stall lasts it holds every request unanswered for
+/// [`HANG`] (the sink times out first), and a request it held is not kept.
+async fn webhook(State(s): State<Arc<NebulaSide>>, headers: HeaderMap) -> Response {
+    if s.fault.active(Fault::SinkStall) {
+        FaultSwitch::hit(&s.fault.requests_hit);
+        tokio::time::sleep(HANG).await;
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let Some(id) = headers.get("webhook-id").and_then(|v| v.to_str().ok()) else {
+        return bad_request(&s, "no `webhook-id`");
+    };
+    lock(&s.webhook).insert(id.to_owned());
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// Counts a streamed answer as cut short unless it was marked whole before it is dropped.
@@ -385,18 +470,30 @@ async fn chat_streaming(
         );
     }
     s.chats.fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = faulty(&s, Fault::Llm5xx, Fault::LlmTimeout).await {
+        return r;
+    }
+    let stall = s.fault.active(Fault::LlmStall);
+    if stall {
+        FaultSwitch::hit(&s.fault.requests_hit);
+    }
     let end = StreamEnd {
         side: s.clone(),
         whole: false,
     };
     // Lazily: each piece is made when the server asks for it, so a slow reader holds the
     // stream back instead of piling pieces up.
-    let pieces = futures_util::stream::unfold((0usize, end), |(i, mut end)| async move {
+    let pieces = futures_util::stream::unfold((0usize, end), move |(i, mut end)| async move {
         let Some(delta) = ANSWER.get(i) else {
             end.complete();
             return None;
         };
-        let pause = if i == 0 { FIRST_DELTA } else { DELTA_EVERY };
+        let pause = match i {
+            0 => FIRST_DELTA,
+            // Stalled after the first words: nothing more until the engine gives up.
+            _ if stall => HANG,
+            _ => DELTA_EVERY,
+        };
         tokio::time::sleep(pause).await;
         let line = format!("data: {}\n\n", json!({"delta": delta}));
         Some((Ok::<_, Infallible>(line), (i + 1, end)))

@@ -79,6 +79,8 @@ pub(super) struct OutputLog {
     pub(super) pipelines: Vec<String>,
     versions: HashSet<(u64, u32)>,
     cards: HashMap<u64, Card>,
+    /// Output ids (hashed) that had a `final` version.
+    finalized: HashSet<u64>,
 }
 
 /// The name a card is compared by (see the module docs).
@@ -130,6 +132,9 @@ impl OutputLog {
                 }
             })
             .or_insert(card);
+        if o.status == Status::Final {
+            self.finalized.insert(id);
+        }
         match o.status {
             Status::Draft => self.drafts += 1,
             Status::Withdrawn => self.withdrawn += 1,
@@ -141,6 +146,24 @@ impl OutputLog {
                 engine_us: o.timings.received_us.saturating_sub(o.timings.waited_us),
             }),
         }
+    }
+
+    /// Outputs whose latest version is still a `draft`: begun and never finished.
+    pub(super) fn unfinished(&self) -> u64 {
+        self.cards
+            .values()
+            .filter(|c| c.status == Status::Draft)
+            .count() as u64
+    }
+
+    /// How many outputs that had a `final` version pass `reached` (given the hashed id).
+    pub(super) fn count_finalized(&self, reached: impl Fn(u64) -> bool) -> usize {
+        self.finalized.iter().filter(|id| reached(**id)).count()
+    }
+
+    /// How many outputs had a `final` version.
+    pub(super) fn finalized(&self) -> usize {
+        self.finalized.len()
     }
 
     /// Per call, the names of its cards whose latest version is `final`.
@@ -200,6 +223,15 @@ mod tests {
         assert_eq!(log.finals[0].engine_us, 300);
         assert_eq!(log.finals[0].read_ns, 20);
         assert_eq!(log.final_cards()[&3].len(), 1);
+        assert_eq!(log.unfinished(), 0);
+        let budget = fnv1a(b"load-000003/rta_live/k-budget");
+        assert_eq!(log.count_finalized(|id| id == budget), 1);
+        assert_eq!(log.finalized(), 1);
+        log.read(
+            &line("load-000003/rta_live/k-other", 1, "draft", tracker),
+            45,
+        );
+        assert_eq!(log.unfinished(), 1);
         assert_eq!(
             log.final_cards_by_pipeline(3),
             vec![("rta_live".to_owned(), 1)]

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
+use prompter_core::output::fnv1a;
 use serde_json::{Value, json};
 
 use super::fakes::{NebulaSide, SymblSide};
@@ -88,11 +89,15 @@ fn latencies(run: &Run, script: &Script) -> (Latencies, Vec<Latencies>, u64) {
     (all, by, unmatched)
 }
 
-/// Final cards expected (from the calibration), ended final, lost and unexpected.
+/// Final cards expected (from the calibration), ended final, lost and unexpected; for an engine
+/// stopped under load, of the calls whose recording it received whole.
 fn cards(run: &Run) -> (u64, u64, u64, u64) {
     let finals = run.outputs.final_cards();
     let (mut expected, mut got, mut lost, mut unexpected) = (0, 0, 0, 0);
     for (number, call) in run.placed.iter().enumerate() {
+        if run.terminated && !call.done() {
+            continue;
+        }
         let want = &run.expected[call.recording];
         let have = u32::try_from(number)
             .ok()
@@ -107,6 +112,66 @@ fn cards(run: &Run) -> (u64, u64, u64, u64) {
     (expected, got, lost, unexpected)
 }
 
+/// What the fault did, what the engine says it did about it, and whether that adds up: for the
+/// sink stall, every output that went final reached the webhook or its dead letters; for
+/// SIGTERM, every output the engine says it printed was read. `Null` and true without a fault.
+fn fault_figures(run: &Run, symbl: &SymblSide, nebula: &NebulaSide) -> (Value, bool) {
+    let Some(fault) = run.fault else {
+        return (Value::Null, true);
+    };
+    let switch = &symbl.fault;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let secs = |ns: u64| ns as f64 / 1e9;
+    let (start, end) = run.fault_ns.unwrap_or_default();
+    let mut engine = serde_json::Map::new();
+    if let Ok(s) = &run.scraped {
+        for (key, value) in &s.outcomes {
+            engine.insert((*key).to_owned(), (*value).into());
+        }
+    }
+    let mut ok = run.fault_ns.is_some();
+    let mut out = json!({"kind": fault.name(), "what": fault.what(),
+        "started_s_into_window": secs(start.saturating_sub(run.window.0)),
+        "lasted_s": secs(end.saturating_sub(start)),
+        "injected": {"sockets_dropped_or_frozen": n(&switch.sockets_hit),
+            "requests_failed_held_or_stalled": n(&switch.requests_hit),
+            "frames_sent_again": n(&switch.frames_replayed),
+            "token_requests_refused": n(&switch.tokens_refused),
+            "tokens_issued": n(&switch.tokens_issued),
+            "subscribes_refused": n(&symbl.counts.refused)},
+        "engine_says": engine});
+    if fault == super::Fault::SinkStall {
+        let delivered = super::faults::delivered_ids(&nebula.webhook);
+        let dead: std::collections::HashSet<u64> = run
+            .dead_letters
+            .iter()
+            .map(|(id, _)| fnv1a(id.as_bytes()))
+            .collect();
+        let taken = run.outputs.finalized();
+        let reached = run
+            .outputs
+            .count_finalized(|id| delivered.contains(&id) || dead.contains(&id));
+        let missing = taken.saturating_sub(reached);
+        ok &= missing == 0;
+        out["sink"] = json!({"outputs_final": taken, "delivered": delivered.len(),
+            "dead_lettered": run.dead_letters.len(), "missing": missing});
+    }
+    if run.terminated {
+        let said = run
+            .stderr
+            .stopped
+            .as_deref()
+            .and_then(super::stopped_counts);
+        let calls_cut = run.placed.iter().filter(|c| !c.done()).count();
+        let printed = said.map(|(_, outputs)| outputs);
+        ok &= printed == Some(run.outputs.lines);
+        out["stopped"] = json!({"line": run.stderr.stopped, "events": said.map(|(e, _)| e),
+            "outputs_printed": printed, "outputs_read": run.outputs.lines,
+            "calls_cut": calls_cut});
+    }
+    (out, ok)
+}
+
 /// The report, as one JSON object, and whether the run passed: no call failed, every event
 /// received, no output lost or duplicated, the engine exited with 0.
 pub(super) fn figures(
@@ -118,7 +183,7 @@ pub(super) fn figures(
     let n = run.calls;
     let log = &run.outputs;
     let (frames_sent, events_expected) = frames_and_events(run, script);
-    let scraped = run.scraped.as_ref().ok().copied();
+    let scraped = run.scraped.as_ref().ok();
     let received = scraped.map(|s| s.events);
     let events_lost = received.map(|r| events_expected.saturating_sub(r));
     let events_extra = received.map(|r| r.saturating_sub(events_expected));
@@ -138,7 +203,11 @@ pub(super) fn figures(
     let engine_cpu = c1.child.saturating_sub(c0.child);
     let thread = |i: usize| share(c1.threads[i].saturating_sub(c0.threads[i]));
     let exit_ok = run.exit.as_ref().is_ok_and(|s| s.code() == Some(0));
+    let (fault, fault_ok) = fault_figures(run, symbl, nebula);
+    let unfinished = log.unfinished();
     let ok = exit_ok
+        && fault_ok
+        && unfinished == 0
         && run.errors.count == 0
         && events_lost == Some(0)
         && events_extra == Some(0)
@@ -156,7 +225,7 @@ pub(super) fn figures(
         .collect();
     // Split in parts: one `json!` this size exceeds the macro recursion limit.
     let setup = json!({"calls": n, "seconds": run.seconds, "speed": script.speed,
-        "frames_per_s_per_call": script.frames_per_second(), "stagger_s": run.stagger.as_secs_f64(),
+        "interim_words": run.interim_words, "frames_per_s_per_call": script.frames_per_second(), "stagger_s": run.stagger.as_secs_f64(),
         "settle_s": SETTLE.as_secs_f64(), "in_flight_max": IN_FLIGHT, "window_s": run.window_s,
         "cores": std::thread::available_parallelism().map_or(1, |c| c.get()),
         "open_files_limit": run.open_files, "clock_ticks_per_s": hz,
@@ -173,6 +242,7 @@ pub(super) fn figures(
     let overload = json!({"waits": scraped.map(|s| s.overload_waits),
         "runs_shed": scraped.map(|s| s.runs_shed)});
     let outputs = json!({"lines": log.lines, "drafts": log.drafts, "finals": log.finals.len(),
+        "unfinished": unfinished,
         "withdrawn": log.withdrawn, "duplicated": log.duplicates, "unreadable": log.unreadable,
         "foreign": log.foreign, "finals_matching_no_frame": unmatched,
         "cards": {"expected": cards_expected, "final": cards_final, "lost": cards_lost,
@@ -209,9 +279,42 @@ pub(super) fn figures(
         "fake_symbl_cpu_pct_of_core": thread(0), "fake_nebula_cpu_pct_of_core": thread(1),
         "output_reader_cpu_pct_of_core": thread(2)});
     let report = json!({"setup": setup, "calls": calls, "events": events, "overload": overload,
-        "outputs": outputs,
+        "outputs": outputs, "fault": fault,
         "latency": latency, "engine": engine, "nebula": nebula, "bench": bench, "ok": ok});
     (report, ok)
+}
+
+/// The fault's lines of the text report (none without a fault).
+fn fault_text(f: &Value) -> Vec<String> {
+    if f.is_null() {
+        return Vec::new();
+    }
+    let pairs = |v: &Value| -> String {
+        v.as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut lines = vec![
+        format!(
+            "fault `{}`: {}; from {:.1} s into the window for {:.1} s",
+            f["kind"].as_str().unwrap_or(""),
+            f["what"].as_str().unwrap_or(""),
+            f["started_s_into_window"].as_f64().unwrap_or(0.0),
+            f["lasted_s"].as_f64().unwrap_or(0.0)
+        ),
+        format!("  injected: {}", pairs(&f["injected"])),
+        format!("  the engine's metrics: {}", pairs(&f["engine_says"])),
+    ];
+    if !f["sink"].is_null() {
+        lines.push(format!("  webhook sink: {}", pairs(&f["sink"])));
+    }
+    if !f["stopped"].is_null() {
+        lines.push(format!("  SIGTERM: {}", pairs(&f["stopped"])));
+    }
+    lines
 }
 
 /// The report as text, one line per figure.
@@ -220,10 +323,11 @@ pub(super) fn text(r: &Value) -> Vec<String> {
     let n = v.u("/setup/calls");
     let mut lines = vec![
         format!(
-            "live bench: {n} call(s) at a time, back to back, over a {:.1} s steady window (from {} s after every slot's first call went live); recordings at {:.2}x real time = {:.2} frames/s per call; first calls spread over {:.0} s",
+            "live bench: {n} call(s) at a time, back to back, over a {:.1} s steady window (from {} s after every slot's first call went live); recordings at {:.2}x real time with an interim caption every {} words (0: none) = {:.2} frames/s per call; first calls spread over {:.0} s",
             v.f("/setup/window_s"),
             v.f("/setup/settle_s"),
             v.f("/setup/speed"),
+            v.u("/setup/interim_words"),
             v.f("/setup/frames_per_s_per_call"),
             v.f("/setup/stagger_s")
         ),
@@ -398,6 +502,11 @@ pub(super) fn text(r: &Value) -> Vec<String> {
     if let Some(e) = r["events"]["metrics_error"].as_str() {
         lines.push(format!("  metrics: {e}"));
     }
+    lines.extend(fault_text(&r["fault"]));
+    lines.push(format!(
+        "outputs begun and never finished (latest version a draft): {}",
+        r["outputs"]["unfinished"]
+    ));
     if r["ok"] != true {
         lines.push(
             "FAILED: see failed calls, lost or unexpected events, lost or duplicated outputs, or the engine's exit above".into(),

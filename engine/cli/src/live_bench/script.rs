@@ -26,8 +26,9 @@ pub(super) const RECORDINGS: [&str; 4] = [
     "pipelines/recordings/globex-renewal-call.jsonl",
     "pipelines/recordings/initech-demo-call.jsonl",
 ];
-/// The pace the default speed gives a call, on average over the recordings.
-pub(super) const FRAMES_PER_SECOND: f64 = 2.0;
+/// Interim captions added every this many words by default (see [`with_interims`]): at real
+/// time a call then sends about 2 frames per second, as the issue of a live call does.
+pub(super) const INTERIM_WORDS: usize = 1;
 /// The id frames are accounted under (any id gives the same counts: every frame of a call
 /// carries the same one).
 const ACCOUNTING_ID: &str = "load-accounting";
@@ -80,26 +81,19 @@ pub(super) fn trigger_key(trigger: &Trigger) -> u64 {
 }
 
 impl Script {
-    /// The bundled recordings at `speed` times real time, or by default at the speed that
-    /// makes a call send [`FRAMES_PER_SECOND`] on average (every recording played once).
+    /// The bundled recordings at `speed` times real time, with an interim caption every
+    /// `interim_words` words (0: only the recordings' own frames).
     ///
     /// # Errors
     /// When a recording is missing from the bundle or has a line that is not a recording line.
-    pub(super) fn load(speed: Option<f64>) -> Result<Script, String> {
+    pub(super) fn load(speed: f64, interim_words: usize) -> Result<Script, String> {
         let mut parsed = Vec::with_capacity(RECORDINGS.len());
         for rel in RECORDINGS {
             let text =
                 crate::bundle::file(rel).ok_or_else(|| format!("`{rel}` is not in the bundle"))?;
-            parsed.push((rel, lines(rel, text)?));
+            parsed.push((rel, lines(rel, text, interim_words)?));
         }
-        let frames: usize = parsed.iter().map(|(_, l)| l.len()).sum();
-        let real_ms: u64 = parsed
-            .iter()
-            .map(|(_, l)| l.last().map_or(0, |(at, _)| *at))
-            .sum();
-        let speed = speed
-            .unwrap_or(FRAMES_PER_SECOND * real_ms as f64 / 1000.0 / frames.max(1) as f64)
-            .max(f64::MIN_POSITIVE);
+        let speed = speed.max(f64::MIN_POSITIVE);
         let recordings = parsed
             .into_iter()
             .map(|(rel, lines)| recording(rel, lines, speed))
@@ -121,9 +115,10 @@ impl Script {
     }
 }
 
-/// A recording's lines: (offset in ms, event text with the [`MARKER`]).
-fn lines(rel: &str, text: &str) -> Result<Vec<(u64, String)>, String> {
-    let mut out = Vec::new();
+/// A recording's lines: (offset in ms, event text with the [`MARKER`]), with an interim
+/// caption added every `interim_words` words of speech (0: none added; see [`with_interims`]).
+fn lines(rel: &str, text: &str, interim_words: usize) -> Result<Vec<(u64, String)>, String> {
+    let mut events = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -138,13 +133,95 @@ fn lines(rel: &str, text: &str) -> Result<Vec<(u64, String)>, String> {
             .ok_or_else(|| bad("no `offset_ms`"))?;
         let mut event = v.get("event").cloned().ok_or_else(|| bad("no `event`"))?;
         replace_strings(&mut event, conversation);
-        let text = event.to_string();
-        if text.matches(MARKER).count() != count_marked(&event) {
+        if event.to_string().matches(MARKER).count() != count_marked(&event) {
             return Err(bad("the frame already contains the bench's marker"));
         }
-        out.push((at, text));
+        events.push((at, event));
     }
-    Ok(out)
+    Ok(with_interims(events, interim_words)
+        .into_iter()
+        .map(|(at, event)| (at, event.to_string()))
+        .collect())
+}
+
+/// The words of a `recognition_result` caption: `payload.raw.alternatives[0].words`.
+fn caption_words(event: &Value) -> Option<&Vec<Value>> {
+    let message = event.get("message")?;
+    if message.get("type")?.as_str()? != "recognition_result" {
+        return None;
+    }
+    message
+        .pointer("/payload/raw/alternatives/0/words")?
+        .as_array()
+}
+
+/// A word's `endTime` (`{"seconds": "1", "nanos": "433000000"}`, strings as Symbl sends
+/// them), in milliseconds.
+fn word_end_ms(word: &Value) -> Option<u64> {
+    let t = word.get("endTime")?;
+    let field = |k: &str| match t.get(k)? {
+        Value::String(s) => s.parse::<u64>().ok(),
+        v => v.as_u64(),
+    };
+    Some(field("seconds")? * 1000 + field("nanos")? / 1_000_000)
+}
+
+/// `caption` cut to its first `k` words: its word list, its raw and its punctuated transcript,
+/// and never final.
+fn cut_caption(caption: &Value, k: usize) -> Value {
+    let mut c = caption.clone();
+    let first_words = |s: &str| s.split_whitespace().take(k).collect::<Vec<_>>().join(" ");
+    if let Some(m) = c.get_mut("message") {
+        m["isFinal"] = Value::Bool(false);
+        if let Some(alt) = m.pointer_mut("/payload/raw/alternatives/0") {
+            if let Some(words) = alt.get_mut("words").and_then(Value::as_array_mut) {
+                words.truncate(k);
+            }
+            if let Some(Value::String(t)) = alt.get_mut("transcript") {
+                *t = first_words(t);
+            }
+        }
+        if let Some(Value::String(t)) = m.pointer_mut("/punctuated/transcript") {
+            *t = first_words(t);
+        }
+    }
+    c
+}
+
+/// Live captions as Symbl sends them while a sentence is spoken: the recordings keep one
+/// interim `recognition_result` every few seconds; this adds, before each, the captions of the
+/// same utterance (same first word) every `every` words since the previous one, each at the
+/// time its last word was heard (as late after it as the recorded caption is after its own),
+/// never before the frame before it. `every == 0` adds nothing.
+fn with_interims(events: Vec<(u64, Value)>, every: usize) -> Vec<(u64, Value)> {
+    if every == 0 {
+        return events;
+    }
+    let mut out: Vec<(u64, Value)> = Vec::with_capacity(events.len() * 3);
+    // The utterance the last caption belonged to (its first word's start) and its words.
+    let mut last: Option<(Value, usize)> = None;
+    for (at, event) in events {
+        if let Some(words) = caption_words(&event) {
+            let start = words.first().and_then(|w| w.get("startTime")).cloned();
+            let from = match (&last, &start) {
+                (Some((s, n)), Some(start)) if s == start => *n,
+                _ => 0,
+            };
+            let lag = words
+                .last()
+                .and_then(word_end_ms)
+                .map(|end| at.saturating_sub(end));
+            let floor = out.last().map_or(0, |(t, _)| *t);
+            for k in (from + every..words.len()).step_by(every) {
+                let heard = lag.and_then(|lag| Some(word_end_ms(&words[k - 1])? + lag));
+                let when = heard.unwrap_or(at).max(floor).min(at);
+                out.push((when, cut_caption(&event, k)));
+            }
+            last = start.map(|s| (s, words.len()));
+        }
+        out.push((at, event));
+    }
+    out
 }
 
 /// Replaces with the [`MARKER`] every `conversationId` string and every string equal to `id`
@@ -211,11 +288,15 @@ mod tests {
 
     #[test]
     fn every_recording_loads_with_its_ids_marked_and_every_frame_accounted_for() {
-        let script = Script::load(None).unwrap();
+        let script = Script::load(1.0, INTERIM_WORDS).unwrap();
         assert_eq!(script.recordings.len(), RECORDINGS.len());
-        assert!((script.frames_per_second() - FRAMES_PER_SECOND).abs() < 1e-6);
+        let pace = script.frames_per_second();
+        assert!((1.8..2.3).contains(&pace), "{pace}");
         let mean = script.mean_length().as_secs_f64();
-        assert!((18.0..20.0).contains(&mean), "{mean}");
+        assert!((58.0..59.0).contains(&mean), "{mean}");
+        let bare = Script::load(1.0, 0).unwrap();
+        assert!((0.6..0.7).contains(&bare.frames_per_second()));
+
         for r in &script.recordings {
             let last = r.frames.last().unwrap();
             // The last frame completes the call and names it.
@@ -228,8 +309,70 @@ mod tests {
     }
 
     #[test]
+    fn interim_captions_grow_word_by_word_between_the_recorded_frames() {
+        let bare = Script::load(1.0, 0).unwrap();
+        let full = Script::load(1.0, INTERIM_WORDS).unwrap();
+        for (b, f) in bare.recordings.iter().zip(&full.recordings) {
+            // Every recorded frame is still sent, at its own time, in order.
+            let kept: Vec<_> = f
+                .frames
+                .iter()
+                .filter(|x| b.frames.iter().any(|y| y.text == x.text))
+                .collect();
+            assert_eq!(kept.len(), b.frames.len(), "{}", b.name);
+            assert!(f.frames.windows(2).all(|w| w[0].at <= w[1].at));
+            assert_eq!(f.length, b.length);
+            let added: Vec<Value> = f
+                .frames
+                .iter()
+                .filter(|x| !b.frames.iter().any(|y| y.text == x.text))
+                .map(|x| serde_json::from_str(&x.text).unwrap())
+                .collect();
+            // Captions are added where the recording has word timings (not billing-dispute's).
+            let timed = b.frames.iter().any(|x| {
+                let v: Value = serde_json::from_str(&x.text).unwrap();
+                caption_words(&v).is_some_and(|w| !w.is_empty())
+            });
+            assert_eq!(!added.is_empty(), timed, "{}", b.name);
+            for a in &added {
+                let words = caption_words(a).unwrap();
+                assert_eq!(a["message"]["isFinal"], false);
+                let shown = a["message"]["punctuated"]["transcript"].as_str().unwrap();
+                assert_eq!(shown.split_whitespace().count(), words.len(), "{shown}");
+            }
+            // Each makes one event the engine counts, with no trigger of a pipeline's.
+            assert!(f.frames.iter().all(|x| x.events == 1));
+        }
+    }
+
+    #[test]
+    fn a_caption_is_cut_to_its_first_words() {
+        let caption = serde_json::json!({"type": "message", "message": {
+            "type": "recognition_result", "isFinal": true,
+            "payload": {"raw": {"alternatives": [{"words": [
+                {"word": "Hi", "endTime": {"seconds": "1", "nanos": "433000000"}},
+                {"word": "Robert", "endTime": {"seconds": "1", "nanos": "666000000"}},
+                {"word": "thanks", "endTime": {"seconds": "1", "nanos": "900000000"}}],
+                "transcript": "hi robert thanks"}]}},
+            "punctuated": {"transcript": "Hi Robert, thanks"}}});
+        let cut = cut_caption(&caption, 2);
+        assert_eq!(cut["message"]["isFinal"], false);
+        assert_eq!(cut["message"]["punctuated"]["transcript"], "Hi Robert,");
+        assert_eq!(caption_words(&cut).unwrap().len(), 2);
+        assert_eq!(
+            word_end_ms(&caption_words(&caption).unwrap()[0]),
+            Some(1433)
+        );
+        let events = vec![(2000, caption.clone())];
+        let with = with_interims(events, 1);
+        // Two captions added, each at its last word's end plus the recorded lag (100 ms).
+        let times: Vec<u64> = with.iter().map(|(t, _)| *t).collect();
+        assert_eq!(times, vec![1533, 1766, 2000]);
+    }
+
+    #[test]
     fn an_output_trigger_matches_its_frame_whatever_the_offset() {
-        let script = Script::load(Some(1.0)).unwrap();
+        let script = Script::load(1.0, 0).unwrap();
         let frame = script.recordings[0]
             .frames
             .iter()
