@@ -820,7 +820,7 @@ impl Injector {
     }
 
     fn terminated(&self) -> bool {
-        self.fault == Fault::Terminate && self.done > 0
+        self.fault == Fault::Terminate && self.done > 1
     }
 
     /// Time until the next step, `elapsed` into the window.
@@ -856,9 +856,11 @@ impl Injector {
         if self.done == 0 {
             let sent = match self.fault {
                 Fault::Pause => self.signal("-STOP"),
+                // No new call from now on; the signal comes when the fault "ends", once the
+                // calls being placed are live.
                 Fault::Terminate => {
                     placer.placing.store(false, Ordering::Relaxed);
-                    self.signal("-TERM")
+                    true
                 }
                 _ => {
                     switch.start();
@@ -866,26 +868,24 @@ impl Injector {
                 }
             };
             if !sent {
-                placer.failed(format!(
-                    "cannot signal the engine for `{}`",
-                    self.fault.name()
-                ));
+                placer.failed(format!("cannot signal the engine for `{}`", self.fault.name()));
             }
             self.span = Some((now, now));
             progress.say(&format!("fault `{}` on", self.fault.name()), placer, engine);
         } else {
-            if self.fault == Fault::Pause && !self.signal("-CONT") {
-                placer.failed("cannot resume the engine (SIGCONT)".into());
+            let sent = match self.fault {
+                Fault::Pause => self.signal("-CONT"),
+                Fault::Terminate => self.signal("-TERM"),
+                _ => true,
+            };
+            if !sent {
+                placer.failed(format!("cannot signal the engine for `{}`", self.fault.name()));
             }
             switch.stop();
             if let Some((start, _)) = self.span {
                 self.span = Some((start, now));
             }
-            progress.say(
-                &format!("fault `{}` off", self.fault.name()),
-                placer,
-                engine,
-            );
+            progress.say(&format!("fault `{}` off", self.fault.name()), placer, engine);
         }
         self.done += 1;
     }

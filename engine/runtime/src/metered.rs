@@ -10,6 +10,8 @@ use prompter_core::async_trait;
 use prompter_core::error::PluginError;
 use prompter_core::meter::{self, Meter};
 use prompter_core::resource::{CachedEmbedder, ChatProvider, ChatReply, ChatRequest, Embedder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::mpsc;
 
 use crate::metrics::{ChatMetrics, EmbedMetrics, Metrics};
@@ -69,13 +71,49 @@ impl ChatProvider for MeteredChat {
             start,
             first: Cell::new(false),
         };
+        let mut ended = Ended::new(start, &self.metrics.duration, &self.metrics.error);
         let result = meter::scope(Box::new(call), self.inner.chat(request, tokens)).await;
-        let m = &self.metrics;
-        let took = start.elapsed();
-        meter::waited(took);
-        m.duration.observe(took.as_secs_f64());
-        if result.is_ok() { &m.ok } else { &m.error }.inc();
+        ended.with(if result.is_ok() { &self.metrics.ok } else { &self.metrics.error });
         result
+    }
+}
+
+/// Records a provider call when it ends: its duration, its result, and the time the stage
+/// waited on it ([`meter::waited`]). A call cut short (a deadline dropped it mid-wait) is
+/// recorded when it is dropped, as an error, so its wait is still taken out of the output's
+/// own time.
+struct Ended<'a> {
+    start: Instant,
+    duration: &'a Histogram,
+    /// The counter to bump: the error one until the call says otherwise.
+    result: &'a Counter,
+}
+
+impl<'a> Ended<'a> {
+    fn new(
+        start: Instant,
+        duration: &'a Histogram,
+        cut: &'a Counter,
+    ) -> Self {
+        Ended {
+            start,
+            duration,
+            result: cut,
+        }
+    }
+
+    /// The call ended, counted under `result`.
+    fn with(&mut self, result: &'a Counter) {
+        self.result = result;
+    }
+}
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        let took = self.start.elapsed();
+        meter::waited(took);
+        self.duration.observe(took.as_secs_f64());
+        self.result.inc();
     }
 }
 
@@ -141,12 +179,9 @@ impl Embedder for MeteredEmbedder {
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PluginError> {
         let start = Instant::now();
         let call = Box::new(EmbedCall(self.metrics.clone()));
+        let mut ended = Ended::new(start, &self.metrics.duration, &self.metrics.error);
         let result = meter::scope(call, self.inner.embed(texts)).await;
-        let m = &self.metrics;
-        let took = start.elapsed();
-        meter::waited(took);
-        m.duration.observe(took.as_secs_f64());
-        if result.is_ok() { &m.ok } else { &m.error }.inc();
+        ended.with(if result.is_ok() { &self.metrics.ok } else { &self.metrics.error });
         result
     }
 }
@@ -218,5 +253,49 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+
+    /// Never answers.
+    struct Stuck;
+
+    #[async_trait]
+    impl ChatProvider for Stuck {
+        fn name(&self) -> &str {
+            "stuck"
+        }
+        async fn chat(
+            &self,
+            _request: &ChatRequest,
+            _tokens: Option<mpsc::Sender<String>>,
+        ) -> Result<ChatReply, PluginError> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_cut_by_a_deadline_still_counts_as_waited_and_failed() {
+        let metrics = Metrics::new();
+        let chat = MeteredChat::wrap(Arc::new(Stuck), &metrics);
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let stage = Arc::new(AtomicU64::new(0));
+        struct Counting(Arc<AtomicU64>);
+        impl prompter_core::meter::StageMeter for Counting {
+            fn fallback(&self) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let ((), waited) = meter::stage_scope(Arc::new(Counting(stage)), async {
+            let cut = tokio::time::timeout(
+                std::time::Duration::from_millis(50),
+                chat.chat(&request(Vec::new()), None),
+            )
+            .await;
+            assert!(cut.is_err());
+        })
+        .await;
+        assert!(waited >= std::time::Duration::from_millis(50), "{waited:?}");
+        let text = metrics.render();
+        let line = r#"prompter_provider_requests_total{provider="stuck",kind="chat",result="error"} 1"#;
+        assert!(text.contains(line), "missing {line} in\n{text}");
     }
 }

@@ -55,8 +55,9 @@ pub enum Fault {
     SinkStall,
     /// The engine is paused (SIGSTOP) for the fault's length, then resumed (SIGCONT).
     Pause,
-    /// The engine is told to stop (SIGTERM) under load: it must close its sockets, handle
-    /// every event it accepted, finish every output it began and exit 0.
+    /// The engine is told to stop (SIGTERM) under load (1 s after the last call was placed):
+    /// it must close its sockets, handle every event it accepted, finish every output it
+    /// began and exit 0.
     Terminate,
 }
 
@@ -64,7 +65,9 @@ impl Fault {
     /// How long the fault lasts once started (a drop or a signal is instantaneous).
     pub(super) fn lasts(self) -> Duration {
         match self {
-            Fault::SubscribeDrop | Fault::HalfOpen | Fault::Terminate => Duration::ZERO,
+            Fault::SubscribeDrop | Fault::HalfOpen => Duration::ZERO,
+            // Calls stop being placed, then SIGTERM once the last ones placed are live.
+            Fault::Terminate => Duration::from_secs(1),
             Fault::TokenStorm => Duration::from_secs(8),
             Fault::Pause => Duration::from_secs(5),
             _ => Duration::from_secs(10),
@@ -109,7 +112,9 @@ impl Fault {
             Fault::EmbedTimeout => "Nebula embeddings holding every request unanswered for 10 s",
             Fault::SinkStall => "the webhook receiver holding every request unanswered for 10 s",
             Fault::Pause => "the engine stopped (SIGSTOP) for 5 s, then continued (SIGCONT)",
-            Fault::Terminate => "the engine told to stop (SIGTERM) in the middle of the load",
+            Fault::Terminate => {
+                "no new call placed, then 1 s later the engine told to stop (SIGTERM) in the middle of the load"
+            }
         }
     }
 
