@@ -868,7 +868,10 @@ impl Injector {
                 }
             };
             if !sent {
-                placer.failed(format!("cannot signal the engine for `{}`", self.fault.name()));
+                placer.failed(format!(
+                    "cannot signal the engine for `{}`",
+                    self.fault.name()
+                ));
             }
             self.span = Some((now, now));
             progress.say(&format!("fault `{}` on", self.fault.name()), placer, engine);
@@ -879,13 +882,20 @@ impl Injector {
                 _ => true,
             };
             if !sent {
-                placer.failed(format!("cannot signal the engine for `{}`", self.fault.name()));
+                placer.failed(format!(
+                    "cannot signal the engine for `{}`",
+                    self.fault.name()
+                ));
             }
             switch.stop();
             if let Some((start, _)) = self.span {
                 self.span = Some((start, now));
             }
-            progress.say(&format!("fault `{}` off", self.fault.name()), placer, engine);
+            progress.say(
+                &format!("fault `{}` off", self.fault.name()),
+                placer,
+                engine,
+            );
         }
         self.done += 1;
     }

@@ -12,10 +12,111 @@
 //! It does not own where events come from (recordings, live sockets): that is the engine's job.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 use serde_json::Value;
+
+mod caption;
+pub use caption::{CaptionFrame, CaptionKey};
+
+/// A frame as received, kept for `event.raw` (templates, plugins): a JSON tree, or for frames
+/// read on a fast path ([`CaptionFrame`]) the text, parsed into a tree the first time
+/// something asks for it.
+#[derive(Debug)]
+pub struct RawFrame {
+    text: Option<Box<str>>,
+    tree: OnceLock<Arc<Value>>,
+}
+
+impl RawFrame {
+    /// A frame already parsed.
+    pub fn tree(tree: Arc<Value>) -> Self {
+        RawFrame {
+            text: None,
+            tree: OnceLock::from(tree),
+        }
+    }
+
+    /// A frame kept as text (valid JSON), parsed when first read.
+    pub fn text(text: &str) -> Self {
+        RawFrame {
+            text: Some(text.into()),
+            tree: OnceLock::new(),
+        }
+    }
+
+    /// The frame as a JSON tree (`null` for text that is not JSON, which the fast paths never
+    /// keep).
+    pub fn value(&self) -> &Value {
+        self.tree.get_or_init(|| {
+            let text = self.text.as_deref().unwrap_or("null");
+            Arc::new(serde_json::from_str(text).unwrap_or(Value::Null))
+        })
+    }
+
+    /// The frame as JSON text: the text it came as, when kept.
+    pub fn json(&self) -> std::borrow::Cow<'_, str> {
+        match &self.text {
+            Some(t) => std::borrow::Cow::Borrowed(t),
+            None => std::borrow::Cow::Owned(self.value().to_string()),
+        }
+    }
+}
+
+/// A frame as a live source hands it to the engine: a caption read on the fast path
+/// ([`CaptionFrame`]), or a JSON tree.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    /// A live caption in the usual shape (boxed: queued frames stay small).
+    Caption(Box<CaptionFrame>),
+    /// Any other frame.
+    Tree(Value),
+}
+
+impl Received {
+    /// `text` as a frame: a caption on the fast path when it is one, else its JSON tree.
+    ///
+    /// # Errors
+    /// When `text` is not JSON.
+    pub fn parse(text: &str) -> Result<Received, serde_json::Error> {
+        match CaptionFrame::parse(text) {
+            Some(c) => Ok(Received::Caption(Box::new(c))),
+            None => serde_json::from_str(text).map(Received::Tree),
+        }
+    }
+
+    /// The frame as a JSON tree (a caption's is built on this first call).
+    pub fn value(&self) -> &Value {
+        match self {
+            Received::Caption(c) => c.raw().value(),
+            Received::Tree(v) => v,
+        }
+    }
+
+    /// Its events in conversation `conversation` at `offset_ms`, as [`parse_frame`] gives them.
+    ///
+    /// # Errors
+    /// As [`parse_frame`].
+    pub fn into_events(self, conversation: &str, offset_ms: u64) -> Result<Vec<Event>, ParseError> {
+        match self {
+            Received::Caption(c) => Ok(vec![(*c).into_event(Arc::from(conversation), offset_ms)]),
+            Received::Tree(v) => parse_frame(conversation, offset_ms, v),
+        }
+    }
+}
+
+impl PartialEq for RawFrame {
+    fn eq(&self, other: &Self) -> bool {
+        self.value() == other.value()
+    }
+}
+
+impl Serialize for RawFrame {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.value().serialize(s)
+    }
+}
 
 /// The kind of a Symbl event, as named in pipeline `on:` lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -308,7 +409,7 @@ pub struct Event {
     /// The typed content.
     pub detail: Detail,
     /// The whole frame as received; split events share it.
-    pub raw: Arc<Value>,
+    pub raw: Arc<RawFrame>,
     /// When the engine received the frame (pipeline deadlines count from it).
     #[serde(skip)]
     pub received: std::time::Instant,
@@ -454,7 +555,8 @@ pub fn parse_shared_frame(
     raw: Arc<Value>,
 ) -> Result<Vec<Event>, ParseError> {
     let received = std::time::Instant::now();
-    let obj = raw.as_object().ok_or(ParseError::NotAnObject)?;
+    let raw = Arc::new(RawFrame::tree(raw));
+    let obj = raw.value().as_object().ok_or(ParseError::NotAnObject)?;
     let ty = obj
         .get("type")
         .and_then(Value::as_str)
@@ -528,7 +630,7 @@ pub fn parse_shared_frame(
                 items.push((EventKind::EntityResponse, Detail::Entity(e.clone())));
             }
         }
-        "error" => items.push((EventKind::Error, error_detail(&raw))),
+        "error" => items.push((EventKind::Error, error_detail(raw.value()))),
         other => return Err(ParseError::UnknownType(other.to_owned())),
     }
     Ok(items

@@ -188,7 +188,7 @@ impl Object for EventObject {
             ("kind", _) => Value::from(e.kind.as_str()),
             ("conversation_id", _) => Value::from(e.conversation_id.as_ref()),
             ("offset_ms", _) => Value::from(e.offset_ms),
-            ("raw", _) => Value::from_serialize(e.raw.as_ref()),
+            ("raw", _) => Value::from_serialize(e.raw.value()),
             ("tracker", Detail::Tracker(t)) => Value::from_serialize(t),
             ("message", Detail::Message(m)) => Value::from_serialize(m),
             ("insight", Detail::Insight(i)) => Value::from_serialize(i),

@@ -6,12 +6,12 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use prompter_core::async_trait;
 use prompter_core::error::PluginError;
 use prompter_core::meter::{self, Meter};
 use prompter_core::resource::{CachedEmbedder, ChatProvider, ChatReply, ChatRequest, Embedder};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::mpsc;
 
 use crate::metrics::{ChatMetrics, EmbedMetrics, Metrics};
@@ -73,7 +73,11 @@ impl ChatProvider for MeteredChat {
         };
         let mut ended = Ended::new(start, &self.metrics.duration, &self.metrics.error);
         let result = meter::scope(Box::new(call), self.inner.chat(request, tokens)).await;
-        ended.with(if result.is_ok() { &self.metrics.ok } else { &self.metrics.error });
+        ended.with(if result.is_ok() {
+            &self.metrics.ok
+        } else {
+            &self.metrics.error
+        });
         result
     }
 }
@@ -90,11 +94,7 @@ struct Ended<'a> {
 }
 
 impl<'a> Ended<'a> {
-    fn new(
-        start: Instant,
-        duration: &'a Histogram,
-        cut: &'a Counter,
-    ) -> Self {
+    fn new(start: Instant, duration: &'a Histogram, cut: &'a Counter) -> Self {
         Ended {
             start,
             duration,
@@ -181,7 +181,11 @@ impl Embedder for MeteredEmbedder {
         let call = Box::new(EmbedCall(self.metrics.clone()));
         let mut ended = Ended::new(start, &self.metrics.duration, &self.metrics.error);
         let result = meter::scope(call, self.inner.embed(texts)).await;
-        ended.with(if result.is_ok() { &self.metrics.ok } else { &self.metrics.error });
+        ended.with(if result.is_ok() {
+            &self.metrics.ok
+        } else {
+            &self.metrics.error
+        });
         result
     }
 }
@@ -295,7 +299,8 @@ mod tests {
         .await;
         assert!(waited >= std::time::Duration::from_millis(50), "{waited:?}");
         let text = metrics.render();
-        let line = r#"prompter_provider_requests_total{provider="stuck",kind="chat",result="error"} 1"#;
+        let line =
+            r#"prompter_provider_requests_total{provider="stuck",kind="chat",result="error"} 1"#;
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
 }

@@ -13,6 +13,7 @@
 
 use std::io::{self, Write};
 
+use prompter_core::event::{CaptionKey, Received};
 use serde_json::Value;
 
 /// The identity of a Subscribe/Streaming frame: equal for two deliveries of the same frame,
@@ -25,12 +26,16 @@ use serde_json::Value;
 /// - `tracker_response`: each tracker's `name`/`id` with its matches (`type`, `value`,
 ///   `messageRefs[].id`, `insightRefs[].id`), and `isFinal` (an interim result and the final
 ///   one are different frames).
-/// - `message` frames with a `sequenceNumber` (on the frame or on `message`): `message.type`
-///   and that number; for `recognition_result` also `isFinal`, the transcript and the speaker,
-///   since interim captions of one utterance may share a number.
+/// - `message` / `recognition_result` (live captions): the sequence number (on the frame or on
+///   `message`) when there is one, `isFinal`, the transcript, the speaker, and the start of
+///   its first word and the end of its last (interim captions of one utterance may share a
+///   number; the same words said twice are said at different times). The per-word timings in
+///   between are not part of it: reading them was most of the cost of a caption.
+/// - Other `message` frames with a `sequenceNumber` (on the frame or on `message`):
+///   `message.type` and that number.
 /// - Anything else (including a frame of the above kinds missing one of its ids, legacy
-///   insights without ids, `recognition_result` captions without a sequence number, errors):
-///   the hash of its canonical JSON, so only spacing and key order are ignored.
+///   insights without ids, errors): the hash of its canonical JSON, so only spacing and key
+///   order are ignored.
 ///
 /// Lists of ids are compared as sets (their order does not matter).
 ///
@@ -49,6 +54,28 @@ use serde_json::Value;
 /// ```
 pub fn frame_identity(frame: &Value) -> u64 {
     identified(frame).unwrap_or_else(|| canonical_hash(frame))
+}
+
+/// [`frame_identity`] of a frame as a source received it: a caption read on the fast path
+/// gets the same identity its JSON tree would.
+pub fn received_identity(frame: &Received) -> u64 {
+    match frame {
+        Received::Caption(c) => caption_identity(&c.key),
+        Received::Tree(v) => frame_identity(v),
+    }
+}
+
+/// A live caption's identity: its sequence number (when an identifier), finality, transcript,
+/// speaker and the times of its first and last words.
+fn caption_identity(key: &CaptionKey) -> u64 {
+    let mut k = Key::new("caption");
+    k.part_opt(key.sequence.as_ref().filter(|v| is_id(v)))
+        .part_opt(key.is_final.as_ref())
+        .part_opt(key.transcript.as_ref())
+        .part_opt(key.user.as_ref())
+        .part_opt(key.span.0.as_ref())
+        .part_opt(key.span.1.as_ref());
+    k.finish()
 }
 
 /// `value` as canonical JSON: object keys sorted (by their UTF-8 bytes), no whitespace,
@@ -106,6 +133,9 @@ fn write_canonical<W: Write>(w: &mut W, value: &Value) -> io::Result<()> {
 
 /// The key from the identifying fields, or `None` when the frame has none (or lacks some).
 fn identified(frame: &Value) -> Option<u64> {
+    if let Some(key) = CaptionKey::of_tree(frame) {
+        return Some(caption_identity(&key));
+    }
     match frame.get("type")?.as_str()? {
         kind @ ("message_response" | "insight_response") => {
             let list = if kind == "message_response" {

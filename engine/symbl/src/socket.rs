@@ -93,7 +93,13 @@ pub(crate) enum OpenError {
 
 /// Opens a socket, giving up after `timeout`.
 pub(crate) async fn open(request: Request, timeout: Duration) -> Result<Ws, OpenError> {
-    let connect = tokio_tungstenite::connect_async_with_config(request, Some(config()), true);
+    // Boxed: the handshake's state (about 11 KiB) lives only while it runs, instead of inside
+    // every followed connection's task for the whole call.
+    let connect = Box::pin(tokio_tungstenite::connect_async_with_config(
+        request,
+        Some(config()),
+        true,
+    ));
     match tokio::time::timeout(timeout, connect).await {
         Ok(Ok((socket, _response))) => Ok(socket),
         Ok(Err(e)) => Err(OpenError::Connect(e)),

@@ -25,8 +25,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::auth::{AuthError, SymblAuth};
 use crate::config::SymblConfig;
-use crate::identity::frame_identity;
+use crate::identity::received_identity;
 use crate::socket::{self, Budget, End, Hangup, OpenError, Peer, Step, Verdict, Ws};
+use prompter_core::event::Received;
 
 /// Frame identities remembered per connection to drop redeliveries (8 bytes each, twice).
 pub const DEDUP_WINDOW: usize = 2048;
@@ -43,8 +44,8 @@ pub enum Update {
     Frame {
         /// The connection it came from.
         connection_id: Arc<str>,
-        /// The frame.
-        frame: serde_json::Value,
+        /// The frame: a caption read on the fast path, or a JSON tree.
+        frame: Received,
     },
     /// The socket is (re)connected; `attempt` is 0 for the first connection.
     Connected {
@@ -197,7 +198,8 @@ struct Subscriber<'a> {
 
 impl Peer for Subscriber<'_> {
     async fn connect(&mut self, handshake_timeout: Duration) -> Result<Ws, Verdict> {
-        let token = match self.auth.token().await {
+        // Boxed, as the handshake: a token fetch's state is not kept for the whole call.
+        let token = match Box::pin(self.auth.token()).await {
             Ok(t) => t,
             Err(e @ (AuthError::Rejected { .. } | AuthError::MissingCredential { .. })) => {
                 return Err(Verdict::Final(e.to_string()));
@@ -241,18 +243,18 @@ impl Peer for Subscriber<'_> {
     }
 
     async fn text(&mut self, text: &str) -> Step {
-        let frame: serde_json::Value = match serde_json::from_str(text) {
-            Ok(v) => v,
+        let frame = match Received::parse(text) {
+            Ok(f) => f,
             Err(e) => {
                 tracing::warn!(connection = %self.connection_id, error = %e, "Skipped a subscribe frame that is not JSON.");
                 return Step::Skipped;
             }
         };
-        if !self.seen.first_time(frame_identity(&frame)) {
+        if !self.seen.first_time(received_identity(&frame)) {
             tracing::debug!(connection = %self.connection_id, "Dropped a redelivered frame.");
             return Step::Skipped;
         }
-        let completed = is_completed(&frame);
+        let completed = matches!(&frame, Received::Tree(v) if is_completed(v));
         let update = Update::Frame {
             connection_id: self.connection_id.clone(),
             frame,

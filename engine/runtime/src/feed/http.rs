@@ -1120,7 +1120,7 @@ fn feedback_event(record: &FeedbackRecord, card: &prompter_core::output::Output)
         offset_ms: card.trigger.offset_ms,
         kind: EventKind::Feedback,
         detail: Detail::Feedback(record.feedback.clone()),
-        raw: Arc::new(raw),
+        raw: Arc::new(prompter_core::event::RawFrame::tree(Arc::new(raw))),
         received: std::time::Instant::now(),
     }
 }

@@ -381,7 +381,7 @@ async fn forward(
         match update {
             Update::Frame { frame, .. } => {
                 let offset = started.elapsed().as_millis() as u64;
-                match parse_frame(&connection_id, offset, frame) {
+                match frame.into_events(&connection_id, offset) {
                     Ok(events) => {
                         for e in events {
                             if e.kind == prompter_core::event::EventKind::ConversationCompleted {

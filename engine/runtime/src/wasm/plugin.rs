@@ -758,7 +758,7 @@ pub fn wit_event(e: &Event) -> types::Event {
         conversation_id: e.conversation_id.to_string(),
         offset_ms: e.offset_ms,
         detail,
-        raw_json: e.raw.to_string(),
+        raw_json: e.raw.json().into_owned(),
     }
 }
 

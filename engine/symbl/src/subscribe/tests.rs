@@ -148,7 +148,7 @@ mod against_the_fake {
                     frame,
                 } => {
                     assert_eq!(&*connection_id, ID);
-                    frame
+                    frame.value().clone()
                 }
                 other => panic!("expected a Frame, got {other:?}"),
             }
@@ -316,7 +316,7 @@ mod against_the_fake {
                     }
                     Update::Dropped { .. } => drops += 1,
                     Update::Ended { reason, .. } => break reason,
-                    Update::Frame { frame, .. } => panic!("unexpected frame {frame}"),
+                    Update::Frame { frame, .. } => panic!("unexpected frame {}", frame.value()),
                 }
             }
         })
@@ -446,4 +446,23 @@ mod against_the_fake {
         h.stop.send(true).unwrap();
         assert_eq!(h.ended().await.0, EndReason::Stopped);
     }
+}
+
+/// Every followed call holds one follower task for its whole length: its state must stay
+/// small (the handshake and a token fetch are boxed, alive only while they run; inline they
+/// made it 16 KiB per call).
+#[test]
+fn a_followed_connection_costs_a_few_kib_of_task_state() {
+    let config = SymblConfig::default();
+    let credentials = crate::auth::Credentials::from_lookup(&config, |_| Some("x".into())).unwrap();
+    let auth = Arc::new(SymblAuth::new(&config, credentials).unwrap());
+    let (tx, _rx) = mpsc::channel(1);
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let follower = follow(&config, auth, Arc::from("x"), tx, stop_rx);
+    assert!(
+        size_of_val(&follower) < 8 * 1024,
+        "{}",
+        size_of_val(&follower)
+    );
+    assert!(size_of::<Update>() <= 64, "{}", size_of::<Update>());
 }
