@@ -387,6 +387,25 @@ fn write_config(
     for rel in PIPELINES.iter().chain([&KNOWLEDGE]) {
         crate::bundle::write(dir, rel).map_err(|e| format!("cannot write `{rel}`: {e}"))?;
     }
+    if fault.is_some_and(Fault::uncached_queries) {
+        // Tracker names repeat, so the embedding cache would answer nearly every query and the
+        // embedder's failure would not be felt: each call's queries are made new to it.
+        let rta = dir.join(PIPELINES[0]);
+        let text = std::fs::read_to_string(&rta)
+            .map_err(|e| format!("cannot read {}: {e}", rta.display()))?;
+        let patched = text.replace(
+            "query: \"{{ event.tracker.name }}\"",
+            "query: \"{{ event.tracker.name }} {{ event.conversation_id }}\"",
+        );
+        if patched == text {
+            return Err(format!(
+                "{}: no retrieval query to make uncached",
+                rta.display()
+            ));
+        }
+        std::fs::write(&rta, patched)
+            .map_err(|e| format!("cannot write {}: {e}", rta.display()))?;
+    }
     let index = dir.join("index").join("sales-nebula.json");
     std::fs::create_dir_all(dir.join("index"))
         .map_err(|e| format!("cannot make the index folder: {e}"))?;

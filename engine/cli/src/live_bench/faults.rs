@@ -108,8 +108,12 @@ impl Fault {
             Fault::LlmStall => {
                 "Nebula chat streaming the first words of each answer, then stalling, for 10 s"
             }
-            Fault::Embed5xx => "Nebula embeddings answering 503 for 10 s",
-            Fault::EmbedTimeout => "Nebula embeddings holding every request unanswered for 10 s",
+            Fault::Embed5xx => {
+                "Nebula embeddings answering 503 for 10 s (retrieval queries made new to the embedding cache: tracker name and call id)"
+            }
+            Fault::EmbedTimeout => {
+                "Nebula embeddings holding every request unanswered for 10 s (retrieval queries made new to the embedding cache)"
+            }
             Fault::SinkStall => "the webhook receiver holding every request unanswered for 10 s",
             Fault::Pause => "the engine stopped (SIGSTOP) for 5 s, then continued (SIGCONT)",
             Fault::Terminate => {
@@ -122,6 +126,12 @@ impl Fault {
     /// within the window).
     pub(super) fn fast_keepalive(self) -> bool {
         self == Fault::HalfOpen
+    }
+
+    /// Whether each call's retrieval queries are made new to the embedding cache (else the
+    /// tracker names, which repeat, would be answered from it and the embedder never asked).
+    pub(super) fn uncached_queries(self) -> bool {
+        matches!(self, Fault::Embed5xx | Fault::EmbedTimeout)
     }
 
     /// Whether the engine's config gets the webhook sink.
