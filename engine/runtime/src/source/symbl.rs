@@ -20,6 +20,7 @@ use std::time::Instant;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use futures_util::FutureExt;
 use prompter_core::event::parse_frame;
 use prompter_symbl::subscribe::{self, EndReason, Update};
 use prompter_symbl::updates::{self, ConnectionChange};
@@ -230,22 +231,36 @@ impl Running {
         );
         (self.notices)(&format!("following connection {id}"));
         // The follower feeds its own forwarder: a conversation whose queue is full holds back
-        // only its own socket, never the others or the control loop.
+        // only its own socket, never the others or the control loop. Both run in one task (a
+        // frame wakes no other task on its way to the conversation's queue); a follower that
+        // panics ends its forwarder, which reports the connection lost.
         let (tx, rx) = mpsc::channel::<Update>(256);
-        tokio::spawn({
+        let follower = {
             let symbl = self.config.clone();
             let auth = self.auth.clone();
             let id = id.clone();
-            async move { subscribe::follow(&symbl, auth, id, tx, stop_rx).await }
-        });
-        self.forwarders.spawn(forward(
+            async move {
+                let follow = subscribe::follow(&symbl, auth, id, tx, stop_rx);
+                if std::panic::AssertUnwindSafe(follow)
+                    .catch_unwind()
+                    .await
+                    .is_err()
+                {
+                    tracing::error!("A subscription task panicked.");
+                }
+            }
+        };
+        let forwarder = forward(
             id,
             rx,
             self.engine.clone(),
             self.life_tx.clone(),
             started,
             completed,
-        ));
+        );
+        self.forwarders.spawn(async move {
+            tokio::join!(follower, forwarder);
+        });
         Reply::Accepted
     }
 
