@@ -70,6 +70,25 @@ pub fn waited(d: Duration) {
     let _ = STAGE.try_with(|s| s.waited_ns.set(s.waited_ns.get().saturating_add(ns)));
 }
 
+/// A wait on a provider that is reported to the current stage ([`waited`]) when it ends,
+/// however it ends: dropped by a deadline or a budget mid-wait included. For a call that runs
+/// outside the stage's task (spawned), where the provider's own report cannot reach the stage.
+#[must_use = "the wait is reported when this is dropped"]
+pub struct Waiting(std::time::Instant);
+
+impl Waiting {
+    /// A wait starting now.
+    pub fn start() -> Self {
+        Waiting(std::time::Instant::now())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        waited(self.0.elapsed());
+    }
+}
+
 /// Runs `f` with `meter` receiving what happens inside it.
 pub async fn scope<F: Future>(meter: Box<dyn Meter>, f: F) -> F::Output {
     METER.scope(meter, f).await

@@ -422,11 +422,15 @@ impl KnowledgeStore for EmbeddedStore {
             return Ok(self.rank(&q, k));
         }
         // Spawned, so a caller that stops waiting (a retrieval budget) does not cancel the
-        // call: its vector still lands in the embedder's cache for the next time.
+        // call: its vector still lands in the embedder's cache for the next time. The wait is
+        // reported to the stage from here (the spawned task is outside the stage's scope),
+        // also when the budget ends it.
         let embedder = self.embedder.clone();
         let texts = vec![query.to_owned()];
-        let q = tokio::spawn(async move { embedder.embed(&texts).await })
-            .await
+        let waiting = prompter_core::meter::Waiting::start();
+        let embedded = tokio::spawn(async move { embedder.embed(&texts).await }).await;
+        drop(waiting);
+        let q = embedded
             .map_err(|e| PluginError::internal("the embedding task failed").with_source(e))??
             .pop()
             .unwrap_or_default();

@@ -199,6 +199,8 @@ struct Remote {
     calls: AtomicU64,
     texts: AtomicU64,
     fail_after: Option<u64>,
+    /// Milliseconds each call takes.
+    delay_ms: AtomicU64,
 }
 
 impl Remote {
@@ -208,6 +210,7 @@ impl Remote {
             calls: AtomicU64::new(0),
             texts: AtomicU64::new(0),
             fail_after,
+            delay_ms: AtomicU64::new(0),
         })
     }
 }
@@ -227,6 +230,10 @@ impl Embedder for Remote {
         2
     }
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PluginError> {
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         let before = self.texts.fetch_add(texts.len() as u64, Ordering::SeqCst);
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self
@@ -434,4 +441,45 @@ async fn a_store_without_source_or_index_says_to_ingest_and_append_keeps_old_row
     .await
     .unwrap();
     assert_eq!((r.documents, r.removed), (1, 1));
+}
+
+/// The stage meter of a test: nothing to count but the wait.
+struct NoMeter;
+
+impl prompter_core::meter::StageMeter for NoMeter {
+    fn fallback(&self) {}
+}
+
+#[tokio::test]
+async fn a_query_embedding_cut_by_the_budget_still_counts_as_the_stage_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("kb.csv"), KB).unwrap();
+    let cfg = config("kb.csv");
+    let remote = Remote::new(None);
+    let csv = dir.path().join("kb.csv");
+    ingest(
+        "sales",
+        &cfg,
+        dir.path(),
+        remote.clone(),
+        &csv,
+        sequential(),
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    let store = EmbeddedStore::open("sales", cfg, dir.path(), remote.clone()).unwrap();
+    remote.delay_ms.store(400, Ordering::SeqCst);
+    let budget = std::time::Duration::from_millis(100);
+    let (found, waited) = prompter_core::meter::stage_scope(
+        Arc::new(NoMeter),
+        store.search_within("Timing: a fresh query", 1, Some(budget)),
+    )
+    .await;
+    let (docs, degraded) = found.unwrap();
+    assert_eq!(docs.len(), 1);
+    assert!(degraded.is_some(), "ranked by words after the budget");
+    // The embedding ran in its own task; the stage still waited for it, up to the budget.
+    assert!(waited >= budget, "{waited:?}");
+    assert!(waited < std::time::Duration::from_millis(400), "{waited:?}");
 }
