@@ -424,6 +424,7 @@ fn write_config(
       url: http://{nebula}/hooks
       secret_env: {WEBHOOK_SECRET_ENV}
       timeout_ms: 2000
+      rate_per_sec: 1000
       retry_schedule_ms: [1000, 2000, 4000]
     take: {{ statuses: [final] }}
     dead_letter: {dead}

@@ -5,7 +5,9 @@
 //! So a slow or failing sink never holds back a conversation or another sink. A queue that
 //! coalesces keeps only the latest version of each output id waiting (a card updated ten times
 //! while a webhook is slow is sent once, at its latest version); when it is full it drops the
-//! oldest waiting draft first, then the oldest output, and counts what it dropped. A lossless
+//! oldest waiting draft first, then the oldest output, and counts what it dropped: a dropped
+//! final version or withdrawal is handed back to the sink ([`Sink::abandon`]: a notifier sink
+//! dead-letters it), so no final card vanishes because a target was slow. A lossless
 //! queue (stdout, files) keeps every version in order and makes the producer wait instead.
 //!
 //! It does not own what a sink does with an output (each sink does), nor stamping versions
@@ -87,8 +89,9 @@ pub trait Sink: Send + 'static {
         None
     }
 
-    /// Takes an output that will not be delivered because the engine is stopping and the
-    /// drain deadline passed: a sink that keeps dead letters records it there. Default: logged.
+    /// Takes an output that will not be delivered (the engine is stopping and the drain
+    /// deadline passed, or the sink's queue was full): a sink that keeps dead letters records
+    /// it there. Default: logged.
     async fn abandon(&mut self, output: Arc<Output>, reason: &str) {
         tracing::error!(sink = %self.name(), output = %output.id, version = output.version, reason, "An output was not delivered.");
     }
@@ -213,8 +216,22 @@ struct Waiting {
     order: VecDeque<Arc<Output>>,
     /// Coalescing queues: id → position-independent latest version waiting.
     latest: HashMap<String, Arc<Output>>,
+    /// Final versions and withdrawals dropped from a full queue, to hand back to the sink
+    /// (at most the queue's capacity; beyond that they are only counted).
+    evicted: VecDeque<Arc<Output>>,
     closed: bool,
 }
+
+/// What a sink's task takes from its queue next.
+enum Popped {
+    /// An output to deliver.
+    Deliver(Arc<Output>),
+    /// A final version or withdrawal dropped because the queue was full.
+    Dropped(Arc<Output>),
+}
+
+/// Why an output was handed back to its sink from a full queue.
+pub const QUEUE_FULL: &str = "the sink's queue was full (the target could not keep up)";
 
 /// The bounded queue in front of one sink.
 pub struct SinkQueue {
@@ -303,10 +320,13 @@ impl SinkQueue {
                 })
                 .unwrap_or(0);
             if let Some(gone) = w.order.remove(victim) {
-                w.latest.remove(&gone.id);
+                let gone = w.latest.remove(&gone.id).unwrap_or(gone);
                 let n = self.dropped.fetch_add(1, Ordering::Relaxed);
                 if n.is_power_of_two() {
-                    tracing::error!(sink = %self.name, dropped = n + 1, "A sink's queue is full; outputs were dropped.");
+                    tracing::error!(sink = %self.name, dropped = n + 1, "A sink's queue is full; outputs were dropped (final versions are handed back to it).");
+                }
+                if gone.status != Status::Draft && w.evicted.len() < self.policy.capacity {
+                    w.evicted.push_back(gone);
                 }
             }
         }
@@ -315,11 +335,14 @@ impl SinkQueue {
     }
 
     /// The next output to deliver; `None` once closed and empty.
-    async fn pop(&self) -> Option<Arc<Output>> {
+    async fn pop(&self) -> Option<Popped> {
         loop {
             let ready = self.ready.notified();
             {
                 let mut w = self.lock();
+                if let Some(o) = w.evicted.pop_front() {
+                    return Some(Popped::Dropped(o));
+                }
                 if let Some(o) = w.order.pop_front() {
                     let o = if self.policy.coalesce {
                         w.latest.remove(&o.id).unwrap_or(o)
@@ -328,7 +351,7 @@ impl SinkQueue {
                     };
                     drop(w);
                     self.space.notify_one();
-                    return Some(o);
+                    return Some(Popped::Deliver(o));
                 }
                 if w.closed {
                     return None;
@@ -383,7 +406,14 @@ impl Outlets {
             }
             let mut deadline = give_up.subscribe();
             tasks.spawn(async move {
-                while let Some(o) = q.pop().await {
+                while let Some(popped) = q.pop().await {
+                    let o = match popped {
+                        Popped::Deliver(o) => o,
+                        Popped::Dropped(o) => {
+                            sink.abandon(o, QUEUE_FULL).await;
+                            continue;
+                        }
+                    };
                     tokio::select! {
                         r = sink.deliver(o.clone()) => {
                             if let Err(e) = r {
@@ -396,6 +426,7 @@ impl Outlets {
                             // back to the sink to record, not dropped silently.
                             sink.abandon(o, DRAIN_DEADLINE_PASSED).await;
                             while let Some(rest) = q.pop().await {
+                                let (Popped::Deliver(rest) | Popped::Dropped(rest)) = rest;
                                 sink.abandon(rest, DRAIN_DEADLINE_PASSED).await;
                             }
                             break;
@@ -573,12 +604,18 @@ mod tests {
         q.push(out("draft", 1, Status::Draft)).await;
         q.push(out("new", 1, Status::Final)).await;
         assert_eq!(q.dropped.load(Ordering::Relaxed), 1);
+        // Only finals waiting: the oldest is dropped, and handed back to the sink first.
+        q.push(out("newer", 1, Status::Final)).await;
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 2);
         q.close();
-        let mut ids = Vec::new();
-        while let Some(o) = q.pop().await {
-            ids.push(o.id.clone());
+        let mut popped = Vec::new();
+        while let Some(p) = q.pop().await {
+            popped.push(match p {
+                Popped::Deliver(o) => format!("deliver {}", o.id),
+                Popped::Dropped(o) => format!("dropped {}", o.id),
+            });
         }
-        assert_eq!(ids, ["final", "new"]);
+        assert_eq!(popped, ["dropped final", "deliver new", "deliver newer"]);
     }
 
     /// A sink whose target never answers; records what it had to abandon.

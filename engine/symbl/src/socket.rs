@@ -308,10 +308,15 @@ async fn life<P: Peer>(
     let mut last_heard = opened;
     let no_data = || format!("no data for {}", secs(options.idle_timeout));
     // Set once told to stop: the close frame is sent, the far end's is awaited until then.
-    let mut closing: Option<Instant> = None;
+    let mut closing = false;
+    // One timer and one stop signal for the socket's whole life, not one per frame: a frame
+    // only moves `last_heard`, and the timer, when it fires early, is set again from it. When
+    // closing, the same timer bounds the wait for the far end's close.
+    let timer = tokio::time::sleep_until(last_heard + options.idle_timeout);
+    tokio::pin!(timer);
+    let stop_signal = stopped(stop);
+    tokio::pin!(stop_signal);
     loop {
-        let idle_at = last_heard + options.idle_timeout;
-        let close_by = closing.unwrap_or(idle_at);
         tokio::select! {
             // Read first: a frame already waiting must not lose to the idle timer after a slow
             // hand-off to the engine.
@@ -328,8 +333,8 @@ async fn life<P: Peer>(
                         }
                         Step::Stop => return Life::Stopped,
                     },
-                    Some(Ok(Message::Close(_))) | None if closing.is_some() => return Life::Stopped,
-                    Some(Err(_)) if closing.is_some() => return Life::Stopped,
+                    Some(Ok(Message::Close(_))) | None if closing => return Life::Stopped,
+                    Some(Err(_)) if closing => return Life::Stopped,
                     Some(Ok(Message::Close(frame))) => {
                         return match peer.hangup(Hangup::Close(frame.as_ref())) {
                             Verdict::Final(reason) => Life::Final(reason),
@@ -347,24 +352,34 @@ async fn life<P: Peer>(
                     }
                 }
             }
-            () = stopped(stop), if closing.is_none() => {
+            () = &mut stop_signal, if !closing => {
                 let by = Instant::now() + CLOSE_GRACE;
-                closing = Some(by);
+                closing = true;
+                timer.as_mut().reset(by);
                 // A half-open socket may never take the close frame: bound the send too.
                 if !matches!(tokio::time::timeout_at(by, socket.close(None)).await, Ok(Ok(()))) {
                     return Life::Stopped;
                 }
             }
-            () = tokio::time::sleep_until(close_by), if closing.is_some() => return Life::Stopped,
-            _ = ping.tick(), if closing.is_none() => {
+            _ = ping.tick(), if !closing => {
                 // A half-open socket may never finish a send: bound it by the idle timer.
+                let idle_at = last_heard + options.idle_timeout;
                 match tokio::time::timeout_at(idle_at, socket.send(Message::Ping(Vec::new().into()))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return dropped(format!("ping failed: {e}"), delivered),
                     Err(_) => return dropped(no_data(), delivered),
                 }
             }
-            () = tokio::time::sleep_until(idle_at), if closing.is_none() => {
+            () = &mut timer => {
+                if closing {
+                    return Life::Stopped;
+                }
+                let idle_at = last_heard + options.idle_timeout;
+                if idle_at > Instant::now() {
+                    // Something arrived since the timer was set: wait from then.
+                    timer.as_mut().reset(idle_at);
+                    continue;
+                }
                 peer.silent(options.idle_timeout);
                 return dropped(no_data(), delivered);
             }

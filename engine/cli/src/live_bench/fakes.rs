@@ -250,12 +250,23 @@ async fn play(s: Arc<SymblSide>, call: Arc<Call>, mut socket: WebSocket) {
     let frames = &s.script.recordings[call.recording].frames;
     let mut fault = s.fault.sockets.subscribe();
     fault.mark_unchanged();
+    // One timer and one fault signal for the socket's life (a frame resets the timer), not
+    // one of each registered per frame.
+    // Fused: a completed signal (it cannot fail while the bench holds the switch) is never
+    // polled again.
+    let faulted = futures_util::FutureExt::fuse(fault.changed());
+    tokio::pin!(faulted);
+    let timer = tokio::time::sleep_until(t0);
+    tokio::pin!(timer);
     loop {
         let i = call.next.load(Ordering::Relaxed);
         let Some(frame) = frames.get(i) else { break };
+        if timer.deadline() != t0 + frame.at {
+            timer.as_mut().reset(t0 + frame.at);
+        }
         tokio::select! {
-            () = tokio::time::sleep_until(t0 + frame.at) => {}
-            Ok(()) = fault.changed() => {
+            () = &mut timer => {}
+            Ok(()) = &mut faulted => {
                 // Dropped (or frozen) by the fault: the next socket sends the last frames again.
                 FaultSwitch::hit(&s.fault.sockets_hit);
                 let replay = i.min(REPLAY);
