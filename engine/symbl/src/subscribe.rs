@@ -83,7 +83,7 @@ pub enum EndReason {
     GaveUp(String),
 }
 
-/// The identities ([`frame_identity`]) of the last [`DEDUP_WINDOW`] frames seen, to drop a
+/// The identities ([`frame_identity`](crate::identity::frame_identity)) of the last [`DEDUP_WINDOW`] frames seen, to drop a
 /// frame delivered twice (after a reconnect, or by two sockets of one conversation).
 #[derive(Debug)]
 pub struct Seen {

@@ -29,7 +29,7 @@ pub(super) const HANG: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Fault {
     /// Every open Subscribe socket is dropped at once (no close frame); the fake sends the
-    /// last [`REPLAY`] frames of each call again on its next socket.
+    /// last 2 frames of each call again on its next socket.
     SubscribeDrop,
     /// Every open Subscribe socket goes silent and deaf (no frames, no pongs) but stays open:
     /// the engine must notice (the bench's config pings every second and drops a socket
