@@ -464,5 +464,7 @@ fn a_followed_connection_costs_a_few_kib_of_task_state() {
         "{}",
         size_of_val(&follower)
     );
-    assert!(size_of::<Update>() <= 64, "{}", size_of::<Update>());
+    // A queued frame stays small (a caption is boxed): 56 bytes, 88 when serde_json keeps key
+    // order (bson turns that on in the whole workspace's build).
+    assert!(size_of::<Update>() <= 96, "{}", size_of::<Update>());
 }
