@@ -42,13 +42,27 @@ const BACKLOG: u32 = 4096;
 /// Symbl's token endpoint (`POST /oauth2/token:generate`): a token for the bench's app, 401
 /// with Symbl's message for anything else.
 pub(crate) async fn token(body: axum::body::Bytes) -> Response {
-    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+    token_answer(&body, || SYMBL_TOKEN.to_owned())
+}
+
+/// The token endpoint's answer to `body`: `issue()`'s token for the bench's app, 401 with
+/// Symbl's message for anything else (nothing is issued then).
+pub(crate) fn token_answer(body: &[u8], issue: impl FnOnce() -> String) -> Response {
+    let v: Value = serde_json::from_slice(body).unwrap_or_default();
     if v["type"] == "application" && v["appId"] == APP_ID && v["appSecret"] == APP_SECRET {
-        axum::Json(json!({"accessToken": SYMBL_TOKEN, "expiresIn": 86_400})).into_response()
+        axum::Json(json!({"accessToken": issue(), "expiresIn": 86_400})).into_response()
     } else {
         let message = json!({"message": "Combination of appId and appSecret is not valid."});
         (StatusCode::UNAUTHORIZED, axum::Json(message)).into_response()
     }
+}
+
+/// Sends `signal` (`-STOP`, `-TERM`, ...) to process `pid` with `kill`; whether it was sent.
+pub(crate) fn signal(pid: u32, signal: &str) -> bool {
+    Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// This program (the child is this same binary).
@@ -252,10 +266,7 @@ impl Engine {
     /// SIGTERM, then waits for the exit and for the last of its output to be read; the exit
     /// status, or why there is none.
     pub(crate) async fn terminate(&mut self) -> Result<ExitStatus, String> {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-        if !sent.is_ok_and(|s| s.success()) {
+        if !signal(self.pid, "-TERM") {
             let _ = self.child.kill();
         }
         let deadline = Instant::now() + EXIT_WAIT;

@@ -853,13 +853,6 @@ impl Injector {
         Some(at.saturating_sub(elapsed))
     }
 
-    fn signal(&self, signal: &str) -> bool {
-        std::process::Command::new("kill")
-            .args([signal, &self.pid.to_string()])
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
     fn step(
         &mut self,
         elapsed: Duration,
@@ -873,9 +866,11 @@ impl Injector {
             return;
         }
         let now = ns_since(epoch);
-        if self.done == 0 {
+        let signal = |sig| crate::bench_child::signal(self.pid, sig);
+        let (sent, what) = if self.done == 0 {
+            self.span = Some((now, now));
             let sent = match self.fault {
-                Fault::Pause => self.signal("-STOP"),
+                Fault::Pause => signal("-STOP"),
                 // No new call from now on; the signal comes when the fault "ends", once the
                 // calls being placed are live.
                 Fault::Terminate => {
@@ -887,36 +882,27 @@ impl Injector {
                     true
                 }
             };
-            if !sent {
-                placer.failed(format!(
-                    "cannot signal the engine for `{}`",
-                    self.fault.name()
-                ));
-            }
-            self.span = Some((now, now));
-            progress.say(&format!("fault `{}` on", self.fault.name()), placer, engine);
+            (sent, "on")
         } else {
-            let sent = match self.fault {
-                Fault::Pause => self.signal("-CONT"),
-                Fault::Terminate => self.signal("-TERM"),
-                _ => true,
-            };
-            if !sent {
-                placer.failed(format!(
-                    "cannot signal the engine for `{}`",
-                    self.fault.name()
-                ));
-            }
-            switch.stop();
             if let Some((start, _)) = self.span {
                 self.span = Some((start, now));
             }
-            progress.say(
-                &format!("fault `{}` off", self.fault.name()),
-                placer,
-                engine,
-            );
+            switch.stop();
+            let sent = match self.fault {
+                Fault::Pause => signal("-CONT"),
+                Fault::Terminate => signal("-TERM"),
+                _ => true,
+            };
+            (sent, "off")
+        };
+        if !sent {
+            placer.failed(format!(
+                "cannot signal the engine for `{}`",
+                self.fault.name()
+            ));
         }
+        let name = self.fault.name();
+        progress.say(&format!("fault `{name}` {what}"), placer, engine);
         self.done += 1;
     }
 }

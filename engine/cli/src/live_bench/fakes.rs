@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use super::faults::{Fault, FaultSwitch, HALF_OPEN_HOLD, HANG, REPLAY};
 use super::script::Script;
-use crate::bench_child::{APP_ID, APP_SECRET, close_normally};
+use crate::bench_child::close_normally;
 
 /// The Nebula key the child is given (`NEBULA_API_KEY`) and the fake requires.
 pub(super) const NEBULA_KEY: &str = "nebula-key-of-the-bench";
@@ -200,14 +200,10 @@ async fn token(State(s): State<Arc<SymblSide>>, body: axum::body::Bytes) -> Resp
         let message = json!({"message": "Service Unavailable"});
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(message)).into_response();
     }
-    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-    if v["type"] == "application" && v["appId"] == APP_ID && v["appSecret"] == APP_SECRET {
+    crate::bench_child::token_answer(&body, || {
         FaultSwitch::hit(&s.fault.tokens_issued);
-        axum::Json(json!({"accessToken": s.fault.token(), "expiresIn": 86_400})).into_response()
-    } else {
-        let message = json!({"message": "Combination of appId and appSecret is not valid."});
-        (StatusCode::UNAUTHORIZED, axum::Json(message)).into_response()
-    }
+        s.fault.token()
+    })
 }
 
 /// `GET /v1/subscribe/{connectionId}` with the token as `?access_token=` or `X-API-KEY`.
