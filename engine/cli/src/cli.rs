@@ -183,6 +183,11 @@ enum Command {
         #[command(subcommand)]
         command: TrackersCommand,
     },
+    /// Scale-out on NATS JetStream: publish recordings to the cluster, show its state.
+    Cluster {
+        #[command(subcommand)]
+        command: crate::cluster_cli::ClusterCommand,
+    },
     /// Fill knowledge stores.
     Kb {
         #[command(subcommand)]
@@ -395,6 +400,24 @@ pub fn main(
         Command::Trackers {
             command: TrackersCommand::Sync { config, dry_run },
         } => runtime.block_on(trackers_sync(&registry, config, dry_run, &out, &err)),
+        Command::Cluster { command } => match command {
+            crate::cluster_cli::ClusterCommand::Publish(args) => {
+                runtime.block_on(crate::cluster_cli::publish(&registry, args, &err))
+            }
+            crate::cluster_cli::ClusterCommand::Status { config } => {
+                runtime.block_on(crate::cluster_cli::status(&registry, config, &out, &err))
+            }
+            crate::cluster_cli::ClusterCommand::Outputs {
+                config,
+                conversation,
+            } => runtime.block_on(crate::cluster_cli::outputs(
+                &registry,
+                config,
+                conversation,
+                &out,
+                &err,
+            )),
+        },
         Command::Kb {
             command: KbCommand::Ingest(args),
         } => runtime.block_on(crate::kb::ingest(&registry, args, &out, &err)),

@@ -403,7 +403,7 @@ fn count(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -853,7 +853,7 @@ pub async fn run(registry: &Registry, args: FeedBenchArgs, out: &Stream, err: &S
                 } else {
                     format!(
                         " ({}; client i reads call i mod {m}), all connected before the replay (in {connect_secs:.1} s)",
-                        if n as u64 % m == 0 {
+                        if (n as u64).is_multiple_of(m) {
                             format!("{} per call", n as u64 / m)
                         } else if (n as u64) < m {
                             format!("one on each of the first {n} calls")

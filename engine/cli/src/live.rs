@@ -48,6 +48,11 @@ pub struct RunArgs {
     /// second). SIGHUP and `POST /admin/reload` reload it too.
     #[arg(long)]
     pub watch: bool,
+    /// This process's part when the config has a `cluster:` section: `ingest` (live sources to
+    /// the events stream), `engine` (pipelines on the partitions it owns), `sinks` (console,
+    /// notifiers and stdout fed from the outputs stream). Default: everything, no cluster.
+    #[arg(long, value_enum, default_value_t = crate::cluster_cli::Role::Standalone)]
+    pub role: crate::cluster_cli::Role,
 }
 
 /// Runs `prompter run`; returns the exit code.
@@ -56,8 +61,28 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from("prompter.yaml"));
+    use crate::cluster_cli::Role;
+    match args.role {
+        Role::Engine => {
+            return crate::cluster_cli::run_engine(registry, config, args.listen.clone(), err)
+                .await;
+        }
+        Role::Sinks => {
+            return crate::cluster_cli::run_sinks(registry, config, args.listen.clone(), out, err)
+                .await;
+        }
+        Role::Standalone | Role::Ingest => {}
+    }
     let Some(loaded) = crate::cli::load_for_run(registry, &config, err) else {
         return 1;
+    };
+    let ingest = if args.role == Role::Ingest {
+        let Some(i) = crate::cluster_cli::ingest(&loaded, err).await else {
+            return 1;
+        };
+        Some(i)
+    } else {
+        None
     };
     let mut symbl = loaded.settings.symbl.clone().unwrap_or_default();
     // `twilio.public_url: ${TWILIO_PUBLIC_URL:-}` left empty means "no bridge".
@@ -127,6 +152,9 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
     sinks.push(tap.sink());
     let mut engine = Engine::new(loaded.pipelines, loaded.settings, sinks, stats.clone())
         .with_observer(Arc::new(tap.clone()));
+    if let Some(i) = &ingest {
+        engine = engine.with_forwarder(i.clone());
+    }
     if let Some(feed) = &feed {
         engine = engine.with_observer(feed.observer());
     }
@@ -278,6 +306,9 @@ pub async fn run(registry: &Registry, args: RunArgs, out: &Stream, err: &Stream)
         ),
     );
     crate::cli::report_notifiers(&notifiers, err);
+    if let Some(i) = &ingest {
+        crate::cluster_cli::report_ingest(i, err);
+    }
     if let Some(b) = &bridge_source {
         let s = b.stats();
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);

@@ -267,12 +267,11 @@ pub fn new(name: &str, parent: &Path, sdk: &Path, out: &Stream, err: &Stream) ->
         (dir.join(".gitignore"), "/target\n".to_owned()),
     ];
     for (path, text) in &files {
-        if let Some(p) = path.parent() {
-            if let Err(e) = std::fs::create_dir_all(p) {
+        if let Some(p) = path.parent()
+            && let Err(e) = std::fs::create_dir_all(p) {
                 say(err, &format!("error: cannot create `{}`: {e}", p.display()));
                 return 1;
             }
-        }
         if let Err(e) = std::fs::write(path, text) {
             say(
                 err,

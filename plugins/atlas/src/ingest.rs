@@ -228,8 +228,8 @@ impl AtlasStore {
         mut stale: Vec<Document>,
     ) -> Result<(), AtlasError> {
         let op = "writing documents";
-        if !fresh.is_empty() {
-            if let Err(e) = coll.insert_many(&fresh).ordered(false).await {
+        if !fresh.is_empty()
+            && let Err(e) = coll.insert_many(&fresh).ordered(false).await {
                 let duplicates = match e.kind.as_ref() {
                     MongoErrorKind::InsertMany(m) if m.write_concern_error.is_none() => m
                         .write_errors
@@ -249,7 +249,6 @@ impl AtlasStore {
                         .map(|(_, d)| d),
                 );
             }
-        }
         for d in stale {
             let id = d.get("_id").cloned().unwrap_or(Bson::Null);
             coll.replace_one(doc! { "_id": id }, &d)

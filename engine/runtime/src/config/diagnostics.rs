@@ -85,8 +85,8 @@ impl Diagnostics {
         let mut out = String::new();
         for d in self.items() {
             let _ = writeln!(out, "{d}");
-            if let (Some(pos), Some(text)) = (d.pos, self.sources.get(&d.file)) {
-                if let Some(line) = text.lines().nth(pos.line.saturating_sub(1)) {
+            if let (Some(pos), Some(text)) = (d.pos, self.sources.get(&d.file))
+                && let Some(line) = text.lines().nth(pos.line.saturating_sub(1)) {
                     let num = pos.line.to_string();
                     let pad = " ".repeat(num.len());
                     let col = pos.col.max(1);
@@ -105,7 +105,6 @@ impl Diagnostics {
                         "^".repeat(token_len)
                     );
                 }
-            }
             if let Some(help) = &d.help {
                 let width = d.pos.map(|p| p.line.to_string().len()).unwrap_or(1);
                 let _ = writeln!(out, "{} = help: {help}", " ".repeat(width));

@@ -29,6 +29,7 @@ pub const ENGINE_KEYS: &[&str] = &[
     "feed",
     "sinks",
     "twilio",
+    "cluster",
     "engine",
 ];
 
@@ -186,6 +187,18 @@ pub(super) fn engine_config(
             diags.error_node(file, at, format!("`twilio.{}`: {problem}", path.join(".")));
         }
         settings.twilio = Some(cfg);
+    }
+    if let Some(node) = map.get_node("cluster")
+        && let Some(cfg) = typed_config::<super::cluster::ClusterConfig>(file, node, diags)
+    {
+        for (key, problem) in cfg.problems() {
+            let at = node
+                .as_mapping()
+                .and_then(|m| m.get_node(key))
+                .unwrap_or(node);
+            diags.error_node(file, at, format!("`cluster.{key}`: {problem}"));
+        }
+        settings.cluster = Some(cfg);
     }
     // Agent actions deliver through declared sinks.
     if let (Some(feed), Some(node)) = (&settings.feed, map.get_node("feed")) {

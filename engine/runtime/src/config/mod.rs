@@ -29,6 +29,7 @@
 //!
 //! [`Diagnostic`]: prompter_core::diagnostic::Diagnostic
 
+pub mod cluster;
 pub mod diagnostics;
 mod engine_file;
 mod pipeline_file;
@@ -74,6 +75,8 @@ pub struct Settings {
     pub sinks: Vec<sinks::SinkDecl>,
     /// The `twilio:` section: Twilio's voice webhooks, when given.
     pub twilio: Option<crate::twilio::TwilioConfig>,
+    /// The `cluster:` section: scale-out on NATS JetStream, when given.
+    pub cluster: Option<cluster::ClusterConfig>,
     /// What the engine does when pipeline runs pile up (`engine.overload`).
     pub overload: Overload,
     /// Where the loaded providers, embedders and Wasm stages count their calls: the engine's
@@ -94,6 +97,7 @@ impl Default for Settings {
             feed: None,
             sinks: Vec::new(),
             twilio: None,
+            cluster: None,
             overload: Overload::default(),
             metrics: std::sync::Arc::default(),
         }

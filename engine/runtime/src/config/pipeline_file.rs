@@ -61,15 +61,14 @@ pub(super) fn pipeline(
     let name = required(file, map, "pipeline", "a pipeline", diags)
         .and_then(|n| expect_scalar(file, n, "`pipeline`", diags))
         .map(|s| s.as_str().to_owned());
-    if let (Some(n), Some(node)) = (&name, map.get_node("pipeline")) {
-        if !valid_id(n) {
+    if let (Some(n), Some(node)) = (&name, map.get_node("pipeline"))
+        && !valid_id(n) {
             diags.error_node(
                 file,
                 node,
                 format!("pipeline name `{n}` must use only a-z, 0-9, `_` and `-`"),
             );
         }
-    }
     let description = map
         .get_node("description")
         .and_then(|n| expect_scalar(file, n, "`description`", diags))
@@ -181,8 +180,8 @@ pub(super) fn pipeline(
     };
     let key = run_template("key");
     let supersede = run_template("supersede");
-    if supersede.is_some() && concurrency != Concurrency::LatestWins {
-        if let Some(n) = map.get_node("supersede") {
+    if supersede.is_some() && concurrency != Concurrency::LatestWins
+        && let Some(n) = map.get_node("supersede") {
             diags
                 .error_node(
                     file,
@@ -193,7 +192,6 @@ pub(super) fn pipeline(
                     "add `concurrency: latest_wins`, or remove `supersede`".into(),
                 ));
         }
-    }
 
     // Named sinks this pipeline's outputs go to, each one the engine config declares.
     let mut sinks = Vec::new();

@@ -107,8 +107,8 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
         ),
     };
     let mut limits = Limits::default();
-    if let Some(lnode) = stage.get_node("limits") {
-        if let Some(lmap) = expect_map(file, lnode, "`limits`", diags) {
+    if let Some(lnode) = stage.get_node("limits")
+        && let Some(lmap) = expect_map(file, lnode, "`limits`", diags) {
             check_keys(file, lmap, LIMIT_KEYS, "`limits`", diags);
             if let Some(v) = opt_u64(file, lmap, "max_memory_mb", diags) {
                 if v == 0 || v > 512 {
@@ -135,7 +135,6 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
                 limits.transcript_lines = usize::try_from(v).unwrap_or(usize::MAX);
             }
         }
-    }
     let config_json = config
         .map(node_to_json)
         .unwrap_or_else(|| serde_json::json!({}))
@@ -301,11 +300,10 @@ pub fn node_to_json(node: &Node) -> serde_json::Value {
             if let Ok(i) = text.parse::<i64>() {
                 return Value::from(i);
             }
-            if let Ok(f) = text.parse::<f64>() {
-                if f.is_finite() {
+            if let Ok(f) = text.parse::<f64>()
+                && f.is_finite() {
                     return Value::from(f);
                 }
-            }
             Value::String(text.to_owned())
         }
         Node::Sequence(seq) => Value::Array(seq.iter().map(node_to_json).collect()),

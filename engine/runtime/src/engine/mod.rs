@@ -52,6 +52,32 @@ pub trait Observer: Send + Sync + 'static {
     }
 }
 
+/// Takes events instead of the engine's own conversation tasks: an ingest process hands every
+/// event its sources accept to a durable log (the NATS cluster's events stream) and runs no
+/// pipeline itself. [`Engine::dispatch_from`] waits until the forwarder has taken the event.
+#[prompter_core::async_trait]
+pub trait Forward: Send + Sync + 'static {
+    /// Takes `event` from `source`; returns once it is stored (or given up on, and said so).
+    async fn forward(&self, source: &'static str, event: Event);
+}
+
+/// Hears when a conversation has settled: every event dispatched with a mark up to `mark` is
+/// folded, every run those events started has finished, and every output they delivered has
+/// been handed to the sinks' queues. Called on the conversation's task: it must be quick.
+/// The cluster source acknowledges its inputs and snapshots conversations from here.
+pub trait Settled: Send + Sync + 'static {
+    /// `conversation` settled at `mark` (the last mark dispatched to it), having delivered
+    /// `outputs` outputs so far (its book's sequence). `snapshot` builds its whole state (it
+    /// costs a copy of the transcript: call it only when a snapshot is due).
+    fn settled(
+        &self,
+        conversation: &str,
+        mark: u64,
+        outputs: u64,
+        snapshot: &dyn Fn() -> ConversationSnapshot,
+    );
+}
+
 /// A conversation's whole state: what was folded and what the engine keeps for it. Taken with
 /// no run in flight, so restoring it and feeding the rest of the call gives exactly the outputs
 /// of an uninterrupted run.
@@ -83,8 +109,12 @@ pub enum EngineError {
     reason = "events are the traffic; boxing each would cost an allocation per event for the rare snapshot"
 )]
 enum Msg {
-    Event(Event),
+    /// An event, with its source's mark (0: none).
+    Event(Event, u64),
     Snapshot(oneshot::Sender<ConversationSnapshot>),
+    /// End the conversation here and forget it (another process owns it now); answered once
+    /// its runs have finished.
+    Evict(oneshot::Sender<()>),
 }
 
 /// The engine. Shared by reference (`&self` everywhere): several sources may dispatch at once,
@@ -104,6 +134,10 @@ pub struct Engine {
     observers: Arc<Vec<Arc<dyn Observer>>>,
     /// One permit per pipeline run in flight, across conversations (`engine.overload`).
     slots: Arc<Slots>,
+    /// Where events go instead of conversation tasks (an ingest process).
+    forward: Option<Arc<dyn Forward>>,
+    /// Who hears that conversations settled (the cluster source).
+    settled: Option<Arc<dyn Settled>>,
 }
 
 /// The engine's run slots and what to do when they run out.
@@ -217,7 +251,25 @@ impl Engine {
             released: Arc::default(),
             observers: Arc::default(),
             slots,
+            forward: None,
+            settled: None,
         }
+    }
+
+    /// Hands every dispatched event to `forward` instead of running pipelines on it (an ingest
+    /// process of a cluster).
+    #[must_use]
+    pub fn with_forwarder(mut self, forward: Arc<dyn Forward>) -> Self {
+        self.forward = Some(forward);
+        self
+    }
+
+    /// Tells `settled` whenever a conversation settles after marked events (see
+    /// [`Engine::dispatch_marked`]).
+    #[must_use]
+    pub fn with_settled(mut self, settled: Arc<dyn Settled>) -> Self {
+        self.settled = Some(settled);
+        self
     }
 
     /// Adds an observer of folded events (before the first event is dispatched).
@@ -283,8 +335,25 @@ impl Engine {
     pub async fn dispatch_from(&self, source: &'static str, event: Event) {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         self.stats.metrics.event(source, event.kind.as_str());
+        if let Some(f) = &self.forward {
+            f.forward(source, event).await;
+            return;
+        }
+        self.enqueue(event, 0).await;
+    }
+
+    /// [`Engine::dispatch_from`] with a mark (a position in the source, such as a stream
+    /// sequence; increasing per conversation, never 0): the [`Settled`] hook hears the last
+    /// mark a conversation has wholly handled. Never forwarded.
+    pub async fn dispatch_marked(&self, source: &'static str, event: Event, mark: u64) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        self.stats.metrics.event(source, event.kind.as_str());
+        self.enqueue(event, mark).await;
+    }
+
+    async fn enqueue(&self, event: Event, mark: u64) {
         let id = event.conversation_id.clone();
-        let mut msg = Msg::Event(event);
+        let mut msg = Msg::Event(event, mark);
         loop {
             let Some(tx) = self.sender(&id, None) else {
                 tracing::error!(conversation = %id, "An event arrived after the engine finished; it is not handled.");
@@ -321,6 +390,22 @@ impl Engine {
             .map_err(|_| EngineError::UnknownConversation(id.to_owned()))?;
         rx.await
             .map_err(|_| EngineError::UnknownConversation(id.to_owned()))
+    }
+
+    /// Ends live conversation `id` in this engine without keeping anything of it (its runs
+    /// finish and deliver first): another process owns it now, and whoever handles it here
+    /// next starts from a [`Engine::restore`]. Returns false when it was not live.
+    pub async fn evict(&self, id: &str) -> bool {
+        let tx = lock(&self.conversations).remove(id);
+        take_released(&self.released, id);
+        let Some(tx) = tx.filter(|tx| !tx.is_closed()) else {
+            return false;
+        };
+        let (reply, rx) = oneshot::channel();
+        if tx.send(Msg::Evict(reply)).await.is_err() {
+            return false;
+        }
+        rx.await.is_ok()
     }
 
     /// Makes `snapshot`'s conversation live in this engine, to be continued by its next events.
@@ -405,6 +490,10 @@ impl Engine {
             released: self.released.clone(),
             observers: self.observers.clone(),
             slots: self.slots.clone(),
+            settled: self.settled.clone(),
+            mark: 0,
+            reported: (0, 0),
+            evicted: false,
         };
         tasks.spawn(task.run(rx));
         Some(tx)
@@ -579,9 +668,40 @@ struct Conversation {
     released: Arc<Mutex<ReleasedBooks>>,
     observers: Arc<Vec<Arc<dyn Observer>>>,
     slots: Arc<Slots>,
+    settled: Option<Arc<dyn Settled>>,
+    /// The last mark dispatched to this conversation.
+    mark: u64,
+    /// The (mark, outputs) last reported as settled.
+    reported: (u64, u64),
+    /// Ended by [`Engine::evict`]: nothing of it is kept.
+    evicted: bool,
 }
 
 impl Conversation {
+    /// Tells the [`Settled`] hook, if any, when no run is in flight and something new was
+    /// handled since the last report.
+    fn report_settled(&mut self) {
+        let Some(hook) = &self.settled else {
+            return;
+        };
+        if self.mark == 0 || !self.runs.is_empty() {
+            return;
+        }
+        let outputs = lock(&self.shared.book).seq;
+        if self.reported == (self.mark, outputs) {
+            return;
+        }
+        self.reported = (self.mark, outputs);
+        let state = &self.state;
+        let book = &self.shared.book;
+        hook.settled(&self.state.id, self.mark, outputs, &|| {
+            ConversationSnapshot {
+                state: state.clone(),
+                book: lock(book).clone(),
+            }
+        });
+    }
+
     /// Takes a new pipeline set, if a reload sent one: at an event boundary, so every event
     /// runs wholly on one set.
     fn switch(&mut self) {
@@ -631,7 +751,10 @@ impl Conversation {
     /// Folds `event` in and starts the runs it triggers; true when the conversation completed.
     /// The event is folded first, whatever the load: only its runs wait for a slot (or are
     /// shed).
-    async fn handle(&mut self, event: Event) -> bool {
+    async fn handle(&mut self, event: Event, mark: u64) -> bool {
+        if mark != 0 {
+            self.mark = mark;
+        }
         self.switch();
         let t0 = Instant::now();
         self.state.apply(&event);
@@ -661,6 +784,7 @@ impl Conversation {
             }
         }
         self.stats.sample(t0.elapsed().as_nanos() as u64);
+        self.report_settled();
         completed
     }
 
@@ -740,15 +864,35 @@ impl Conversation {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut evicted = None;
         loop {
-            match tokio::time::timeout(self.idle, rx.recv()).await {
-                Ok(Some(Msg::Event(event))) => {
-                    if self.handle(event).await {
+            let msg = if self.settled.is_some() && !self.runs.is_empty() {
+                // A cluster source waits to hear when the runs in flight have finished.
+                tokio::select! {
+                    m = tokio::time::timeout(self.idle, rx.recv()) => m,
+                    Some(r) = self.runs.join_next() => {
+                        if let Err(e) = r {
+                            tracing::error!(error = %e, "A pipeline run panicked.");
+                        }
+                        self.report_settled();
+                        continue;
+                    }
+                }
+            } else {
+                tokio::time::timeout(self.idle, rx.recv()).await
+            };
+            match msg {
+                Ok(Some(Msg::Event(event, mark))) => {
+                    if self.handle(event, mark).await {
                         debug!(conversation = %self.state.id, "Conversation completed; releasing its state.");
                         break;
                     }
                 }
                 Ok(Some(Msg::Snapshot(reply))) => self.snapshot(reply).await,
+                Ok(Some(Msg::Evict(reply))) => {
+                    evicted = Some(reply);
+                    break;
+                }
                 Ok(None) => break,
                 // Idle: runs still in flight are waited for below, before the release.
                 Err(_) => {
@@ -762,19 +906,22 @@ impl Conversation {
         rx.close();
         while let Some(msg) = rx.recv().await {
             match msg {
-                Msg::Event(event) => {
-                    self.handle(event).await;
+                Msg::Event(event, mark) => {
+                    self.handle(event, mark).await;
                 }
                 Msg::Snapshot(reply) => self.snapshot(reply).await,
+                Msg::Evict(reply) => evicted = Some(reply),
             }
         }
         self.settle_runs().await;
+        self.report_settled();
+        self.evicted = evicted.is_some();
         self.stats
             .conversations_released
             .fetch_add(1, Ordering::Relaxed);
         let id: Arc<str> = Arc::from(self.state.id.as_str());
         let book = std::mem::take(&mut *lock(&self.shared.book));
-        {
+        if !self.evicted {
             let mut r = lock(&self.released);
             if r.order.len() >= RELEASED_BOOKS
                 && let Some(oldest) = r.order.pop_front()
@@ -793,6 +940,9 @@ impl Conversation {
             o.released(&self.state.id);
         }
         self.shared.outlets.released(&self.state.id).await;
+        if let Some(reply) = evicted {
+            let _ = reply.send(());
+        }
     }
 
     /// Answers a snapshot request once every run in flight has finished.

@@ -1,0 +1,175 @@
+//! Ingest: events to the events stream.
+//!
+//! An ingest process runs the usual sources (Symbl connections, the Twilio bridge,
+//! recordings) on an engine with this forwarder: every event is published to
+//! `prefix.ev.<conversation>` with the frame it came from as the payload and
+//! `Nats-Msg-Id = <conversation>:<event identity>`, so a re-sent event within the stream's
+//! duplicate window is stored once. The publish is confirmed (PubAck) before the source goes
+//! on; while the server is away it is retried, and the source waits.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use bytes::Bytes;
+use prompter_core::event::{Event, Received};
+use prompter_engine::engine::Forward;
+
+use crate::Cluster;
+use crate::names::{CONVERSATION, EVENT, OFFSET, token};
+
+/// Gives up on one event after this long without the server (and says so).
+const GIVE_UP: Duration = Duration::from_secs(120);
+
+/// The forwarder of an ingest process.
+pub struct Ingest {
+    cluster: Cluster,
+    /// Events stored.
+    pub published: AtomicU64,
+    /// Events the server already had (re-sent within the duplicate window).
+    pub duplicates: AtomicU64,
+    /// Publish attempts that failed and were retried.
+    pub retries: AtomicU64,
+    /// Events given up on after [`GIVE_UP`] without the server.
+    pub lost: AtomicU64,
+}
+
+impl Ingest {
+    /// A forwarder to `cluster`'s events stream.
+    pub fn new(cluster: Cluster) -> Self {
+        Ingest {
+            cluster,
+            published: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+        }
+    }
+
+    /// Publishes `event`; true once the server has it.
+    pub async fn publish(&self, event: &Event) -> bool {
+        let conv = token(&event.conversation_id);
+        let identity = format!("{:016x}", event.identity());
+        let subject = self.cluster.subjects.ingest(&conv);
+        let payload = Bytes::from(event.raw.json().into_owned());
+        let mut headers = HeaderMap::new();
+        headers.insert(CONVERSATION, &*event.conversation_id);
+        headers.insert(OFFSET, event.offset_ms.to_string().as_str());
+        headers.insert(EVENT, identity.as_str());
+        let msg_id = format!("{conv}:{identity}");
+        let started = std::time::Instant::now();
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let sent = self
+                .cluster
+                .js
+                .send_publish(
+                    subject.clone(),
+                    Publish::build()
+                        .payload(payload.clone())
+                        .headers(headers.clone())
+                        .message_id(&msg_id),
+                )
+                .await;
+            let acked = match sent {
+                Ok(ack) => ack.await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match acked {
+                Ok(ack) => {
+                    if ack.duplicate {
+                        self.duplicates.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    let n = self.retries.fetch_add(1, Ordering::Relaxed);
+                    if started.elapsed() > GIVE_UP {
+                        self.lost.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(conversation = %event.conversation_id, error = %e, "The events stream did not take an event for 2 minutes; it is not stored.");
+                        return false;
+                    }
+                    if n.is_power_of_two() {
+                        tracing::warn!(conversation = %event.conversation_id, error = %e, "The events stream did not take an event; retrying (the source waits).");
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+#[prompter_core::async_trait]
+impl Forward for Ingest {
+    async fn forward(&self, _source: &'static str, event: Event) {
+        self.publish(&event).await;
+    }
+}
+
+/// The event a stored message carries: its frame parsed in its conversation at its offset,
+/// and the event of that frame with the identity in the headers.
+///
+/// # Errors
+/// When a header is missing or the frame does not hold that event.
+pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Event, String> {
+    let header = |name: &str| {
+        headers
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+            .ok_or_else(|| format!("the message has no `{name}` header"))
+    };
+    let conversation = header(CONVERSATION)?;
+    let offset: u64 = header(OFFSET)?
+        .parse()
+        .map_err(|_| format!("`{OFFSET}` is not a number"))?;
+    let identity = u64::from_str_radix(&header(EVENT)?, 16)
+        .map_err(|_| format!("`{EVENT}` is not 16 hex digits"))?;
+    let text = std::str::from_utf8(payload).map_err(|_| "the frame is not UTF-8".to_owned())?;
+    let frame = Received::parse(text).map_err(|e| format!("the frame is not JSON: {e}"))?;
+    let events = frame
+        .into_events(&conversation, offset)
+        .map_err(|e| format!("the frame does not parse: {e}"))?;
+    let n = events.len();
+    events
+        .into_iter()
+        .find(|e| e.identity() == identity)
+        .ok_or_else(|| format!("none of the frame's {n} event(s) has identity {identity:016x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_split_frame_gives_back_each_of_its_events() {
+        let frame = r#"{"type":"message_response","messages":[
+            {"id":"m1","payload":{"content":"Hello there.","contentType":"text/plain"},"from":{"name":"Ann","userId":"ann@x.com"}},
+            {"id":"m2","payload":{"content":"Hi.","contentType":"text/plain"},"from":{"name":"Bo","userId":"bo@x.com"}}]}"#;
+        let events = Received::parse(frame)
+            .expect("json")
+            .into_events("call 1", 1234)
+            .expect("events");
+        assert_eq!(events.len(), 2);
+        for e in &events {
+            let mut h = HeaderMap::new();
+            h.insert(CONVERSATION, "call 1");
+            h.insert(OFFSET, "1234");
+            h.insert(EVENT, format!("{:016x}", e.identity()).as_str());
+            let back = decode(Some(&h), frame.as_bytes()).expect("decodes");
+            assert_eq!(back.identity(), e.identity());
+            assert_eq!(&*back.conversation_id, "call 1");
+            assert_eq!(back.offset_ms, 1234);
+        }
+        let mut h = HeaderMap::new();
+        h.insert(CONVERSATION, "call 1");
+        h.insert(OFFSET, "1234");
+        h.insert(EVENT, "00000000000000ff");
+        let err = decode(Some(&h), frame.as_bytes()).expect_err("no such event");
+        assert!(err.contains("none of the frame's 2 event(s)"), "{err}");
+        assert!(decode(None, frame.as_bytes()).is_err());
+    }
+}
