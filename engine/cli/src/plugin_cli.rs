@@ -268,10 +268,11 @@ pub fn new(name: &str, parent: &Path, sdk: &Path, out: &Stream, err: &Stream) ->
     ];
     for (path, text) in &files {
         if let Some(p) = path.parent()
-            && let Err(e) = std::fs::create_dir_all(p) {
-                say(err, &format!("error: cannot create `{}`: {e}", p.display()));
-                return 1;
-            }
+            && let Err(e) = std::fs::create_dir_all(p)
+        {
+            say(err, &format!("error: cannot create `{}`: {e}", p.display()));
+            return 1;
+        }
         if let Err(e) = std::fs::write(path, text) {
             say(
                 err,

@@ -229,26 +229,27 @@ impl AtlasStore {
     ) -> Result<(), AtlasError> {
         let op = "writing documents";
         if !fresh.is_empty()
-            && let Err(e) = coll.insert_many(&fresh).ordered(false).await {
-                let duplicates = match e.kind.as_ref() {
-                    MongoErrorKind::InsertMany(m) if m.write_concern_error.is_none() => m
-                        .write_errors
-                        .as_deref()
-                        .filter(|w| w.iter().all(|w| w.code == DUPLICATE_KEY))
-                        .map(|w| w.iter().map(|w| w.index).collect::<HashSet<_>>()),
-                    _ => None,
-                };
-                let Some(duplicates) = duplicates else {
-                    return Err(self.mongo(op, &e));
-                };
-                stale.extend(
-                    fresh
-                        .into_iter()
-                        .enumerate()
-                        .filter(|(i, _)| duplicates.contains(i))
-                        .map(|(_, d)| d),
-                );
-            }
+            && let Err(e) = coll.insert_many(&fresh).ordered(false).await
+        {
+            let duplicates = match e.kind.as_ref() {
+                MongoErrorKind::InsertMany(m) if m.write_concern_error.is_none() => m
+                    .write_errors
+                    .as_deref()
+                    .filter(|w| w.iter().all(|w| w.code == DUPLICATE_KEY))
+                    .map(|w| w.iter().map(|w| w.index).collect::<HashSet<_>>()),
+                _ => None,
+            };
+            let Some(duplicates) = duplicates else {
+                return Err(self.mongo(op, &e));
+            };
+            stale.extend(
+                fresh
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| duplicates.contains(i))
+                    .map(|(_, d)| d),
+            );
+        }
         for d in stale {
             let id = d.get("_id").cloned().unwrap_or(Bson::Null);
             coll.replace_one(doc! { "_id": id }, &d)

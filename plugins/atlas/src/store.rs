@@ -276,9 +276,10 @@ impl AtlasStore {
         let client = self.client().await?;
         let db = client.database(&self.config.database);
         if let Err(e) = db.create_collection(&self.config.collection).await
-            && command_code(&e) != Some(NAMESPACE_EXISTS) {
-                return Err(self.mongo("creating the collection", &e));
-            }
+            && command_code(&e) != Some(NAMESPACE_EXISTS)
+        {
+            return Err(self.mongo("creating the collection", &e));
+        }
         let name = &self.config.index;
         let model = search_index_model(name, definition.clone());
         let already_existed = match db

@@ -238,14 +238,15 @@ impl Plugin for SymblConversation {
         let parts = client.fetch(id, &self.parts).await;
         let errors = parts.errors();
         if errors.len() == parts.requested()
-            && let Some((_, first)) = errors.first() {
-                let more = errors.len() - 1;
-                let mut err = to_plugin_error((*first).clone());
-                if more > 0 && !matches!(first, ConversationError::NotFound { .. }) {
-                    err.message = format!("{} (and {more} more parts failed)", err.message);
-                }
-                return Err(err);
+            && let Some((_, first)) = errors.first()
+        {
+            let more = errors.len() - 1;
+            let mut err = to_plugin_error((*first).clone());
+            if more > 0 && !matches!(first, ConversationError::NotFound { .. }) {
+                err.message = format!("{} (and {more} more parts failed)", err.message);
             }
+            return Err(err);
+        }
         for (part, e) in &errors {
             tracing::warn!(stage = cx.stage, part = part.name(), error = %e, "Symbl conversation part failed; continuing without it.");
         }

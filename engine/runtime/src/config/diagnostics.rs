@@ -86,25 +86,26 @@ impl Diagnostics {
         for d in self.items() {
             let _ = writeln!(out, "{d}");
             if let (Some(pos), Some(text)) = (d.pos, self.sources.get(&d.file))
-                && let Some(line) = text.lines().nth(pos.line.saturating_sub(1)) {
-                    let num = pos.line.to_string();
-                    let pad = " ".repeat(num.len());
-                    let col = pos.col.max(1);
-                    let token_len = line
-                        .chars()
-                        .skip(col - 1)
-                        .take_while(|c| !c.is_whitespace() && *c != ',' && *c != ']' && *c != '}')
-                        .count()
-                        .max(1);
-                    let _ = writeln!(out, "{pad} |");
-                    let _ = writeln!(out, "{num} | {line}");
-                    let _ = writeln!(
-                        out,
-                        "{pad} | {}{}",
-                        " ".repeat(col - 1),
-                        "^".repeat(token_len)
-                    );
-                }
+                && let Some(line) = text.lines().nth(pos.line.saturating_sub(1))
+            {
+                let num = pos.line.to_string();
+                let pad = " ".repeat(num.len());
+                let col = pos.col.max(1);
+                let token_len = line
+                    .chars()
+                    .skip(col - 1)
+                    .take_while(|c| !c.is_whitespace() && *c != ',' && *c != ']' && *c != '}')
+                    .count()
+                    .max(1);
+                let _ = writeln!(out, "{pad} |");
+                let _ = writeln!(out, "{num} | {line}");
+                let _ = writeln!(
+                    out,
+                    "{pad} | {}{}",
+                    " ".repeat(col - 1),
+                    "^".repeat(token_len)
+                );
+            }
             if let Some(help) = &d.help {
                 let width = d.pos.map(|p| p.line.to_string().len()).unwrap_or(1);
                 let _ = writeln!(out, "{} = help: {help}", " ".repeat(width));

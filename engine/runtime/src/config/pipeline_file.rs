@@ -62,13 +62,14 @@ pub(super) fn pipeline(
         .and_then(|n| expect_scalar(file, n, "`pipeline`", diags))
         .map(|s| s.as_str().to_owned());
     if let (Some(n), Some(node)) = (&name, map.get_node("pipeline"))
-        && !valid_id(n) {
-            diags.error_node(
-                file,
-                node,
-                format!("pipeline name `{n}` must use only a-z, 0-9, `_` and `-`"),
-            );
-        }
+        && !valid_id(n)
+    {
+        diags.error_node(
+            file,
+            node,
+            format!("pipeline name `{n}` must use only a-z, 0-9, `_` and `-`"),
+        );
+    }
     let description = map
         .get_node("description")
         .and_then(|n| expect_scalar(file, n, "`description`", diags))
@@ -180,18 +181,20 @@ pub(super) fn pipeline(
     };
     let key = run_template("key");
     let supersede = run_template("supersede");
-    if supersede.is_some() && concurrency != Concurrency::LatestWins
-        && let Some(n) = map.get_node("supersede") {
-            diags
-                .error_node(
-                    file,
-                    n,
-                    "`supersede` only applies with `concurrency: latest_wins`",
-                )
-                .help(Some(
-                    "add `concurrency: latest_wins`, or remove `supersede`".into(),
-                ));
-        }
+    if supersede.is_some()
+        && concurrency != Concurrency::LatestWins
+        && let Some(n) = map.get_node("supersede")
+    {
+        diags
+            .error_node(
+                file,
+                n,
+                "`supersede` only applies with `concurrency: latest_wins`",
+            )
+            .help(Some(
+                "add `concurrency: latest_wins`, or remove `supersede`".into(),
+            ));
+    }
 
     // Named sinks this pipeline's outputs go to, each one the engine config declares.
     let mut sinks = Vec::new();

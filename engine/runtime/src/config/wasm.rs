@@ -108,33 +108,34 @@ pub(crate) fn build(input: WasmStageInput<'_>, diags: &mut Diagnostics) -> Optio
     };
     let mut limits = Limits::default();
     if let Some(lnode) = stage.get_node("limits")
-        && let Some(lmap) = expect_map(file, lnode, "`limits`", diags) {
-            check_keys(file, lmap, LIMIT_KEYS, "`limits`", diags);
-            if let Some(v) = opt_u64(file, lmap, "max_memory_mb", diags) {
-                if v == 0 || v > 512 {
-                    diags.error_node(
-                        file,
-                        lmap.get_node("max_memory_mb").unwrap_or(lnode),
-                        "`max_memory_mb` must be between 1 and 512",
-                    );
-                }
-                limits.max_memory_mb = v.clamp(1, 512);
+        && let Some(lmap) = expect_map(file, lnode, "`limits`", diags)
+    {
+        check_keys(file, lmap, LIMIT_KEYS, "`limits`", diags);
+        if let Some(v) = opt_u64(file, lmap, "max_memory_mb", diags) {
+            if v == 0 || v > 512 {
+                diags.error_node(
+                    file,
+                    lmap.get_node("max_memory_mb").unwrap_or(lnode),
+                    "`max_memory_mb` must be between 1 and 512",
+                );
             }
-            if let Some(v) = opt_u64(file, lmap, "max_output_kb", diags) {
-                limits.max_output_kb = v.max(1);
-            }
-            if let Some(v) = opt_u64(file, lmap, "recycle_after_calls", diags) {
-                limits.recycle_after_calls = v.max(1);
-            }
-            limits.recycle_memory_mb = opt_u64(file, lmap, "recycle_memory_mb", diags);
-            if let Some(v) = opt_u64(file, lmap, "max_idle_instances", diags) {
-                limits.max_idle_instances = usize::try_from(v).unwrap_or(64).min(64);
-            }
-            limits.fuel = opt_u64(file, lmap, "fuel", diags);
-            if let Some(v) = opt_u64(file, lmap, "transcript_lines", diags) {
-                limits.transcript_lines = usize::try_from(v).unwrap_or(usize::MAX);
-            }
+            limits.max_memory_mb = v.clamp(1, 512);
         }
+        if let Some(v) = opt_u64(file, lmap, "max_output_kb", diags) {
+            limits.max_output_kb = v.max(1);
+        }
+        if let Some(v) = opt_u64(file, lmap, "recycle_after_calls", diags) {
+            limits.recycle_after_calls = v.max(1);
+        }
+        limits.recycle_memory_mb = opt_u64(file, lmap, "recycle_memory_mb", diags);
+        if let Some(v) = opt_u64(file, lmap, "max_idle_instances", diags) {
+            limits.max_idle_instances = usize::try_from(v).unwrap_or(64).min(64);
+        }
+        limits.fuel = opt_u64(file, lmap, "fuel", diags);
+        if let Some(v) = opt_u64(file, lmap, "transcript_lines", diags) {
+            limits.transcript_lines = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+    }
     let config_json = config
         .map(node_to_json)
         .unwrap_or_else(|| serde_json::json!({}))
@@ -301,9 +302,10 @@ pub fn node_to_json(node: &Node) -> serde_json::Value {
                 return Value::from(i);
             }
             if let Ok(f) = text.parse::<f64>()
-                && f.is_finite() {
-                    return Value::from(f);
-                }
+                && f.is_finite()
+            {
+                return Value::from(f);
+            }
             Value::String(text.to_owned())
         }
         Node::Sequence(seq) => Value::Array(seq.iter().map(node_to_json).collect()),

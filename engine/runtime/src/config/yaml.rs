@@ -328,10 +328,13 @@ pub fn report_build_error(
         .or_else(|| locate(config, &problem.path, &problem.message));
     let mut message = friendly(&problem.message);
     // Scalar parse errors come with a position but no field name: name the key at that spot.
-    if problem.path.is_empty() && problem.pos.is_some() && !message.starts_with("unknown")
-        && let Some(key) = pos.and_then(|p| key_at(config, p)) {
-            message = format!("invalid `{key}`: {message}");
-        }
+    if problem.path.is_empty()
+        && problem.pos.is_some()
+        && !message.starts_with("unknown")
+        && let Some(key) = pos.and_then(|p| key_at(config, p))
+    {
+        message = format!("invalid `{key}`: {message}");
+    }
     diags
         .error_at(file, pos, message)
         .help(problem.help.clone());
@@ -393,12 +396,13 @@ pub fn locate(root: &Node, path: &str, message: &str) -> Option<Position> {
         .or_else(|| message.strip_prefix("unknown field `"))
         .and_then(|r| r.split('`').next());
     if let (Some(field), Node::Mapping(m)) = (unknown, node)
-        && let Some(k) = m.keys().find(|k| k.as_str() == field) {
-            return k.span().start().map(|mk| Position {
-                line: mk.line(),
-                col: mk.column(),
-            });
-        }
+        && let Some(k) = m.keys().find(|k| k.as_str() == field)
+    {
+        return k.span().start().map(|mk| Position {
+            line: mk.line(),
+            col: mk.column(),
+        });
+    }
     let marker = if matches!(node, Node::Scalar(_)) {
         node.span().start().copied()
     } else {
