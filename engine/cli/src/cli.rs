@@ -404,6 +404,9 @@ pub fn main(
             crate::cluster_cli::ClusterCommand::Publish(args) => {
                 runtime.block_on(crate::cluster_cli::publish(&registry, args, &err))
             }
+            crate::cluster_cli::ClusterCommand::Bench(args) => {
+                runtime.block_on(crate::cluster_bench::run(&registry, args, &out, &err))
+            }
             crate::cluster_cli::ClusterCommand::Status { config } => {
                 runtime.block_on(crate::cluster_cli::status(&registry, config, &out, &err))
             }

@@ -50,6 +50,9 @@ pub enum Role {
 pub enum ClusterCommand {
     /// Publish recorded calls to the cluster's events stream (an ingest process for recordings).
     Publish(PublishArgs),
+    /// Run N engine processes on a local NATS server with a fault (kill, stop, server restart)
+    /// and account for every output against a single-process run.
+    Bench(crate::cluster_bench::BenchArgs),
     /// Show the cluster: members, each partition's pinned engine and lag, stream sizes.
     Status {
         /// Engine config with a `cluster:` section [default: ./prompter.yaml].

@@ -25,6 +25,7 @@ pub mod bench;
 mod bench_child;
 pub mod bundle;
 pub mod cli;
+pub mod cluster_bench;
 pub mod cluster_cli;
 pub mod console;
 pub mod demo;

@@ -54,6 +54,10 @@ fn js_err(what: &str, e: impl std::fmt::Display) -> ClusterError {
     ClusterError::JetStream(format!("{what}: {e}"))
 }
 
+/// The variable that names this process among the engines (a pod's name, say); it overrides
+/// `cluster.member`.
+pub const MEMBER_ENV: &str = "PROMPTER_CLUSTER_MEMBER";
+
 /// A connection to the cluster, with its streams and buckets ready.
 #[derive(Clone)]
 pub struct Cluster {
@@ -92,7 +96,20 @@ impl Cluster {
                         }),
                 }
             };
-        let member = config.member.clone().unwrap_or_else(default_member);
+        let member = std::env::var(MEMBER_ENV)
+            .ok()
+            .map(|m| m.trim().to_owned())
+            .filter(|m| !m.is_empty())
+            .or_else(|| config.member.clone())
+            .unwrap_or_else(default_member);
+        if !member
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ClusterError::Mismatch(format!(
+                "the member name `{member}` (from {MEMBER_ENV} or `cluster.member`) may hold only letters, digits, `-` and `_`"
+            )));
+        }
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("prompter {member}"))
             .connection_timeout(Duration::from_secs(5))

@@ -35,4 +35,4 @@ pub mod view;
 
 mod connect;
 
-pub use connect::{Cluster, ClusterError};
+pub use connect::{Cluster, ClusterError, MEMBER_ENV};

@@ -279,12 +279,16 @@ struct Inner {
     engine: Arc<Engine>,
     tracker: Arc<Tracker>,
     events: jetstream::stream::Stream,
+    outputs: tokio::sync::Mutex<jetstream::stream::Stream>,
     snapshots: kv::Store,
     members: kv::Store,
     consumers: Vec<consumer::PullConsumer>,
-    /// Milliseconds since `epoch` of the last heartbeat tick; a puller that finds it older
+    /// Milliseconds since `epoch` of the watchdog's last tick; a puller that finds it older
     /// than the member TTL stops (the engine was stalled).
     last_tick: AtomicU64,
+    /// Set by the watchdog when it woke up later than the member TTL: the engine was stalled
+    /// and its partitions may have moved. Cleared once it has started over.
+    stalled: std::sync::atomic::AtomicBool,
     epoch: Instant,
     /// Partition → (stop signal, puller).
     pullers: tokio::sync::Mutex<HashMap<u32, Puller>>,
@@ -317,6 +321,7 @@ impl Member {
                 .map_err(|e| ClusterError::JetStream(format!("consumer `{name}`: {e}")))?;
             consumers.push(c);
         }
+        let cluster_outputs = cluster.outputs().await?;
         let inner = Arc::new(Inner {
             snapshots: cluster.snapshots().await?,
             members: cluster.members().await?,
@@ -324,8 +329,10 @@ impl Member {
             engine,
             tracker,
             events,
+            outputs: tokio::sync::Mutex::new(cluster_outputs),
             consumers,
             last_tick: AtomicU64::new(0),
+            stalled: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
             pullers: tokio::sync::Mutex::default(),
             lag: Mutex::default(),
@@ -341,6 +348,7 @@ impl Member {
             tasks.push(tokio::spawn(snapshot_writer(rx, inner.clone())));
         }
         tasks.push(tokio::spawn(heartbeat(inner.clone(), stop_rx)));
+        tasks.push(tokio::spawn(watchdog(inner.clone())));
         Ok(Member { inner, stop, tasks })
     }
 
@@ -374,11 +382,14 @@ impl Inner {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Whether the last heartbeat tick is recent (false: the engine was stalled).
+    /// Whether the engine may handle deliveries: not stalled (the watchdog ticked recently and
+    /// saw no stall that is not yet dealt with).
     fn awake(&self) -> bool {
-        self.now_ms()
-            .saturating_sub(self.last_tick.load(Ordering::Relaxed))
-            <= self.cluster.config.member_ttl_ms
+        !self.stalled.load(Ordering::SeqCst)
+            && self
+                .now_ms()
+                .saturating_sub(self.last_tick.load(Ordering::SeqCst))
+                <= self.cluster.config.member_ttl_ms / 2
     }
 
     async fn take(self: &Arc<Self>, p: u32) {
@@ -451,9 +462,14 @@ impl Inner {
                 };
                 match next {
                     Some(Ok(msg)) => {
-                        if !self.awake() {
-                            // Stalled: leave the message to the partition's owner.
-                            return;
+                        // A late watchdog (a busy machine) is waited for; a stall means the
+                        // partition may have moved: this engine starts over (its conversations
+                        // are rebuilt from the stream, this message with them).
+                        while !self.awake() {
+                            if self.stalled.load(Ordering::SeqCst) {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                         self.handle(p, msg).await;
                     }
@@ -566,6 +582,13 @@ impl Inner {
             }
             None => (0, empty(conversation), false),
         };
+        let mut snapshot = snapshot;
+        // Outputs a dead owner stored after the snapshot keep their place when made again.
+        let stored = {
+            let mut outputs = self.outputs.lock().await;
+            crate::view::stored_versions(&self.cluster, &mut outputs, &token).await?
+        };
+        snapshot.book.adopt(stored);
         let outputs = snapshot.book.seq;
         self.engine
             .restore(snapshot)
@@ -666,18 +689,16 @@ async fn heartbeat(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let tick = ttl / 3;
     let me = inner.cluster.member.clone();
     let partitions = inner.cluster.config.partitions;
-    let mut last = Instant::now();
     let mut logged: Option<(usize, Vec<String>)> = None;
     loop {
-        let gap = last.elapsed();
-        last = Instant::now();
-        if gap > ttl {
+        let last = Instant::now();
+        if inner.stalled.load(Ordering::SeqCst) {
             inner.tracker.counters.away.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(member = %me, away_ms = gap.as_millis() as u64, "This engine was stalled longer than the member TTL; its partitions may have moved: it forgets its conversations and joins again.");
+            tracing::warn!(member = %me, "This engine was stalled longer than the member TTL; its partitions may have moved: it forgets its conversations and joins again.");
             inner.start_over().await;
+            inner.stalled.store(false, Ordering::SeqCst);
             logged = None;
         }
-        inner.last_tick.store(inner.now_ms(), Ordering::Relaxed);
         if let Err(e) = inner
             .members
             .put(&me, inner.now_ms().to_string().into())
@@ -738,6 +759,22 @@ async fn heartbeat(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             () = tokio::time::sleep(tick.saturating_sub(last.elapsed())) => {}
         }
+    }
+}
+
+/// Ticks every tenth of the member TTL; waking up later than the TTL means the process was
+/// stalled (SIGSTOP, a frozen VM): it says so to the heartbeat and the pullers.
+async fn watchdog(inner: Arc<Inner>) {
+    let ttl = inner.cluster.config.member_ttl();
+    let tick = (ttl / 10).max(Duration::from_millis(20));
+    let mut last = Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        if last.elapsed() > ttl {
+            inner.stalled.store(true, Ordering::SeqCst);
+        }
+        last = Instant::now();
+        inner.last_tick.store(inner.now_ms(), Ordering::SeqCst);
     }
 }
 

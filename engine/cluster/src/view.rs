@@ -196,44 +196,99 @@ pub async fn dump_outputs(
         Some(c) => cluster.subjects.outputs(&crate::names::token(c)),
         None => cluster.subjects.outputs_all(),
     };
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| ClusterError::JetStream(format!("outputs stream: {e}")))?;
-    let last = info.state.last_sequence;
-    if info.state.messages == 0 {
-        return Ok(());
+    read_subject(
+        &mut stream,
+        &filter,
+        conversation.is_some(),
+        |seq, payload| {
+            each(
+                seq,
+                serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null),
+            );
+        },
+    )
+    .await
+    .map_err(ClusterError::JetStream)
+}
+
+/// The (id, version, seq) of every output stored for the conversation with subject token
+/// `token`, in stream order.
+pub(crate) async fn stored_versions(
+    cluster: &Cluster,
+    outputs: &mut async_nats::jetstream::stream::Stream,
+    token: &str,
+) -> Result<Vec<(String, u32, u64)>, String> {
+    #[derive(serde::Deserialize)]
+    struct Stamp {
+        id: String,
+        version: u32,
+        seq: u64,
     }
+    let mut out = Vec::new();
+    read_subject(
+        outputs,
+        &cluster.subjects.outputs(token),
+        true,
+        |_, payload| {
+            if let Ok(s) = serde_json::from_slice::<Stamp>(payload) {
+                out.push((s.id, s.version, s.seq));
+            }
+        },
+    )
+    .await?;
+    Ok(out)
+}
+
+/// Reads the messages of `stream` under `filter` in order, up to the last one stored now.
+/// `one_subject`: `filter` is a single subject (its last message bounds the read).
+async fn read_subject(
+    stream: &mut async_nats::jetstream::stream::Stream,
+    filter: &str,
+    one_subject: bool,
+    mut each: impl FnMut(u64, &[u8]),
+) -> Result<(), String> {
+    let last = if one_subject {
+        match stream.get_last_raw_message_by_subject(filter).await {
+            Ok(m) => m.sequence,
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(format!("reading `{filter}`: {e}")),
+        }
+    } else {
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| format!("reading `{filter}`: {e}"))?;
+        if info.state.messages == 0 {
+            return Ok(());
+        }
+        info.state.last_sequence
+    };
     let ordered = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter,
+            filter_subject: filter.to_owned(),
             deliver_policy: consumer::DeliverPolicy::All,
             ..Default::default()
         })
         .await
-        .map_err(|e| ClusterError::JetStream(format!("reading the outputs: {e}")))?;
+        .map_err(|e| format!("reading `{filter}`: {e}"))?;
     let mut messages = ordered
         .messages()
         .await
-        .map_err(|e| ClusterError::JetStream(format!("reading the outputs: {e}")))?;
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
-        let Ok(Some(m)) = next else {
-            // Nothing more for this filter (the last stored is another conversation's).
-            return Ok(());
-        };
-        let m = m.map_err(|e| ClusterError::JetStream(format!("reading the outputs: {e}")))?;
-        let info = m
-            .info()
-            .map_err(|e| ClusterError::JetStream(format!("reading the outputs: {e}")))?;
+        .map_err(|e| format!("reading `{filter}`: {e}"))?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| format!("reading `{filter}`: {e}"))?;
+        let info = m.info().map_err(|e| format!("reading `{filter}`: {e}"))?;
         let seq = info.stream_sequence;
         let pending = info.pending;
-        match serde_json::from_slice(&m.payload) {
-            Ok(v) => each(seq, v),
-            Err(_) => each(seq, serde_json::Value::Null),
-        }
+        each(seq, &m.payload);
         if seq >= last || pending == 0 {
-            return Ok(());
+            break;
         }
     }
+    Ok(())
 }

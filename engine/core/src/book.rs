@@ -59,13 +59,16 @@ pub struct Book {
     /// no run in flight.
     #[serde(skip)]
     claims: HashMap<String, (u64, u64)>,
+    /// Outputs already stored by another process after this book was snapshotted (see
+    /// [`Book::adopt`]): (id, version) → the sequence number they were stored with.
+    #[serde(skip)]
+    adopted: HashMap<(String, u32), u64>,
 }
 
 impl Book {
     /// Gives `output` its version (one more than the id's last) and the next sequence number.
+    /// An output [adopted](Book::adopt) as already stored gets the number it was stored with.
     pub fn stamp(&mut self, output: &mut Output) {
-        self.seq += 1;
-        output.seq = self.seq;
         let v = self.outputs.entry(output.id.clone()).or_insert(Versioned {
             version: 0,
             status: output.status,
@@ -73,6 +76,29 @@ impl Book {
         v.version += 1;
         v.status = output.status;
         output.version = v.version;
+        if !self.adopted.is_empty()
+            && let Some(seq) = self.adopted.remove(&(output.id.clone(), output.version))
+        {
+            output.seq = seq;
+            return;
+        }
+        self.seq += 1;
+        output.seq = self.seq;
+    }
+
+    /// Takes over a conversation whose outputs after this book's snapshot were already stored
+    /// (by a process that then died): `stored` lists them as (id, version, seq). When the
+    /// events after the snapshot are replayed, an output made again gets the sequence number it
+    /// was stored with, and a new one a number after every stored one, so the stored sequence
+    /// stays in order whatever order concurrent runs finish in this time.
+    pub fn adopt(&mut self, stored: impl IntoIterator<Item = (String, u32, u64)>) {
+        let base = self.seq;
+        for (id, version, seq) in stored {
+            if seq > base {
+                self.adopted.insert((id, version), seq);
+                self.seq = self.seq.max(seq);
+            }
+        }
     }
 
     /// Claims `key` for run `run` at call time `at_ms`: true when nothing holds it, that is no
@@ -247,5 +273,43 @@ mod tests {
         let restored: Book = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
         assert_eq!(restored.outputs["c/p/k-x"].version, 2);
         assert_eq!(restored.seq, 3);
+    }
+
+    #[test]
+    fn a_taken_over_book_keeps_the_stored_order_whatever_order_runs_finish_in() {
+        // Snapshot at seq 1; the dead process then stored a@1 as 2 and b@1 as 3.
+        let mut b = Book::default();
+        let mut first = Output {
+            id: "c/p/k-first".into(),
+            ..Output::default()
+        };
+        b.stamp(&mut first);
+        b.adopt([
+            ("c/p/a".into(), 1, 2),
+            ("c/p/b".into(), 1, 3),
+            ("c/p/old".into(), 1, 1),
+        ]);
+        // This time b finishes first: it keeps 3, a keeps 2, and a new output comes after both.
+        let mut ob = Output {
+            id: "c/p/b".into(),
+            ..Output::default()
+        };
+        b.stamp(&mut ob);
+        let mut oa = Output {
+            id: "c/p/a".into(),
+            ..Output::default()
+        };
+        b.stamp(&mut oa);
+        let mut new = Output {
+            id: "c/p/n".into(),
+            ..Output::default()
+        };
+        b.stamp(&mut new);
+        assert_eq!((ob.version, ob.seq), (1, 3));
+        assert_eq!((oa.version, oa.seq), (1, 2));
+        assert_eq!((new.version, new.seq), (1, 4));
+        // A second version of a was never stored: it is new.
+        b.stamp(&mut oa);
+        assert_eq!((oa.version, oa.seq), (2, 5));
     }
 }
