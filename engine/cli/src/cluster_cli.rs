@@ -4,12 +4,12 @@
 //!   event goes to the cluster's events stream instead of local pipelines (wired in
 //!   [`crate::live`]).
 //! - `--role engine`: pulls the partitions this process owns, runs the pipelines, publishes
-//!   every output version to the outputs stream ([`run_engine`]).
+//!   every output version to the outputs stream.
 //! - `--role sinks`: the console, notifiers and stdout, fed from the outputs stream
-//!   ([`run_sinks`]).
+//!   (`run_sinks`).
 //! - `prompter cluster publish`: recorded calls to the events stream, at their pace or as fast
-//!   as possible ([`publish`]).
-//! - `prompter cluster status`: members, partitions, pins, lag ([`status`]).
+//!   as possible (`publish`).
+//! - `prompter cluster status`: members, partitions, pins, lag (`status`).
 
 use std::path::PathBuf;
 use std::sync::Arc;

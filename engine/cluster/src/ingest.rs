@@ -31,7 +31,7 @@ pub struct Ingest {
     pub duplicates: AtomicU64,
     /// Publish attempts that failed and were retried.
     pub retries: AtomicU64,
-    /// Events given up on after [`GIVE_UP`] without the server.
+    /// Events given up on after two minutes without the server.
     pub lost: AtomicU64,
 }
 
