@@ -407,6 +407,7 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
     }
     let join_secs = joined.elapsed().as_secs_f64();
     let cpu_before: Vec<u64> = engines.iter().map(|e| cpu_ticks(e.pid)).collect();
+    let mut server_cpu_before = cpu_ticks(server.pid);
 
     // Publish, with the fault on the side.
     let ingest = Arc::new(Ingest::new(cluster.clone()));
@@ -456,6 +457,7 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
                 server.kill();
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 server = start_server(store.path(), Some(port))?.0;
+                server_cpu_before = 0;
                 fault_note = "SIGKILL nats-server, started again 2 s later".into();
             }
             Fault::None => {}
@@ -492,17 +494,53 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
     // re-made; give the outputs a moment to settle.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Every stored output.
+    // Every stored output, with the time it was stored; and when each event was stored.
     let mut stored: Vec<(u64, Output)> = Vec::new();
+    let mut stored_at: Vec<i128> = Vec::new();
     let mut unreadable = 0u64;
-    prompter_cluster::view::dump_outputs(&cluster, None, |seq, v| {
+    prompter_cluster::view::dump_outputs_timed(&cluster, |seq, at, v| {
         match serde_json::from_value::<Output>(v) {
-            Ok(o) => stored.push((seq, o)),
+            Ok(o) => {
+                stored.push((seq, o));
+                stored_at.push(at);
+            }
             Err(_) => unreadable += 1,
         }
     })
     .await
     .map_err(|e| e.to_string())?;
+    let mut event_at: HashMap<(String, u64), i128> = HashMap::new();
+    prompter_cluster::view::dump_event_times(&cluster, |c, offset, at| {
+        event_at.entry((c.to_owned(), offset)).or_insert(at);
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    // Event stored → first version of its output stored.
+    let mut latencies_us: Vec<u64> = stored
+        .iter()
+        .zip(&stored_at)
+        .filter(|((_, o), _)| o.version == 1)
+        .filter_map(|((_, o), at)| {
+            let ev = event_at.get(&(o.conversation_id.clone(), o.trigger.offset_ms))?;
+            u64::try_from((at - ev) / 1000).ok()
+        })
+        .collect();
+    latencies_us.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((p / 100.0) * latencies_us.len() as f64).ceil() as usize;
+        latencies_us[i.clamp(1, latencies_us.len()) - 1] as f64 / 1000.0
+    };
+    let latency = json!({
+        "outputs": latencies_us.len(),
+        "p50_ms": pct(50.0),
+        "p90_ms": pct(90.0),
+        "p99_ms": pct(99.0),
+        "max_ms": pct(100.0),
+    });
+    let server_cpu = cpu_ticks(server.pid).saturating_sub(server_cpu_before);
 
     let ticks = crate::bench_child::clock_ticks().0;
     let mut per_engine = Vec::new();
@@ -573,6 +611,9 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
         "events_republished": ingest.duplicates.load(Ordering::Relaxed),
         "publish_retries": ingest.retries.load(Ordering::Relaxed),
         "takeover_seconds": takeover_secs,
+        "event_to_output": latency,
+        "server_cpu_seconds": server_cpu as f64 / ticks,
+        "engines_cpu_seconds": per_engine.iter().map(|e| e["cpu_seconds"].as_f64().unwrap_or(0.0)).sum::<f64>(),
         "outputs": {
             "expected": account.expected,
             "stored": stored.len(),
@@ -687,6 +728,20 @@ fn text(r: &Value) -> String {
         r["drain_seconds"].as_f64().unwrap_or(0.0),
         r["lines_per_second"].as_f64().unwrap_or(0.0),
         r["publish_retries"]
+    ));
+    let l = &r["event_to_output"];
+    s.push_str(&format!(
+        "  event stored → output stored: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} outputs)\n",
+        l["p50_ms"].as_f64().unwrap_or(0.0),
+        l["p90_ms"].as_f64().unwrap_or(0.0),
+        l["p99_ms"].as_f64().unwrap_or(0.0),
+        l["max_ms"].as_f64().unwrap_or(0.0),
+        l["outputs"]
+    ));
+    s.push_str(&format!(
+        "  CPU: engines {:.2} s in all, NATS server {:.2} s\n",
+        r["engines_cpu_seconds"].as_f64().unwrap_or(0.0),
+        r["server_cpu_seconds"].as_f64().unwrap_or(0.0)
     ));
     if let Some(t) = r["takeover_seconds"].as_f64() {
         s.push_str(&format!(

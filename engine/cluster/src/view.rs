@@ -200,13 +200,56 @@ pub async fn dump_outputs(
         &mut stream,
         &filter,
         conversation.is_some(),
-        |seq, payload| {
+        |seq, _, _, payload| {
             each(
                 seq,
                 serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null),
             );
         },
     )
+    .await
+    .map_err(ClusterError::JetStream)
+}
+
+/// Calls `each` with every stored output's stream sequence, store time (Unix nanoseconds)
+/// and JSON, in stream order.
+///
+/// # Errors
+/// When the stream cannot be read.
+pub async fn dump_outputs_timed(
+    cluster: &Cluster,
+    mut each: impl FnMut(u64, i128, serde_json::Value),
+) -> Result<(), ClusterError> {
+    let mut stream = cluster.outputs().await?;
+    read_subject(&mut stream, &cluster.subjects.outputs_all(), false, |seq, at, _, payload| {
+        each(
+            seq,
+            at,
+            serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null),
+        );
+    })
+    .await
+    .map_err(ClusterError::JetStream)
+}
+
+/// Calls `each` with every stored event's conversation, offset (ms) and store time (Unix
+/// nanoseconds), in stream order.
+///
+/// # Errors
+/// When the stream cannot be read.
+pub async fn dump_event_times(
+    cluster: &Cluster,
+    mut each: impl FnMut(&str, u64, i128),
+) -> Result<(), ClusterError> {
+    let mut stream = cluster.events().await?;
+    read_subject(&mut stream, &cluster.subjects.events_all(), false, |_, at, headers, _| {
+        let h = |name| headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+        if let (Some(c), Some(o)) = (h(crate::names::CONVERSATION), h(crate::names::OFFSET))
+            && let Ok(o) = o.parse()
+        {
+            each(&c, o, at);
+        }
+    })
     .await
     .map_err(ClusterError::JetStream)
 }
@@ -229,7 +272,7 @@ pub(crate) async fn stored_versions(
         outputs,
         &cluster.subjects.outputs(token),
         true,
-        |_, payload| {
+        |_, _, _, payload| {
             if let Ok(s) = serde_json::from_slice::<Stamp>(payload) {
                 out.push((s.id, s.version, s.seq));
             }
@@ -245,7 +288,7 @@ async fn read_subject(
     stream: &mut async_nats::jetstream::stream::Stream,
     filter: &str,
     one_subject: bool,
-    mut each: impl FnMut(u64, &[u8]),
+    mut each: impl FnMut(u64, i128, Option<&async_nats::HeaderMap>, &[u8]),
 ) -> Result<(), String> {
     let last = if one_subject {
         match stream.get_last_raw_message_by_subject(filter).await {
@@ -285,7 +328,8 @@ async fn read_subject(
         let info = m.info().map_err(|e| format!("reading `{filter}`: {e}"))?;
         let seq = info.stream_sequence;
         let pending = info.pending;
-        each(seq, &m.payload);
+        let at = info.published.unix_timestamp_nanos();
+        each(seq, at, m.headers.as_ref(), &m.payload);
         if seq >= last || pending == 0 {
             break;
         }
