@@ -102,6 +102,8 @@ struct Proc {
     child: Child,
     pid: u32,
     lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    /// Its stdout lines, when kept.
+    stdout: Arc<Mutex<Vec<String>>>,
     done: bool,
 }
 
@@ -119,10 +121,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Proc {
-    fn spawn(mut command: Command, what: &str) -> Result<Proc, String> {
+    fn spawn(command: Command, what: &str) -> Result<Proc, String> {
+        Proc::spawn_with(command, what, false)
+    }
+
+    fn spawn_with(mut command: Command, what: &str, keep_stdout: bool) -> Result<Proc, String> {
         let mut child = command
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if keep_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start {what}: {e}"))?;
@@ -135,10 +145,20 @@ impl Proc {
                 }
             });
         }
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        if let Some(out) = child.stdout.take() {
+            let keep = stdout.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    lock(&keep).push(line);
+                }
+            });
+        }
         Ok(Proc {
             pid: child.id(),
             child,
             lines,
+            stdout,
             done: false,
         })
     }
@@ -406,6 +426,25 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let join_secs = joined.elapsed().as_secs_f64();
+    // A sinks process: prints every stored output version, whichever engine made it.
+    let mut command = Command::new(&program);
+    command
+        .args(["run", "--role", "sinks", "--config"])
+        .arg(&cluster_config.0)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .env("PROMPTER_CLUSTER_MEMBER", "bench-sinks");
+    let mut sinks = Proc::spawn_with(command, "the sinks process", true)?;
+    let reading = Instant::now();
+    while sinks.last("cluster: sinks").is_none() {
+        if sinks.exited() || reading.elapsed() > Duration::from_secs(30) {
+            return Err(format!(
+                "the sinks process did not start:\n{}",
+                sinks.tail(20)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let cpu_before: Vec<u64> = engines.iter().map(|e| cpu_ticks(e.pid)).collect();
     let mut server_cpu_before = cpu_ticks(server.pid);
 
@@ -498,15 +537,16 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
     let mut stored: Vec<(u64, Output)> = Vec::new();
     let mut stored_at: Vec<i128> = Vec::new();
     let mut unreadable = 0u64;
-    prompter_cluster::view::dump_outputs_timed(&cluster, |seq, at, v| {
-        match serde_json::from_value::<Output>(v) {
+    prompter_cluster::view::dump_outputs_timed(
+        &cluster,
+        |seq, at, v| match serde_json::from_value::<Output>(v) {
             Ok(o) => {
                 stored.push((seq, o));
                 stored_at.push(at);
             }
             Err(_) => unreadable += 1,
-        }
-    })
+        },
+    )
     .await
     .map_err(|e| e.to_string())?;
     let mut event_at: HashMap<(String, u64), i128> = HashMap::new();
@@ -579,6 +619,26 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
             .map(|(t, _)| t.duration_since(at).as_secs_f64())
             .reduce(f64::min)
     });
+    // The sinks process printed every stored version (it may take a moment after the engines).
+    let want: HashSet<(String, u32)> = stored
+        .iter()
+        .map(|(_, o)| (o.id.clone(), o.version))
+        .collect();
+    let printed_deadline = Instant::now() + Duration::from_secs(10);
+    let printed: HashSet<(String, u32)> = loop {
+        let printed: HashSet<(String, u32)> = lock(&sinks.stdout)
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Output>(l).ok())
+            .map(|o| (o.id, o.version))
+            .collect();
+        if printed.is_superset(&want) || Instant::now() > printed_deadline {
+            break printed;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let sinks_missing = want.difference(&printed).count();
+    let sinks_printed = lock(&sinks.stdout).len();
+    sinks.terminate();
     for e in &mut engines {
         if !e.done {
             e.terminate();
@@ -593,7 +653,8 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
         && account.duplicated == 0
         && account.out_of_order == 0
         && account.unexpected == 0
-        && unreadable == 0;
+        && unreadable == 0
+        && sinks_missing == 0;
     Ok(json!({
         "ok": ok,
         "engines": args.engines,
@@ -624,6 +685,7 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
             "unreadable": unreadable,
             "examples": account.examples,
         },
+        "sinks": { "printed": sinks_printed, "missing": sinks_missing },
         "per_engine": per_engine,
     }))
 }
@@ -751,6 +813,10 @@ fn text(r: &Value) -> String {
     s.push_str(&format!(
         "  outputs: {} expected, {} stored; lost {}, duplicated {}, out of order {}, not in the single-process run {}\n",
         o["expected"], o["stored"], o["lost"], o["duplicated"], o["out_of_order"], o["unexpected"]
+    ));
+    s.push_str(&format!(
+        "  sinks process: {} version(s) printed, {} stored version(s) missing\n",
+        r["sinks"]["printed"], r["sinks"]["missing"]
     ));
     for e in r["per_engine"].as_array().into_iter().flatten() {
         s.push_str(&format!(

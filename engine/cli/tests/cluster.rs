@@ -68,10 +68,19 @@ fn kill_stop_and_server_restart_lose_repeat_and_reorder_nothing() {
         let o = &r["outputs"];
         assert_eq!(r["drained"], true, "{fault}: {r:#}\n{stderr}");
         assert!(o["expected"].as_u64().unwrap() > 20, "{fault}: {r:#}");
-        for key in ["lost", "duplicated", "out_of_order", "unexpected", "unreadable"] {
+        for key in [
+            "lost",
+            "duplicated",
+            "out_of_order",
+            "unexpected",
+            "unreadable",
+        ] {
             assert_eq!(o[key], 0, "{fault}: {key}: {r:#}\n{stderr}");
         }
         assert_eq!(o["stored"], o["expected"], "{fault}: {r:#}");
+        // A sinks process fed from the outputs stream printed every stored version.
+        assert_eq!(r["sinks"]["missing"], 0, "{fault}: {r:#}");
+        assert!(r["sinks"]["printed"].as_u64().unwrap() >= o["stored"].as_u64().unwrap());
         assert_eq!(r["ok"], true, "{fault}: {r:#}");
         let engines = r["per_engine"].as_array().unwrap();
         match fault {

@@ -347,7 +347,8 @@ impl Member {
         if let Some(rx) = lock(&inner.tracker.snapshots_rx).take() {
             tasks.push(tokio::spawn(snapshot_writer(rx, inner.clone())));
         }
-        tasks.push(tokio::spawn(heartbeat(inner.clone(), stop_rx)));
+        tasks.push(tokio::spawn(beat(inner.clone())));
+        tasks.push(tokio::spawn(ownership(inner.clone(), stop_rx)));
         tasks.push(tokio::spawn(watchdog(inner.clone())));
         Ok(Member { inner, stop, tasks })
     }
@@ -364,11 +365,13 @@ impl Member {
         for t in &self.tasks[2..] {
             t.abort();
         }
+        // Gone from the members first: the others start pulling (and wait for the pins) while
+        // this engine hands each partition over.
+        let _ = self.inner.members.delete(&self.inner.cluster.member).await;
         let owned: Vec<u32> = self.inner.pullers.lock().await.keys().copied().collect();
         for p in owned {
             self.inner.give_up(p).await;
         }
-        let _ = self.inner.members.delete(&self.inner.cluster.member).await;
         // The acker and snapshot writer finish what is queued.
         tokio::time::sleep(Duration::from_millis(200)).await;
         for t in &self.tasks[..2] {
@@ -412,9 +415,8 @@ impl Inner {
             .filter(|(_, t)| t.partition == p)
             .map(|(k, _)| k.clone())
             .collect();
-        for id in &held {
-            self.engine.evict(id).await;
-        }
+        // Their runs finish at once, not one conversation after another.
+        futures_util::future::join_all(held.iter().map(|id| self.engine.evict(id))).await;
         {
             let mut tracks = lock(&self.tracker.tracks);
             for id in &held {
@@ -669,9 +671,7 @@ impl Inner {
             self.give_up(p).await;
         }
         let rest: Vec<Arc<str>> = lock(&self.tracker.tracks).keys().cloned().collect();
-        for id in &rest {
-            self.engine.evict(id).await;
-        }
+        futures_util::future::join_all(rest.iter().map(|id| self.engine.evict(id))).await;
         lock(&self.tracker.tracks).clear();
     }
 }
@@ -683,8 +683,9 @@ fn empty(conversation: &str) -> ConversationSnapshot {
     }
 }
 
-/// Heartbeats, watches the members, takes and gives up partitions, reads the lag.
-async fn heartbeat(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+/// Watches the members, takes and gives up partitions, starts over after a stall, reads the
+/// lag.
+async fn ownership(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let ttl = inner.cluster.config.member_ttl();
     let tick = ttl / 3;
     let me = inner.cluster.member.clone();
@@ -698,13 +699,6 @@ async fn heartbeat(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             inner.start_over().await;
             inner.stalled.store(false, Ordering::SeqCst);
             logged = None;
-        }
-        if let Err(e) = inner
-            .members
-            .put(&me, inner.now_ms().to_string().into())
-            .await
-        {
-            tracing::debug!(error = %e, "Heartbeat not stored.");
         }
         let mut members: Vec<String> = match inner.members.keys().await {
             Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
@@ -759,6 +753,25 @@ async fn heartbeat(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             () = tokio::time::sleep(tick.saturating_sub(last.elapsed())) => {}
         }
+    }
+}
+
+/// Says this engine is alive every third of the member TTL, on its own task so that nothing
+/// the ownership loop waits for (a hand-over, a slow server) delays it; not while a stall is
+/// being dealt with.
+async fn beat(inner: Arc<Inner>) {
+    let tick = inner.cluster.config.member_ttl() / 3;
+    let me = inner.cluster.member.clone();
+    loop {
+        if !inner.stalled.load(Ordering::SeqCst)
+            && let Err(e) = inner
+                .members
+                .put(&me, inner.now_ms().to_string().into())
+                .await
+        {
+            tracing::debug!(error = %e, "Heartbeat not stored.");
+        }
+        tokio::time::sleep(tick).await;
     }
 }
 

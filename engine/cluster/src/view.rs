@@ -221,13 +221,18 @@ pub async fn dump_outputs_timed(
     mut each: impl FnMut(u64, i128, serde_json::Value),
 ) -> Result<(), ClusterError> {
     let mut stream = cluster.outputs().await?;
-    read_subject(&mut stream, &cluster.subjects.outputs_all(), false, |seq, at, _, payload| {
-        each(
-            seq,
-            at,
-            serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null),
-        );
-    })
+    read_subject(
+        &mut stream,
+        &cluster.subjects.outputs_all(),
+        false,
+        |seq, at, _, payload| {
+            each(
+                seq,
+                at,
+                serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null),
+            );
+        },
+    )
     .await
     .map_err(ClusterError::JetStream)
 }
@@ -242,14 +247,23 @@ pub async fn dump_event_times(
     mut each: impl FnMut(&str, u64, i128),
 ) -> Result<(), ClusterError> {
     let mut stream = cluster.events().await?;
-    read_subject(&mut stream, &cluster.subjects.events_all(), false, |_, at, headers, _| {
-        let h = |name| headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
-        if let (Some(c), Some(o)) = (h(crate::names::CONVERSATION), h(crate::names::OFFSET))
-            && let Ok(o) = o.parse()
-        {
-            each(&c, o, at);
-        }
-    })
+    read_subject(
+        &mut stream,
+        &cluster.subjects.events_all(),
+        false,
+        |_, at, headers, _| {
+            let h = |name| {
+                headers
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            if let (Some(c), Some(o)) = (h(crate::names::CONVERSATION), h(crate::names::OFFSET))
+                && let Ok(o) = o.parse()
+            {
+                each(&c, o, at);
+            }
+        },
+    )
     .await
     .map_err(ClusterError::JetStream)
 }
