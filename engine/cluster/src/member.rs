@@ -279,7 +279,7 @@ struct Inner {
     engine: Arc<Engine>,
     tracker: Arc<Tracker>,
     events: jetstream::stream::Stream,
-    outputs: tokio::sync::Mutex<jetstream::stream::Stream>,
+    outputs: jetstream::stream::Stream,
     snapshots: kv::Store,
     members: kv::Store,
     consumers: Vec<consumer::PullConsumer>,
@@ -329,7 +329,7 @@ impl Member {
             engine,
             tracker,
             events,
-            outputs: tokio::sync::Mutex::new(cluster_outputs),
+            outputs: cluster_outputs,
             consumers,
             last_tick: AtomicU64::new(0),
             stalled: std::sync::atomic::AtomicBool::new(false),
@@ -586,10 +586,7 @@ impl Inner {
         };
         let mut snapshot = snapshot;
         // Outputs a dead owner stored after the snapshot keep their place when made again.
-        let stored = {
-            let mut outputs = self.outputs.lock().await;
-            crate::view::stored_versions(&self.cluster, &mut outputs, &token).await?
-        };
+        let stored = crate::view::stored_versions(&self.cluster, &self.outputs, &token).await?;
         snapshot.book.adopt(stored);
         let outputs = snapshot.book.seq;
         self.engine
@@ -609,47 +606,27 @@ impl Inner {
                 snapshot_mark: applied,
             },
         );
-        // Every stored event after the snapshot, up to the newest now.
-        let last = match self.events.get_last_raw_message_by_subject(subject).await {
-            Ok(m) => m.sequence,
-            Err(e) => return Err(format!("reading its last event: {e}")),
-        };
+        // Every stored event after the snapshot, up to the newest now, one direct get each (a
+        // new call has only the delivered one).
+        let mut replay = Vec::new();
+        crate::view::for_each_of_subject(&self.events, subject, applied + 1, |m| {
+            replay.push(m);
+        })
+        .await?;
         let mut replayed = 0u64;
-        if last > applied {
-            let replay = self
-                .events
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: subject.to_owned(),
-                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: applied + 1,
-                    },
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| format!("replaying its events: {e}"))?;
-            let mut messages = replay
-                .messages()
-                .await
-                .map_err(|e| format!("replaying its events: {e}"))?;
-            while let Some(m) = messages.next().await {
-                let m = m.map_err(|e| format!("replaying its events: {e}"))?;
-                let Ok(info) = m.info() else { continue };
-                let seq = info.stream_sequence;
-                match crate::ingest::decode(m.headers.as_ref(), &m.payload) {
-                    Ok(event) => {
-                        if let Some(t) = lock(&self.tracker.tracks).get_mut(conversation) {
-                            t.applied = seq;
-                        }
-                        self.engine.dispatch_marked("cluster", event, seq).await;
-                        replayed += 1;
+        for m in replay {
+            let seq = m.sequence;
+            match crate::ingest::decode(Some(&m.headers), &m.payload) {
+                Ok(event) => {
+                    if let Some(t) = lock(&self.tracker.tracks).get_mut(conversation) {
+                        t.applied = seq;
                     }
-                    Err(e) => {
-                        self.tracker.counters.poison.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(conversation = %conversation, seq, error = %e, "A stored event cannot be read; it is skipped.");
-                    }
+                    self.engine.dispatch_marked("cluster", event, seq).await;
+                    replayed += 1;
                 }
-                if seq >= last {
-                    break;
+                Err(e) => {
+                    self.tracker.counters.poison.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(conversation = %conversation, seq, error = %e, "A stored event cannot be read; it is skipped.");
                 }
             }
         }

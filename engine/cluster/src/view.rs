@@ -269,10 +269,11 @@ pub async fn dump_event_times(
 }
 
 /// The (id, version, seq) of every output stored for the conversation with subject token
-/// `token`, in stream order.
+/// `token`, in stream order: one direct get per output (no consumer is made; a call with none
+/// costs one request).
 pub(crate) async fn stored_versions(
     cluster: &Cluster,
-    outputs: &mut async_nats::jetstream::stream::Stream,
+    outputs: &async_nats::jetstream::stream::Stream,
     token: &str,
 ) -> Result<Vec<(String, u32, u64)>, String> {
     #[derive(serde::Deserialize)]
@@ -282,18 +283,47 @@ pub(crate) async fn stored_versions(
         seq: u64,
     }
     let mut out = Vec::new();
-    read_subject(
-        outputs,
-        &cluster.subjects.outputs(token),
-        true,
-        |_, _, _, payload| {
-            if let Ok(s) = serde_json::from_slice::<Stamp>(payload) {
-                out.push((s.id, s.version, s.seq));
-            }
-        },
-    )
+    let subject = cluster.subjects.outputs(token);
+    for_each_of_subject(outputs, &subject, 1, |m| {
+        if let Ok(s) = serde_json::from_slice::<Stamp>(&m.payload) {
+            out.push((s.id, s.version, s.seq));
+        }
+    })
     .await?;
     Ok(out)
+}
+
+/// Calls `each` with every message of `stream` on `subject` from
+/// sequence `from` up to the last one stored now, in order, with direct gets (the stream
+/// allows them): no consumer is made. Returns the last sequence read (0: none).
+pub(crate) async fn for_each_of_subject(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+    from: u64,
+    mut each: impl FnMut(async_nats::jetstream::message::StreamMessage),
+) -> Result<u64, String> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let last = match stream.direct_get_last_for_subject(subject).await {
+        Ok(m) => m.sequence,
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(format!("reading `{subject}`: {e}")),
+    };
+    let mut at = from.max(1);
+    let mut read = 0;
+    while at <= last {
+        let m = match stream.direct_get_next_for_subject(subject, Some(at)).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+            Err(e) => return Err(format!("reading `{subject}`: {e}")),
+        };
+        if m.sequence > last {
+            break;
+        }
+        read = m.sequence;
+        at = m.sequence + 1;
+        each(m);
+    }
+    Ok(read)
 }
 
 /// Reads the messages of `stream` under `filter` in order, up to the last one stored now.
