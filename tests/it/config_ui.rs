@@ -66,6 +66,7 @@ fn invalid_configs_match_their_snapshots() {
         checked,
         [
             "bad_references.yaml",
+            "cluster_values.yaml",
             "duplicate_key.yaml",
             "empty.yaml",
             "engine_config_errors.yaml",

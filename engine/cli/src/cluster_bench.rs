@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// `cluster.member_ttl_ms`.
     #[arg(long, default_value_t = 1500)]
     pub member_ttl_ms: u64,
+    /// `cluster.snapshot_every_secs`: how often a settled call is snapshotted (a takeover
+    /// replays at most this much of it).
+    #[arg(long, default_value_t = 10)]
+    pub snapshot_every: u64,
     /// Give up waiting for the cluster to drain after this many seconds.
     #[arg(long, default_value_t = 90)]
     pub deadline_secs: u64,
@@ -271,14 +275,19 @@ fn version_of(o: &Output) -> (String, u32, String, String) {
     )
 }
 
-/// The calls to publish: each recording `copies` times (`<id>~2`, ...), merged by offset.
-fn copies(lines: &[RecordedLine], copies: u32) -> Vec<RecordedLine> {
-    let mut all = Vec::with_capacity(lines.len() * copies.max(1) as usize);
-    for copy in 1..=copies.max(1) {
+/// The calls to publish: each recording `copies` times (`<id>~2`, ...), the copies' starts
+/// spread over the first 10 s (real calls do not start on the same millisecond), merged by
+/// offset.
+pub(crate) fn copies(lines: &[RecordedLine], copies: u32) -> Vec<RecordedLine> {
+    let copies = copies.max(1);
+    let mut all = Vec::with_capacity(lines.len() * copies as usize);
+    for copy in 1..=copies {
+        let shift = u64::from(copy - 1) * 10_000 / u64::from(copies);
         for l in lines {
             let mut l = l.clone();
             if copy > 1 {
                 l.conversation = Arc::from(format!("{}~{copy}", l.conversation));
+                l.offset_ms += shift;
             }
             all.push(l);
         }
@@ -366,12 +375,14 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
         std::process::id()
     )));
     let section = format!(
-        "\ncluster:\n  servers: [\"nats://127.0.0.1:{port}\"]\n  partitions: {}\n  priority_timeout_ms: {}\n  member_ttl_ms: {}\n  pull_expiry_ms: {}\n  ack_wait_ms: {}\n  snapshot_every_secs: 1\n  outputs_duplicate_window_secs: 120\n",
+        "\ncluster:\n  servers: [\"nats://127.0.0.1:{port}\"]\n  partitions: {}\n  priority_timeout_ms: {}\n  member_ttl_ms: {}\n  pull_expiry_ms: {}\n  ack_wait_ms: {}\n  snapshot_every_secs: {}\n  outputs_duplicate_window_secs: {}\n",
         args.partitions,
         args.priority_timeout_ms,
         args.member_ttl_ms,
         (args.priority_timeout_ms / 3).max(100),
         (args.priority_timeout_ms + 1000).max(1000),
+        args.snapshot_every.max(1),
+        (args.snapshot_every.max(1) * 2 + args.priority_timeout_ms / 1000 + 60).max(120),
     );
     std::fs::write(&cluster_config.0, format!("{original}\n{section}"))
         .map_err(|e| format!("cannot write `{}`: {e}", cluster_config.0.display()))?;
@@ -391,7 +402,14 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
     for i in 0..args.engines.max(1) {
         let mut command = Command::new(&program);
         command
-            .args(["run", "--role", "engine", "--config"])
+            .args([
+                "run",
+                "--role",
+                "engine",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
             .arg(&cluster_config.0)
             .env("RUST_LOG", "info,async_nats=warn")
             .env("NO_COLOR", "1")
@@ -596,6 +614,7 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
         } else {
             (0, 0)
         };
+        let metrics = if alive { scrape(e).await } else { Value::Null };
         let takeovers = lock(&e.lines)
             .iter()
             .filter(|(_, l)| l.contains("Took over a conversation"))
@@ -607,6 +626,7 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
             "peak_rss_mib": hwm as f64 / 1024.0,
             "takeovers": takeovers,
             "stalls_noticed": lock(&e.lines).iter().filter(|(_, l)| l.contains("was stalled")).count(),
+            "metrics": metrics,
         }));
     }
     // Takeover: from the fault to the first conversation another engine rebuilt.
@@ -762,6 +782,53 @@ fn account(reference: &Versions, stored: &[(u64, Output)]) -> Account {
     a
 }
 
+/// The cluster figures an engine's `/metrics` shows (its control endpoint's address is on its
+/// stderr).
+async fn scrape(e: &Proc) -> Value {
+    let Some(addr) = e
+        .last("control endpoint listening on http://")
+        .and_then(|l| l.rsplit("http://").next().map(|a| a.trim().to_owned()))
+    else {
+        return Value::Null;
+    };
+    let Ok(client) = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+    else {
+        return Value::Null;
+    };
+    let Ok(resp) = client.get(format!("http://{addr}/metrics")).send().await else {
+        return Value::Null;
+    };
+    let Ok(body) = resp.text().await else {
+        return Value::Null;
+    };
+    let sum = |name: &str| -> u64 {
+        body.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    json!({
+        "partitions_owned": sum("prompter_cluster_partitions_owned"),
+        "members": sum("prompter_cluster_members"),
+        "lag": sum("prompter_cluster_lag"),
+        "delivered": sum("prompter_cluster_delivered_total"),
+        "redeliveries": sum("prompter_cluster_redeliveries_total"),
+        "stale_dropped": sum("prompter_cluster_stale_dropped_total"),
+        "takeovers": sum("prompter_cluster_takeovers_total"),
+        "replayed_events": sum("prompter_cluster_replayed_events_total"),
+        "rebuild_max_us": sum("prompter_cluster_rebuild_max_microseconds"),
+        "snapshots": sum("prompter_cluster_snapshots_total"),
+        "acked": sum("prompter_cluster_acked_total"),
+        "stalls": sum("prompter_cluster_stalls_total"),
+    })
+}
+
 /// User+system clock ticks of process `pid`.
 fn cpu_ticks(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -832,6 +899,21 @@ fn text(r: &Value) -> String {
             e["takeovers"],
             e["stalls_noticed"]
         ));
+        let m = &e["metrics"];
+        if m.is_object() {
+            s.push_str(&format!(
+                "    /metrics: {} partitions, {} events applied, {} acknowledged, {} redeliveries, {} stale dropped, {} takeovers ({} events replayed, longest {:.1} ms), {} snapshots\n",
+                m["partitions_owned"],
+                m["delivered"],
+                m["acked"],
+                m["redeliveries"],
+                m["stale_dropped"],
+                m["takeovers"],
+                m["replayed_events"],
+                m["rebuild_max_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                m["snapshots"]
+            ));
+        }
     }
     for x in o["examples"].as_array().into_iter().flatten() {
         s.push_str(&format!("  {}\n", x.as_str().unwrap_or("")));

@@ -83,7 +83,8 @@ pub struct PublishArgs {
     /// Speed factor for --realtime (2 = twice as fast).
     #[arg(long, default_value_t = 1.0)]
     pub speed: f64,
-    /// Publish each recording this many times, as distinct calls (`<id>~2`, `<id>~3`, ...).
+    /// Publish each recording this many times, as distinct calls (`<id>~2`, `<id>~3`, ...),
+    /// their starts spread over the first 10 s.
     #[arg(long, default_value_t = 1)]
     pub copies: u32,
     /// Recording files (JSONL).
@@ -363,17 +364,7 @@ pub(crate) async fn publish(registry: &Registry, args: PublishArgs, err: &Stream
     let Some((lines, _)) = crate::cli::read_recordings(&args.recordings, err) else {
         return 1;
     };
-    let mut all = Vec::with_capacity(lines.len() * args.copies.max(1) as usize);
-    for copy in 1..=args.copies.max(1) {
-        for l in &lines {
-            let mut l = l.clone();
-            if copy > 1 {
-                l.conversation = Arc::from(format!("{}~{copy}", l.conversation));
-            }
-            all.push(l);
-        }
-    }
-    all.sort_by_key(|l| l.offset_ms);
+    let all = crate::cluster_bench::copies(&lines, args.copies);
     let pace = if args.realtime {
         Pace::Realtime(args.speed)
     } else {

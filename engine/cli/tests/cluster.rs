@@ -33,7 +33,7 @@ fn bench(fault: &str) -> (Value, String) {
         .current_dir(root)
         .args(["cluster", "bench", "--config", "prompter.yaml", "--json"])
         .args(["--engines", "3", "--copies", "2", "--speed", "10"])
-        .args(["--fault", fault, "--fault-at", "3"])
+        .args(["--fault", fault, "--fault-at", "3", "--snapshot-every", "1"])
         .args(&recordings)
         .stdin(Stdio::null())
         .output()
@@ -90,12 +90,24 @@ fn kill_stop_and_server_restart_lose_repeat_and_reorder_nothing() {
                 let t = r["takeover_seconds"].as_f64().expect("a takeover happened");
                 assert!(t < 8.0, "{fault}: takeover took {t} s");
                 assert_eq!(engines[0]["alive"], false, "{r:#}");
+                // The survivors' metrics say so too.
+                let took: u64 = engines[1..]
+                    .iter()
+                    .map(|e| e["metrics"]["takeovers"].as_u64().unwrap())
+                    .sum();
+                assert!(took >= 1, "{r:#}");
+                let owned: u64 = engines[1..]
+                    .iter()
+                    .map(|e| e["metrics"]["partitions_owned"].as_u64().unwrap())
+                    .sum();
+                assert_eq!(owned, 8, "the survivors own every partition: {r:#}");
             }
             "stop" => {
                 let t = r["takeover_seconds"].as_f64().expect("a takeover happened");
                 assert!(t < 8.0, "{fault}: takeover took {t} s");
                 // The stopped engine noticed on waking and started over.
                 assert_eq!(engines[0]["stalls_noticed"], 1, "{r:#}");
+                assert_eq!(engines[0]["metrics"]["stalls"], 1, "{r:#}");
                 assert_eq!(engines[0]["alive"], true, "{r:#}");
             }
             _ => {
