@@ -547,6 +547,8 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let drained_secs = started.elapsed().as_secs_f64();
+    // The server's CPU for the run itself, before the bench reads both streams back.
+    let server_cpu = cpu_ticks(server.pid).saturating_sub(server_cpu_before);
     // Runs still finishing deliver after their inputs are acknowledged only if they were
     // re-made; give the outputs a moment to settle.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -598,7 +600,6 @@ async fn bench(registry: &Registry, args: &BenchArgs, err: &Stream) -> Result<Va
         "p99_ms": pct(99.0),
         "max_ms": pct(100.0),
     });
-    let server_cpu = cpu_ticks(server.pid).saturating_sub(server_cpu_before);
 
     let ticks = crate::bench_child::clock_ticks().0;
     let mut per_engine = Vec::new();

@@ -277,7 +277,10 @@ pub(crate) async fn run_sinks(
         sinks.push(f.sink());
     }
     // No pipelines: this engine only folds the transcript and feeds its sinks.
-    let mut engine = Engine::new(Vec::new(), loaded.settings, sinks, stats.clone());
+    // What the console adds (an agent's feedback) goes to the events stream, for the engine
+    // that owns the call; the call's events come back from there (`View`), unforwarded.
+    let mut engine = Engine::new(Vec::new(), loaded.settings, sinks, stats.clone())
+        .with_forwarder(Arc::new(Ingest::new(cluster.clone())));
     if let Some(f) = &feed {
         engine = engine.with_observer(f.observer());
     }

@@ -13,11 +13,11 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use bytes::Bytes;
-use prompter_core::event::{Event, Received};
+use prompter_core::event::{Detail, Event, EventKind, Feedback, RawFrame, Received};
 use prompter_engine::engine::Forward;
 
 use crate::Cluster;
-use crate::names::{CONVERSATION, EVENT, OFFSET, token};
+use crate::names::{CONVERSATION, EVENT, KIND, OFFSET, token};
 
 /// Gives up on one event after this long without the server (and says so).
 const GIVE_UP: Duration = Duration::from_secs(120);
@@ -57,6 +57,9 @@ impl Ingest {
         headers.insert(CONVERSATION, &*event.conversation_id);
         headers.insert(OFFSET, event.offset_ms.to_string().as_str());
         headers.insert(EVENT, identity.as_str());
+        if event.kind == EventKind::Feedback {
+            headers.insert(KIND, "feedback");
+        }
         let msg_id = format!("{conv}:{identity}");
         let started = std::time::Instant::now();
         let mut wait = Duration::from_millis(50);
@@ -111,7 +114,8 @@ impl Forward for Ingest {
 }
 
 /// The event a stored message carries: its frame parsed in its conversation at its offset,
-/// and the event of that frame with the identity in the headers.
+/// and the event of that frame with the identity in the headers (or, for a console's
+/// feedback, the feedback record).
 ///
 /// # Errors
 /// When a header is missing or the frame does not hold that event.
@@ -129,6 +133,12 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Event, Stri
     let identity = u64::from_str_radix(&header(EVENT)?, 16)
         .map_err(|_| format!("`{EVENT}` is not 16 hex digits"))?;
     let text = std::str::from_utf8(payload).map_err(|_| "the frame is not UTF-8".to_owned())?;
+    if headers
+        .and_then(|h| h.get(KIND))
+        .is_some_and(|k| k.as_str() == "feedback")
+    {
+        return decode_feedback(&conversation, offset, identity, text);
+    }
     let frame = Received::parse(text).map_err(|e| format!("the frame is not JSON: {e}"))?;
     let events = frame
         .into_events(&conversation, offset)
@@ -138,6 +148,34 @@ pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<Event, Stri
         .into_iter()
         .find(|e| e.identity() == identity)
         .ok_or_else(|| format!("none of the frame's {n} event(s) has identity {identity:016x}"))
+}
+
+/// A console's feedback: the record the console sent (the feedback and its conversation).
+fn decode_feedback(
+    conversation: &str,
+    offset_ms: u64,
+    identity: u64,
+    text: &str,
+) -> Result<Event, String> {
+    let raw: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("the feedback is not JSON: {e}"))?;
+    let feedback: Feedback = serde_json::from_value(raw.clone())
+        .map_err(|e| format!("the feedback does not parse: {e}"))?;
+    let event = Event {
+        conversation_id: std::sync::Arc::from(conversation),
+        offset_ms,
+        kind: EventKind::Feedback,
+        detail: Detail::Feedback(feedback),
+        raw: std::sync::Arc::new(RawFrame::tree(std::sync::Arc::new(raw))),
+        received: std::time::Instant::now(),
+    };
+    if event.identity() == identity {
+        Ok(event)
+    } else {
+        Err(format!(
+            "the feedback's identity is not {identity:016x} (the message was altered)"
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -171,5 +209,36 @@ mod tests {
         let err = decode(Some(&h), frame.as_bytes()).expect_err("no such event");
         assert!(err.contains("none of the frame's 2 event(s)"), "{err}");
         assert!(decode(None, frame.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_consoles_feedback_travels_as_its_record() {
+        let record = serde_json::json!({"conversation_id": "call 1", "output_id": "o-1",
+            "version": 2, "action": "dismissed", "reason": "wrong", "pipeline": "rta",
+            "kind": "suggestion", "at_ms": 1_700_000_000_000u64});
+        let feedback: Feedback = serde_json::from_value(record.clone()).expect("feedback");
+        let event = Event {
+            conversation_id: std::sync::Arc::from("call 1"),
+            offset_ms: 4200,
+            kind: EventKind::Feedback,
+            detail: Detail::Feedback(feedback.clone()),
+            raw: std::sync::Arc::new(RawFrame::tree(std::sync::Arc::new(record))),
+            received: std::time::Instant::now(),
+        };
+        let payload = event.raw.json().into_owned();
+        let mut h = HeaderMap::new();
+        h.insert(CONVERSATION, "call 1");
+        h.insert(OFFSET, "4200");
+        h.insert(EVENT, format!("{:016x}", event.identity()).as_str());
+        // Without the kind header the record is read as a Symbl frame, which it is not.
+        assert!(decode(Some(&h), payload.as_bytes()).is_err());
+        h.insert(KIND, "feedback");
+        let back = decode(Some(&h), payload.as_bytes()).expect("decodes");
+        assert_eq!(back.kind, EventKind::Feedback);
+        assert_eq!(back.detail, Detail::Feedback(feedback));
+        assert_eq!(back.identity(), event.identity());
+        h.insert(EVENT, "00000000000000ff");
+        let err = decode(Some(&h), payload.as_bytes()).expect_err("altered");
+        assert!(err.contains("identity"), "{err}");
     }
 }

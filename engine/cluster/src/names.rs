@@ -16,6 +16,9 @@ pub const CONVERSATION: &str = "Prompter-Conversation";
 pub const OFFSET: &str = "Prompter-Offset";
 /// Header: the event's identity (16 hex digits), which picks it among its frame's events.
 pub const EVENT: &str = "Prompter-Event";
+/// Header: `feedback` when the payload is an agent's feedback from a console (not a Symbl
+/// frame).
+pub const KIND: &str = "Prompter-Kind";
 
 /// `id` as one subject token (see the module docs).
 pub fn token(id: &str) -> String {

@@ -107,7 +107,10 @@ impl View {
                             match crate::ingest::decode(m.headers.as_ref(), &m.payload) {
                                 Ok(event) => {
                                     counters.events.fetch_add(1, Ordering::Relaxed);
-                                    engine.dispatch_from("cluster", event).await;
+                                    // Marked, so never forwarded: a sinks engine forwards
+                                    // only what its console adds (feedback).
+                                    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                                    engine.dispatch_marked("cluster", event, seq).await;
                                 }
                                 Err(_) => {
                                     counters.unreadable.fetch_add(1, Ordering::Relaxed);
