@@ -6,9 +6,9 @@
 //! The cluster's three roles as an operator deploys them, on a real NATS server: `prompter run
 //! --role ingest` follows a live call on a fake Symbl (its updates feed and subscribe socket),
 //! `--role engine` runs the shipped `prompter-live.yaml` pipelines against a fake Nebula, and
-//! `--role sinks` prints the outputs and serves the agent console. The Symbl socket drops
-//! mid-call and Symbl re-sends frames on reconnect: the events stream stores each event once,
-//! and no suggestion is repeated.
+//! `--role sinks` prints the outputs and serves the agent console, whose feedback reaches the
+//! engine process. The Symbl socket drops mid-call and Symbl re-sends frames on reconnect: each
+//! event is stored once, and no suggestion is repeated.
 
 mod support;
 
@@ -214,7 +214,10 @@ async fn ingest_engine_and_sinks_processes_carry_a_live_call_once_through_a_drop
         &addr,
         &token,
         c,
-        &["too expensive for us", "Budget Constraints", "output.upsert"],
+        &[
+            "\"text\":\"Honestly it is too expensive for us.\"",
+            "\"title\":\"Budget Constraints\"",
+        ],
     )
     .await;
 
@@ -234,7 +237,9 @@ async fn ingest_engine_and_sinks_processes_carry_a_live_call_once_through_a_drop
     let deadline = Instant::now() + WAIT;
     loop {
         let metrics = http("GET", &control, "/metrics").await;
-        if metrics.contains("prompter_events_received_total{source=\"cluster\",kind=\"feedback\"} 1") {
+        if metrics
+            .contains("prompter_events_received_total{source=\"cluster\",kind=\"feedback\"} 1")
+        {
             break;
         }
         assert!(
@@ -273,10 +278,48 @@ async fn ingest_engine_and_sinks_processes_carry_a_live_call_once_through_a_drop
 
     let (code, ingest_err, _) = ingest.interrupt();
     assert_eq!(code, 0, "{ingest_err}");
-    // 6 frames of one event each were stored; the 3 re-sent ones were refused as duplicates.
+    // Symbl's 3 re-sent frames were recognised by the ingest process's source; each of the 6
+    // events was stored once.
     assert!(
-        ingest_err.contains("cluster: 6 event(s) stored, 3 already stored (re-sent)"),
+        ingest_err.contains("cluster: 6 event(s) stored, 0 already stored (re-sent)"),
         "{ingest_err}"
+    );
+    // A source that re-sends anyway (here a recording published twice) is refused by the
+    // events stream: each event's `Nats-Msg-Id` was stored already.
+    let publish = || {
+        let out = f
+            .command(&[
+                "cluster",
+                "publish",
+                "--config",
+                config.0.to_str().unwrap(),
+                "pipelines/recordings/billing-dispute-call.jsonl",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let lines =
+        std::fs::read_to_string(root().join("pipelines/recordings/billing-dispute-call.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count();
+    let once = publish();
+    assert!(
+        once.contains(&format!(
+            "cluster: {lines} event(s) stored, 0 already stored"
+        )),
+        "{once}"
+    );
+    let twice = publish();
+    assert!(
+        twice.contains(&format!(
+            "cluster: 0 event(s) stored, {lines} already stored"
+        )),
+        "{twice}"
     );
     // Let the last versions reach the sinks process, then count.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -300,6 +343,9 @@ async fn ingest_engine_and_sinks_processes_carry_a_live_call_once_through_a_drop
         "one final suggestion per tracker: {finals:#?}"
     );
     for err in [&engine_err, &sinks_err] {
-        assert!(!err.contains("nebula-key-value"), "a secret reached the log");
+        assert!(
+            !err.contains("nebula-key-value"),
+            "a secret reached the log"
+        );
     }
 }

@@ -260,11 +260,17 @@ impl ClusterConfig {
                 ));
             }
         }
-        if self.user_env.is_some() != self.password_env.is_some() {
-            out.push((
+        // Named on the one that is set (the missing one has no position to point at).
+        match (&self.user_env, &self.password_env) {
+            (Some(_), None) => out.push((
+                "user_env",
+                "`user_env` needs `password_env` beside it (both are variable names)".to_owned(),
+            )),
+            (None, Some(_)) => out.push((
                 "password_env",
-                "`user_env` and `password_env` go together".to_owned(),
-            ));
+                "`password_env` needs `user_env` beside it (both are variable names)".to_owned(),
+            )),
+            _ => {}
         }
         out
     }
@@ -293,12 +299,7 @@ mod tests {
         let keys: Vec<&str> = bad.problems().into_iter().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
-            vec![
-                "partitions",
-                "events_stream",
-                "pull_expiry_ms",
-                "password_env"
-            ]
+            vec!["partitions", "events_stream", "pull_expiry_ms", "user_env"]
         );
     }
 }
