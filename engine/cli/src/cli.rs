@@ -218,6 +218,9 @@ enum TrackersCommand {
 enum KbCommand {
     /// Embed a CSV's rows into a store (only new or changed rows are embedded).
     Ingest(crate::kb::IngestArgs),
+    /// Compare embedders on labelled queries: top-1 and top-3 accuracy, mean reciprocal rank,
+    /// the cost of a query embedding.
+    Eval(crate::kb_eval::EvalArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -424,6 +427,9 @@ pub fn main(
         Command::Kb {
             command: KbCommand::Ingest(args),
         } => runtime.block_on(crate::kb::ingest(&registry, args, &out, &err)),
+        Command::Kb {
+            command: KbCommand::Eval(args),
+        } => runtime.block_on(crate::kb_eval::eval(&registry, args, &out, &err)),
         Command::Plugins => {
             say(&out, "stage plugins (`plugin:` in a pipeline stage):");
             for p in registry.plugins() {

@@ -113,6 +113,11 @@ pub fn builtin() -> Registry {
                 open: open_hashing,
             },
             EmbedderKind {
+                name: "local",
+                description: "a sentence-transformers BERT model (all-MiniLM-L6-v2) in-process on the CPU (`model_dir`; no network; matches meaning)",
+                open: open_local_embedder,
+            },
+            EmbedderKind {
                 name: "nebula",
                 description: "Symbl Nebula embeddings (`/v1/model/embed`, 1024-d), with retries",
                 open: open_nebula_embedder,
@@ -208,6 +213,19 @@ fn open_hashing(cx: &mut OpenCx<'_>) -> Option<Arc<dyn Embedder>> {
         Ok(e) => Some(Arc::new(e)),
         Err(message) => {
             cx.error_at("dims", message);
+            None
+        }
+    }
+}
+
+fn open_local_embedder(cx: &mut OpenCx<'_>) -> Option<Arc<dyn Embedder>> {
+    use prompter_plugin_local_embed::{LocalModelConfig, LocalModelEmbedder};
+    let cfg: LocalModelConfig = cx.typed()?;
+    let name = cx.name;
+    match LocalModelEmbedder::open(name, &cfg, cx.base) {
+        Ok(e) => Some(Arc::new(e)),
+        Err((key, message)) => {
+            cx.error_at(key, format!("embedder `{name}`: {message}"));
             None
         }
     }

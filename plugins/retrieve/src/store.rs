@@ -508,7 +508,7 @@ fn lexical_index(
 }
 
 /// Reads and validates a knowledge-base CSV.
-fn read_csv(path: &Path) -> Result<Vec<(String, String)>, StoreError> {
+pub fn read_csv(path: &Path) -> Result<Vec<(String, String)>, StoreError> {
     let bytes = fs::read(path).map_err(|e| StoreError::Io {
         action: "read",
         path: path.to_owned(),

@@ -388,22 +388,10 @@ pub fn store_decl(
     let Some(node) = read(file, env, &mut diags) else {
         return Err(diags);
     };
-    let base = base_dir(file);
-    let mut resources = Resources::default();
     let Some(map) = expect_map(file, &node, "the engine config", &mut diags) else {
         return Err(diags);
     };
-    // `prompter kb` has no engine: its metrics are its own, and unread.
-    let metrics = crate::metrics::Metrics::new();
-    open_embedders(
-        file,
-        map,
-        &base,
-        registry,
-        &mut resources,
-        &mut diags,
-        &metrics,
-    );
+    let (base, resources) = only_embedders(file, map, registry, &mut diags);
     let stores = map.get_node("knowledge").and_then(|n| n.as_mapping());
     let decl = stores.and_then(|m| m.get_node(name));
     let Some(decl) = decl else {
@@ -440,6 +428,46 @@ pub fn store_decl(
         }),
         _ => Err(diags),
     }
+}
+
+/// The embedders engine config `file` declares, opened (nothing else is); for commands that
+/// compare embedders (`prompter kb eval`).
+///
+/// # Errors
+/// Problems in the file or a failing embedder.
+pub fn declared_embedders(
+    file: &Path,
+    env: EnvLookup<'_>,
+    registry: &Registry,
+) -> Result<Resources, Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let Some(node) = read(file, env, &mut diags) else {
+        return Err(diags);
+    };
+    let Some(map) = expect_map(file, &node, "the engine config", &mut diags) else {
+        return Err(diags);
+    };
+    let (_, resources) = only_embedders(file, map, registry, &mut diags);
+    if diags.is_empty() {
+        Ok(resources)
+    } else {
+        Err(diags)
+    }
+}
+
+/// Opens the embedders of config `map` (nothing else) for a command without an engine: their
+/// metrics are their own, and unread. Returns the config's folder and the embedders.
+fn only_embedders(
+    file: &Path,
+    map: &MarkedMappingNode,
+    registry: &Registry,
+    diags: &mut Diagnostics,
+) -> (PathBuf, Resources) {
+    let base = base_dir(file);
+    let mut resources = Resources::default();
+    let metrics = crate::metrics::Metrics::new();
+    open_embedders(file, map, &base, registry, &mut resources, diags, &metrics);
+    (base, resources)
 }
 
 /// What opening a named resource (store, provider, embedder) gets.

@@ -38,7 +38,9 @@ pub mod wasm;
 pub mod yaml;
 
 use engine_file::engine_config;
-pub use engine_file::{ENGINE_KEYS, OpenCx, StoreDecl, store_decl, typed_config};
+pub use engine_file::{
+    ENGINE_KEYS, OpenCx, StoreDecl, declared_embedders, store_decl, typed_config,
+};
 use pipeline_file::pipeline;
 
 use std::collections::{BTreeMap, BTreeSet};
