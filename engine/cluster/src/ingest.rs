@@ -8,7 +8,6 @@
 //! on; while the server is away it is retried, and the source waits.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage as Publish;
@@ -17,10 +16,8 @@ use prompter_core::event::{Detail, Event, EventKind, Feedback, RawFrame, Receive
 use prompter_engine::engine::Forward;
 
 use crate::Cluster;
+use crate::confirm::publish_confirmed;
 use crate::names::{CONVERSATION, EVENT, KIND, OFFSET, token};
-
-/// Gives up on one event after this long without the server (and says so).
-const GIVE_UP: Duration = Duration::from_secs(120);
 
 /// The forwarder of an ingest process.
 pub struct Ingest {
@@ -61,46 +58,29 @@ impl Ingest {
             headers.insert(KIND, "feedback");
         }
         let msg_id = format!("{conv}:{identity}");
-        let started = std::time::Instant::now();
-        let mut wait = Duration::from_millis(50);
-        loop {
-            let sent = self
-                .cluster
-                .js
-                .send_publish(
-                    subject.clone(),
-                    Publish::build()
-                        .payload(payload.clone())
-                        .headers(headers.clone())
-                        .message_id(&msg_id),
-                )
-                .await;
-            let acked = match sent {
-                Ok(ack) => ack.await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match acked {
-                Ok(ack) => {
-                    if ack.duplicate {
-                        self.duplicates.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        self.published.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return true;
-                }
-                Err(e) => {
-                    let n = self.retries.fetch_add(1, Ordering::Relaxed);
-                    if started.elapsed() > GIVE_UP {
-                        self.lost.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(conversation = %event.conversation_id, error = %e, "The events stream did not take an event for 2 minutes; it is not stored.");
-                        return false;
-                    }
-                    if n.is_power_of_two() {
-                        tracing::warn!(conversation = %event.conversation_id, error = %e, "The events stream did not take an event; retrying (the source waits).");
-                    }
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
+        let message = || {
+            Publish::build()
+                .payload(payload.clone())
+                .headers(headers.clone())
+                .message_id(&msg_id)
+        };
+        let warn = |e: &str| {
+            tracing::warn!(conversation = %event.conversation_id, error = %e, "The events stream did not take an event; retrying (the source waits).");
+        };
+        match publish_confirmed(&self.cluster, &subject, message, &self.retries, warn).await {
+            Ok(ack) => {
+                let counter = if ack.duplicate {
+                    &self.duplicates
+                } else {
+                    &self.published
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(conversation = %event.conversation_id, error = %e, "The events stream did not take an event for 2 minutes; it is not stored.");
+                false
             }
         }
     }

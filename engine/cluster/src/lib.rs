@@ -33,6 +33,7 @@ pub mod names;
 pub mod outputs;
 pub mod view;
 
+mod confirm;
 mod connect;
 
 pub use connect::{Cluster, ClusterError, MEMBER_ENV};

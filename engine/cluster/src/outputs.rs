@@ -10,7 +10,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage as Publish;
 use bytes::Bytes;
@@ -18,10 +17,8 @@ use prompter_core::output::Output;
 use prompter_engine::sink::{QueuePolicy, Sink, SinkError};
 
 use crate::Cluster;
+use crate::confirm::publish_confirmed;
 use crate::names::token;
-
-/// Gives up on one output after this long without the server.
-const GIVE_UP: Duration = Duration::from_secs(120);
 
 /// Hears that the outputs of a conversation up to `seq` are stored.
 pub type OnStored = Arc<dyn Fn(&str, u64) + Send + Sync>;
@@ -79,52 +76,34 @@ impl Sink for Outputs {
             message: format!("output {} cannot be written as JSON: {e}", output.id),
         })?);
         let msg_id = format!("{}@{}", output.id, output.version);
-        let started = std::time::Instant::now();
-        let mut wait = Duration::from_millis(50);
-        loop {
-            let sent = self
-                .cluster
-                .js
-                .send_publish(
-                    subject.clone(),
-                    Publish::build()
-                        .payload(payload.clone())
-                        .message_id(&msg_id),
-                )
-                .await;
-            let acked = match sent {
-                Ok(ack) => ack.await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match acked {
-                Ok(ack) => {
-                    let counter = if ack.duplicate {
-                        &self.counters.duplicates
-                    } else {
-                        &self.counters.stored
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    if let Some(f) = &self.on_stored {
-                        f(&output.conversation_id, output.seq);
-                    }
-                    return Ok(());
-                }
-                Err(e) => {
-                    let n = self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    if started.elapsed() > GIVE_UP {
-                        return Err(SinkError {
-                            message: format!(
-                                "the outputs stream did not take {msg_id} for 2 minutes: {e}"
-                            ),
-                        });
-                    }
-                    if n.is_power_of_two() {
-                        tracing::warn!(output = %msg_id, error = %e, "The outputs stream did not take an output; retrying (the engine's outputs wait).");
-                    }
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-            }
+        let message = || {
+            Publish::build()
+                .payload(payload.clone())
+                .message_id(&msg_id)
+        };
+        let warn = |e: &str| {
+            tracing::warn!(output = %msg_id, error = %e, "The outputs stream did not take an output; retrying (the engine's outputs wait).");
+        };
+        let ack = publish_confirmed(
+            &self.cluster,
+            &subject,
+            message,
+            &self.counters.retries,
+            warn,
+        )
+        .await
+        .map_err(|e| SinkError {
+            message: format!("the outputs stream did not take {msg_id} for 2 minutes: {e}"),
+        })?;
+        let counter = if ack.duplicate {
+            &self.counters.duplicates
+        } else {
+            &self.counters.stored
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = &self.on_stored {
+            f(&output.conversation_id, output.seq);
         }
+        Ok(())
     }
 }
