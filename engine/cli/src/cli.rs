@@ -221,6 +221,9 @@ enum KbCommand {
     /// Compare embedders on labelled queries: top-1 and top-3 accuracy, mean reciprocal rank,
     /// the cost of a query embedding.
     Eval(crate::kb_eval::EvalArgs),
+    /// What the local embedder costs here: query latency p50/p99, texts per second and per
+    /// core, cost per million, the engine's memory with the model loaded.
+    Bench(crate::kb_bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -430,6 +433,9 @@ pub fn main(
         Command::Kb {
             command: KbCommand::Eval(args),
         } => runtime.block_on(crate::kb_eval::eval(&registry, args, &out, &err)),
+        Command::Kb {
+            command: KbCommand::Bench(args),
+        } => runtime.block_on(crate::kb_bench::bench(args, &out, &err)),
         Command::Plugins => {
             say(&out, "stage plugins (`plugin:` in a pipeline stage):");
             for p in registry.plugins() {

@@ -5,6 +5,13 @@
 //! for a query when its text starts with `expected` (case aside), so `expected` is usually the
 //! label in front of the colon (`Budget Constraints`). The rank of a query is the position of the
 //! first right row when every row is ranked by cosine similarity.
+//!
+//! A row with an empty `expected` is an unrelated query (small talk) that should find nothing:
+//! it does not count in the accuracy, but the highest score such queries reach is reported
+//! beside the lowest score of a right answer, which is the window for a `retrieve` stage's
+//! `min_score`. With `--min-score`, each embedder also says how many labelled queries would
+//! get their right row (right and scored at least that much) and how many unrelated ones would
+//! get nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,16 +48,26 @@ pub struct EvalArgs {
     /// One JSON object per embedder instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also count answers at this minimum score (a `retrieve` stage's `min_score`): labelled
+    /// queries whose right row scores at least this, unrelated ones whose best row does not.
+    #[arg(long, value_name = "COSINE", allow_hyphen_values = true)]
+    pub min_score: Option<f32>,
 }
 
 /// One labelled query.
 struct Labelled {
     line: usize,
     query: String,
-    /// As written.
+    /// As written; empty for an unrelated query that should find nothing.
     expected: String,
     /// Lowercased, for matching.
     prefix: String,
+}
+
+impl Labelled {
+    fn unrelated(&self) -> bool {
+        self.expected.is_empty()
+    }
 }
 
 /// What one embedder scored.
@@ -62,6 +79,12 @@ struct Scores {
     mrr: f64,
     query_us: Vec<u64>,
     misses: Vec<(usize, String)>,
+    /// The best row's score of each labelled query it ranked right.
+    right_scores: Vec<f32>,
+    /// The best row's score of each labelled query it ranked wrong.
+    wrong_scores: Vec<f32>,
+    /// The best row's score of each unrelated query.
+    unrelated_scores: Vec<f32>,
 }
 
 fn read_labels(path: &Path) -> Result<Vec<Labelled>, String> {
@@ -75,9 +98,9 @@ fn read_labels(path: &Path) -> Result<Vec<Labelled>, String> {
         let record = record.map_err(|e| format!("`{}`: {e}", path.display()))?;
         let line = record.position().map_or(i + 2, |p| p.line() as usize);
         let field = |n: usize| record.get(n).map(str::trim).unwrap_or("");
-        if field(0).is_empty() || field(1).is_empty() {
+        if field(0).is_empty() {
             return Err(format!(
-                "{}:{line}: a row needs a query and the expected row's start (`query,expected`)",
+                "{}:{line}: a row needs a query, then the expected row's start (`query,expected`; empty for a query that should find nothing)",
                 path.display()
             ));
         }
@@ -88,8 +111,11 @@ fn read_labels(path: &Path) -> Result<Vec<Labelled>, String> {
             prefix: field(1).to_lowercase(),
         });
     }
-    if out.is_empty() {
-        return Err(format!("`{}` has no labelled queries", path.display()));
+    if out.iter().all(Labelled::unrelated) {
+        return Err(format!(
+            "`{}` has no labelled queries (rows with an expected row's start)",
+            path.display()
+        ));
     }
     Ok(out)
 }
@@ -131,6 +157,9 @@ async fn score(
         mrr: 0.0,
         query_us: Vec::with_capacity(labels.len()),
         misses: Vec::new(),
+        right_scores: Vec::new(),
+        wrong_scores: Vec::new(),
+        unrelated_scores: Vec::new(),
     };
     for (l, right) in labels.iter().zip(right) {
         let started = Instant::now();
@@ -145,13 +174,20 @@ async fn score(
             .map(|(i, d)| (i, cosine(&q, d)))
             .collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let best = ranked.first().map_or(f32::MIN, |r| r.1);
+        if l.unrelated() {
+            s.unrelated_scores.push(best);
+            continue;
+        }
         let rank = ranked
             .iter()
             .position(|(i, _)| right[*i])
             .map_or(rows.len() + 1, |p| p + 1);
         if rank == 1 {
             s.top1 += 1;
+            s.right_scores.push(best);
         } else {
+            s.wrong_scores.push(best);
             let top = ranked.first().map_or("", |(i, _)| label(&rows[*i]));
             s.misses.push((
                 l.line,
@@ -166,7 +202,7 @@ async fn score(
         }
         s.mrr += 1.0 / rank as f64;
     }
-    s.mrr /= labels.len() as f64;
+    s.mrr /= labels.iter().filter(|l| !l.unrelated()).count().max(1) as f64;
     Ok(s)
 }
 
@@ -244,12 +280,17 @@ async fn run(registry: &Registry, args: &EvalArgs, out: &Stream) -> Result<(), S
     let lower: Vec<String> = rows.iter().map(|r| r.to_lowercase()).collect();
     let right: Vec<Vec<bool>> = labels
         .iter()
-        .map(|l| lower.iter().map(|r| r.starts_with(&l.prefix)).collect())
+        .map(|l| {
+            lower
+                .iter()
+                .map(|r| !l.unrelated() && r.starts_with(&l.prefix))
+                .collect()
+        })
         .collect();
     if let Some((l, _)) = labels
         .iter()
         .zip(&right)
-        .find(|(_, r)| !r.iter().any(|x| *x))
+        .find(|(l, r)| !l.unrelated() && !r.iter().any(|x| *x))
     {
         let mut starts: Vec<&str> = rows.iter().map(|r| label(r)).collect();
         starts.dedup();
@@ -263,51 +304,99 @@ async fn run(registry: &Registry, args: &EvalArgs, out: &Stream) -> Result<(), S
         ));
     }
     let embedders = embedders(registry, args)?;
+    let labelled = labels.iter().filter(|l| !l.unrelated()).count();
+    let unrelated = labels.len() - labelled;
     if !args.json {
         say(
             out,
             &format!(
-                "{} labelled queries against {} rows of `{}`",
-                labels.len(),
+                "{labelled} labelled queries{} against {} rows of `{}`",
+                if unrelated > 0 {
+                    format!(" and {unrelated} unrelated ones")
+                } else {
+                    String::new()
+                },
                 rows.len(),
                 args.kb.display()
             ),
         );
+        let at = args
+            .min_score
+            .map(|m| {
+                format!(
+                    " {:>9} {:>9} {:>9}",
+                    format!("right@{m}"),
+                    format!("wrong@{m}"),
+                    format!("none@{m}")
+                )
+            })
+            .unwrap_or_default();
         say(
             out,
             &format!(
-                "{:<16} {:>7} {:>7} {:>6} {:>13} {:>13}  id",
-                "embedder", "top-1", "top-3", "MRR", "query p50 ms", "query p99 ms"
+                "{:<16} {:>7} {:>7} {:>6} {:>9} {:>9}{at} {:>9} {:>9}  id",
+                "embedder", "top-1", "top-3", "MRR", "low right", "high none", "p50 ms", "p99 ms"
             ),
         );
     }
-    let n = labels.len() as f64;
+    let n = labelled as f64;
     for e in embedders {
         let mut s = score(e.as_ref(), &rows, &right, &labels)
             .await
             .map_err(|m| format!("embedder `{}`: {m}", e.name()))?;
         s.query_us.sort_unstable();
         let (p50, p99) = (percentile(&s.query_us, 50.0), percentile(&s.query_us, 99.0));
+        let low_right = s.right_scores.iter().copied().reduce(f32::min);
+        let high_none = s.unrelated_scores.iter().copied().reduce(f32::max);
+        // At `--min-score`: right rows that pass it, wrong rows that pass it (a wrong card),
+        // unrelated queries that nothing passes.
+        let at = args.min_score.map(|m| {
+            (
+                s.right_scores.iter().filter(|x| **x >= m).count() as f64 / n,
+                s.wrong_scores.iter().filter(|x| **x >= m).count() as f64 / n,
+                s.unrelated_scores.iter().filter(|x| **x < m).count() as f64
+                    / unrelated.max(1) as f64,
+            )
+        });
         if args.json {
             say(
                 out,
                 &json!({
-                    "embedder": s.name, "id": s.id, "queries": labels.len(),
+                    "embedder": s.name, "id": s.id, "queries": labelled, "unrelated": unrelated,
                     "top1": s.top1 as f64 / n, "top3": s.top3 as f64 / n, "mrr": s.mrr,
+                    "lowest_right_score": low_right, "highest_unrelated_score": high_none,
+                    "min_score": args.min_score,
+                    "right_at_min_score": at.map(|a| a.0),
+                    "wrong_at_min_score": at.map(|a| a.1),
+                    "unrelated_silent_at_min_score": at.filter(|_| unrelated > 0).map(|a| a.2),
                     "query_p50_ms": p50, "query_p99_ms": p99,
                     "misses": s.misses.iter().map(|(line, m)| json!({"line": line, "miss": m})).collect::<Vec<_>>(),
                 })
                 .to_string(),
             );
         } else {
+            let score = |x: Option<f32>| x.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+            let at = at
+                .map(|(r, w, q)| {
+                    let silent = if unrelated > 0 {
+                        format!("{:.1}%", 100.0 * q)
+                    } else {
+                        "-".into()
+                    };
+                    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+                    format!(" {:>9} {:>9} {silent:>9}", pct(r), pct(w))
+                })
+                .unwrap_or_default();
             say(
                 out,
                 &format!(
-                    "{:<16} {:>6.1}% {:>6.1}% {:>6.3} {:>13.2} {:>13.2}  {}",
+                    "{:<16} {:>6.1}% {:>6.1}% {:>6.3} {:>9} {:>9}{at} {:>9.2} {:>9.2}  {}",
                     s.name,
                     100.0 * s.top1 as f64 / n,
                     100.0 * s.top3 as f64 / n,
                     s.mrr,
+                    score(low_right),
+                    score(high_none),
                     p50,
                     p99,
                     s.id

@@ -31,6 +31,7 @@ pub mod console;
 pub mod demo;
 pub mod feed_bench;
 pub mod kb;
+pub mod kb_bench;
 pub mod kb_eval;
 pub mod live;
 pub mod live_bench;

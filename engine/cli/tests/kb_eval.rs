@@ -81,6 +81,94 @@ fn the_local_model_finds_paraphrases_the_lexical_embedder_misses() {
     }
 }
 
+/// The support articles behind knowledge assist, at the pipeline's `min_score` (0.35): most
+/// questions get their article, small talk gets none, few get a wrong one.
+#[test]
+fn at_the_pipelines_min_score_questions_get_articles_and_small_talk_nothing() {
+    if !root().join("models/all-MiniLM-L6-v2").is_dir() {
+        assert!(std::env::var_os("CI").is_none(), "no model in CI");
+        eprintln!("skipped: no model (scripts/get-model.sh models)");
+        return;
+    }
+    let pipeline =
+        std::fs::read_to_string(root().join("pipelines/local/knowledge_assist.yaml")).unwrap();
+    assert!(pipeline.contains("min_score: ${PROMPTER_ASSIST_MIN_SCORE:-0.35}"));
+    let (ok, stdout, stderr) = eval(&[
+        "pipelines/data/support_articles_eval.csv",
+        "--kb",
+        "pipelines/data/support_articles.csv",
+        "--model-dir",
+        "models/all-MiniLM-L6-v2",
+        "--min-score",
+        "0.35",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (lexical, local) = (&rows[0], &rows[1]);
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
+    assert_eq!(
+        (local["queries"].as_u64(), local["unrelated"].as_u64()),
+        (Some(40), Some(12))
+    );
+    assert!(f(local, "top1") >= f(lexical, "top1") + 0.25, "{stdout}");
+    assert!(f(local, "right_at_min_score") >= 0.75, "{stdout}");
+    assert!(f(local, "wrong_at_min_score") <= 0.05, "{stdout}");
+    assert!(
+        (f(local, "unrelated_silent_at_min_score") - 1.0).abs() < 1e-9,
+        "{stdout}"
+    );
+    // The window: small talk's best score stays under the pipeline's floor.
+    assert!(f(local, "highest_unrelated_score") < 0.35, "{stdout}");
+}
+
+#[test]
+fn unrelated_queries_count_apart_and_a_file_of_only_those_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.csv");
+    std::fs::write(
+        &labels,
+        "query,expected
+it's too expensive,Budget Constraints
+how was your weekend,
+",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = eval(&[
+        labels.to_str().unwrap(),
+        "--kb",
+        "pipelines/data/sales_objections.csv",
+        "--min-score",
+        "0.99",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let lexical: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(lexical["queries"], 1);
+    assert_eq!(lexical["unrelated"], 1);
+    assert_eq!(lexical["top1"], 1.0);
+    // Nothing scores 0.99: the right row is lost, the small talk silent.
+    assert_eq!(lexical["right_at_min_score"], 0.0);
+    assert_eq!(lexical["unrelated_silent_at_min_score"], 1.0);
+    std::fs::write(
+        &labels,
+        "query,expected
+how was your weekend,
+",
+    )
+    .unwrap();
+    let (ok, _, stderr) = eval(&[
+        labels.to_str().unwrap(),
+        "--kb",
+        "pipelines/data/sales_objections.csv",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("has no labelled queries"), "{stderr}");
+}
+
 #[test]
 fn a_label_no_row_starts_with_is_an_error_naming_its_line() {
     let dir = tempfile::tempdir().unwrap();

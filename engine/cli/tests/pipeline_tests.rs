@@ -58,10 +58,14 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// The shipped engine configs and `pipelines/` (pipelines, knowledge bases, recordings, tests)
 /// in a fresh folder. The Wasm plugins are not there (they live under `target/`), so the Wasm
-/// tests are skipped in it.
+/// tests are skipped in it, and so are the local model's (no `models/`).
 fn checkout_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for f in ["prompter.yaml", "prompter-plugins.yaml"] {
+    for f in [
+        "prompter.yaml",
+        "prompter-plugins.yaml",
+        "prompter-local.yaml",
+    ] {
         std::fs::copy(root().join(f), dir.path().join(f)).unwrap();
     }
     copy_dir(&root().join("pipelines"), &dir.path().join("pipelines"));
@@ -107,6 +111,17 @@ fn the_shipped_tests_pass_on_the_shipped_pipelines() {
         "skip pipelines/tests/wasm.test.yaml: the billing dispute raises one escalation and one compliance alert (missing `"
     };
     assert!(r.stdout.contains(wasm_line), "{}", r.stdout);
+    // Knowledge assist runs when the local model is there (scripts/test.sh gets it; CI must).
+    let model = root()
+        .join("models/all-MiniLM-L6-v2/model.safetensors")
+        .exists();
+    assert!(model || std::env::var_os("CI").is_none(), "no model in CI");
+    let assist_line = if model {
+        "ok   pipelines/tests/knowledge_assist.test.yaml: a help-desk call's four questions get their four articles, small talk and repeats nothing ("
+    } else {
+        "skip pipelines/tests/knowledge_assist.test.yaml: a help-desk call's four questions get their four articles, small talk and repeats nothing (missing `"
+    };
+    assert!(r.stdout.contains(assist_line), "{}", r.stdout);
 }
 
 #[test]
@@ -119,8 +134,8 @@ fn every_shipped_offline_pipeline_has_a_test() {
         }
     }
     // pipelines/live/ needs Nebula and Symbl (the test files say why); everything else runs
-    // offline on prompter.yaml or prompter-plugins.yaml.
-    for dir in ["pipelines", "pipelines/wasm"] {
+    // offline on prompter.yaml, prompter-plugins.yaml or prompter-local.yaml (the local model).
+    for dir in ["pipelines", "pipelines/wasm", "pipelines/local"] {
         for e in std::fs::read_dir(root().join(dir)).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_none_or(|x| x != "yaml") {
@@ -187,10 +202,11 @@ fn a_changed_knowledge_base_row_fails_with_a_readable_diff() {
         format!("         + actual text: \"Acknowledge the constraint, then put a number on the cost of the current manual process (hours per week times loaded salary) so the price is weighed against real savings. {new}\""),
     ];
     assert_eq!(block, expected, "\n{}", r.stdout);
-    // Only that test depends on the row; the Wasm tests cannot run in the copy.
+    // Only that test depends on the row; the Wasm tests (3) and knowledge assist's (4, no
+    // model) cannot run in the copy.
     let summary = lines.last().unwrap();
     assert!(
-        summary.starts_with("13 passed, 1 failed, 3 skipped ("),
+        summary.starts_with("13 passed, 1 failed, 7 skipped ("),
         "{summary}"
     );
     assert!(r.stdout.contains(

@@ -164,6 +164,20 @@ pub trait Embedder: Send + Sync + 'static {
         None
     }
 
+    /// Embeds on the calling thread, blocking it as long as it takes, for embedders that need
+    /// no network but too much CPU to run per query on an async thread (a local model); `None`
+    /// for remote ones. Lets a store embed its knowledge base when it opens (at engine start
+    /// or on a reload's blocking thread), with no separate ingest step.
+    ///
+    /// The default is [`Embedder::embed_local`] text by text, when that answers.
+    fn embed_offline(&self, texts: &[String]) -> Option<Result<Vec<Vec<f32>>, PluginError>> {
+        texts
+            .iter()
+            .map(|t| self.embed_local(t))
+            .collect::<Option<Vec<_>>>()
+            .map(Ok)
+    }
+
     /// One vector per text, in order.
     ///
     /// # Errors
@@ -269,6 +283,10 @@ impl Embedder for CachedEmbedder {
         let v = self.inner.embed_local(text)?;
         self.insert(text.to_owned(), v.clone().into());
         Some(v)
+    }
+    fn embed_offline(&self, texts: &[String]) -> Option<Result<Vec<Vec<f32>>, PluginError>> {
+        // Start-up work (a knowledge base's rows): not worth caching.
+        self.inner.embed_offline(texts)
     }
 
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PluginError> {

@@ -14,6 +14,8 @@
 //! - `pipeline`: the pipeline name.
 //!
 //! Extra filters: `transcript` formats transcript lines as `Speaker: text` lines.
+//! Extra tests: `text is question` is true for a sentence that asks something (see
+//! [`is_question`]).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -43,7 +45,96 @@ fn environment() -> Environment<'static> {
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     env.set_keep_trailing_newline(false);
     env.add_filter("transcript", transcript_filter);
+    env.add_test("question", |v: Value| v.as_str().is_some_and(is_question));
     env
+}
+
+/// Words that open a question when a subject follows them ("can you", "is there").
+const AUXILIARIES: &[&str] = &[
+    "am", "are", "can", "could", "did", "do", "does", "has", "have", "is", "may", "might", "shall",
+    "should", "was", "were", "will", "would", "isn't", "aren't", "can't", "couldn't", "didn't",
+    "don't", "doesn't", "won't", "wouldn't", "hasn't", "haven't",
+];
+
+/// Subjects after an auxiliary that make it a question ("do you ..." but not "do it now");
+/// the first six are people, the only ones that count after "do".
+const SUBJECTS: &[&str] = &[
+    "i", "you", "we", "they", "she", "he", "it", "there", "this", "that", "these", "those", "your",
+    "our", "my", "their", "the", "a", "an", "any", "anyone", "someone", "somebody",
+];
+
+/// Words that open a question on their own.
+const INTERROGATIVES: &[&str] = &[
+    "what", "what's", "how", "how's", "why", "when", "where", "where's", "which", "who", "who's",
+    "whom", "whose",
+];
+
+/// Openings of indirect questions ("I was wondering if ...").
+const INDIRECT: &[&str] = &[
+    "i was wondering",
+    "i'm wondering",
+    "i wonder",
+    "do you know",
+    "any idea",
+    "is there a way",
+    "is there any way",
+    "can you tell me",
+    "could you tell me",
+    "tell me how",
+];
+
+/// Whether an English text asks something: it has a `?`, or (as speech-to-text often drops
+/// the mark) one of its sentences opens like a question: an interrogative word followed by at least two more
+/// words ("how do refunds work"), an auxiliary followed by a subject ("do you integrate with
+/// ...", not "do it now"), or an indirect question ("I was wondering if ..."). A cheap
+/// heuristic over the sentence's first words, for `when:` filters: `event.message.text is
+/// question`.
+pub fn is_question(text: &str) -> bool {
+    // A text of several sentences or clauses asks something when one of them does ("Great.
+    // Also, can our data stay in Europe.", "We just signed up, and I was wondering whether").
+    text.contains('?') || text.split(['.', '!', ';', ',']).any(opens_like_a_question)
+}
+
+/// Whether one sentence or clause (without its final mark) opens like a question.
+fn opens_like_a_question(sentence: &str) -> bool {
+    let lower = sentence.to_lowercase().replace('\u{2019}', "'");
+    let mut words = lower
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric() && c != '\''))
+        .filter(|w| !w.is_empty())
+        // Leading fillers: "so", "and", "okay so", "um".
+        .skip_while(|w| {
+            matches!(
+                *w,
+                "so" | "and" | "but" | "okay" | "ok" | "um" | "uh" | "well" | "also" | "oh"
+            )
+        });
+    let Some(first) = words.next() else {
+        return false;
+    };
+    let second = words.next();
+    let third = words.next();
+    if INTERROGATIVES.contains(&first) {
+        return second.is_some() && third.is_some();
+    }
+    if AUXILIARIES.contains(&first) {
+        // "do" and "have" also open orders and wishes ("do it now", "have a great day"): after
+        // "do" only a person counts, after "have" no "a"/"an".
+        let subject = |w: &str| match first {
+            "do" | "don't" => SUBJECTS[..6].contains(&w),
+            "have" | "has" => SUBJECTS.contains(&w) && !matches!(w, "a" | "an"),
+            _ => SUBJECTS.contains(&w),
+        };
+        return second.is_some_and(subject) && third.is_some();
+    }
+    let opening = [Some(first), second, third, words.next()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+    INDIRECT
+        .iter()
+        .any(|p| opening.starts_with(p) && opening.len() > p.len())
 }
 
 /// `{{ conversation.transcript[-6:] | transcript }}` → "Speaker: text" lines.
@@ -371,6 +462,51 @@ mod tests {
         assert!(!e.is_true(&no).unwrap());
         assert!(Expr::compile("event.kind == ").is_err());
         assert!(Template::compile("{{ x(").is_err());
+    }
+
+    #[test]
+    fn questions_are_told_from_statements_and_small_talk() {
+        for q in [
+            "Can your tool talk to our CRM?",
+            "do you integrate with Salesforce",
+            "How do I export my data to a spreadsheet",
+            "So what happens to our data if we cancel",
+            "Is there a way to add more seats mid-contract.",
+            "I was wondering whether you support single sign-on.",
+            "Um, where is our data stored",
+            "Any idea when the refund shows up",
+            "It works, right?",
+            "Don\u{2019}t you offer an annual discount",
+            "Great. Also, can our data stay in Europe. Legal is strict about it.",
+            "We just signed up, and I was wondering whether people can use Okta.",
+        ] {
+            assert!(is_question(q), "a question: {q:?}");
+        }
+        for s in [
+            "Thanks, have a great weekend.",
+            "How nice.",
+            "Do it now.",
+            "We need single sign-on.",
+            "The weather has been lovely this week.",
+            "",
+            "   ",
+            "What.",
+            "I wonder.",
+            "Fine. How nice. Do it now!",
+        ] {
+            assert!(!is_question(s), "not a question: {s:?}");
+        }
+        // In a `when:` filter; a number or a missing text is not a question.
+        let e = Expr::compile("event.message.text is question").unwrap();
+        let ctx =
+            |text: Value| context! { event => context!{ message => context!{ text => text } } };
+        assert!(
+            e.is_true(&ctx(Value::from("Does it support SSO?")))
+                .unwrap()
+        );
+        assert!(!e.is_true(&ctx(Value::from("Great, thanks."))).unwrap());
+        assert!(!e.is_true(&ctx(Value::from(3))).unwrap());
+        assert!(!e.is_true(&context! { event => context!{} }).unwrap());
     }
 }
 

@@ -176,6 +176,10 @@ impl Embedder for MeteredEmbedder {
         }
         v
     }
+    fn embed_offline(&self, texts: &[String]) -> Option<Result<Vec<Vec<f32>>, PluginError>> {
+        // Start-up work, outside any run: not counted as the engine's embedding calls.
+        self.inner.embed_offline(texts)
+    }
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PluginError> {
         let start = Instant::now();
         let call = Box::new(EmbedCall(self.metrics.clone()));

@@ -26,6 +26,12 @@ use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use tokio::sync::Semaphore;
 
+/// The threads one model call spreads its matrix products over: candle's count, from
+/// `RAYON_NUM_THREADS` (or `CANDLE_NUM_THREADS`), else every core.
+pub fn compute_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
 /// Configuration of a `local` embedder (`embedders.<name>.config`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -187,18 +193,14 @@ impl LocalModel {
             .map_err(|e| format!("`{}`: {e}", tokenizer_file.display()))?;
 
         let weights_file = dir.join("model.safetensors");
-        let weights = std::fs::read(&weights_file).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                format!(
-                    "`{shown}` holds no `model.safetensors` (the local embedder reads safetensors weights, not pytorch_model.bin)"
-                )
-            } else {
-                format!("cannot read `{}`: {e}", weights_file.display())
-            }
-        })?;
-        let size = weights.len();
-        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)
+        if !weights_file.is_file() {
+            return Err(format!(
+                "`{shown}` holds no `model.safetensors` (the local embedder reads safetensors weights, not pytorch_model.bin)"
+            ));
+        }
+        let (tensors, size) = read_safetensors(&weights_file)
             .map_err(|e| format!("`{}`: {e}", weights_file.display()))?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         let model = BertModel::load(vb, &bert).map_err(|e| {
             format!(
                 "`{}` does not hold the weights its config.json describes: {e}",
@@ -294,6 +296,97 @@ impl LocalModel {
     }
 }
 
+/// The tensors of a safetensors file, read one at a time straight into their own storage: `f32`
+/// data lands in the vector the tensor keeps (no copy of the whole file held alongside the
+/// model, which would stay resident in the allocator), other types are converted. Returns the
+/// tensors and the file's size.
+fn read_safetensors(
+    path: &Path,
+) -> Result<(std::collections::HashMap<String, Tensor>, u64), String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let size = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| "too short for a safetensors file".to_owned())?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > 100 << 20 || 8 + header_len > size {
+        return Err(format!(
+            "not a safetensors file (a header of {header_len} bytes in a file of {size})"
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| format!("not a safetensors file (its header: {e})"))?;
+    let data_start = 8 + header_len;
+    let mut entries = Vec::with_capacity(header.len());
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info["dtype"].as_str().unwrap_or("?");
+        let shape: Vec<usize> = info["shape"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (Some(begin), Some(end)) = (
+            info["data_offsets"][0].as_u64(),
+            info["data_offsets"][1].as_u64(),
+        ) else {
+            return Err(format!("tensor `{name}` has no `data_offsets`"));
+        };
+        if begin > end || data_start + end > size {
+            return Err(format!(
+                "tensor `{name}` lies outside the file (bytes {begin}..{end}); is it truncated?"
+            ));
+        }
+        entries.push((begin, end, name, dtype, shape));
+    }
+    entries.sort_by_key(|e| e.0);
+    let mut tensors = std::collections::HashMap::with_capacity(entries.len());
+    for (begin, end, name, dtype, shape) in entries {
+        let bytes = (end - begin) as usize;
+        let elements: usize = shape.iter().product();
+        file.seek(SeekFrom::Start(data_start + begin))
+            .map_err(|e| e.to_string())?;
+        let tensor = if dtype == "F32" && cfg!(target_endian = "little") {
+            if elements * 4 != bytes {
+                return Err(format!(
+                    "tensor `{name}`: {bytes} bytes for shape {shape:?}"
+                ));
+            }
+            let mut data = vec![0f32; elements];
+            file.read_exact(bytemuck::cast_slice_mut(&mut data))
+                .map_err(|e| format!("tensor `{name}`: {e}"))?;
+            Tensor::from_vec(data, shape, &Device::Cpu)
+        } else {
+            let dt = match dtype {
+                "F32" => DType::F32,
+                "F16" => DType::F16,
+                "BF16" => DType::BF16,
+                "F64" => DType::F64,
+                "I64" => DType::I64,
+                "U32" => DType::U32,
+                "U8" => DType::U8,
+                other => return Err(format!("tensor `{name}` has an unsupported type `{other}`")),
+            };
+            let mut data = vec![0u8; bytes];
+            file.read_exact(&mut data)
+                .map_err(|e| format!("tensor `{name}`: {e}"))?;
+            Tensor::from_raw_buffer(&data, dt, &shape, &Device::Cpu)
+        }
+        .map_err(|e| format!("tensor `{name}`: {e}"))?;
+        tensors.insert(name.clone(), tensor);
+    }
+    Ok((tensors, size))
+}
+
 /// A [`LocalModel`] as a named [`Embedder`] resource.
 #[derive(Debug, Clone)]
 pub struct LocalModelEmbedder {
@@ -366,7 +459,23 @@ impl Embedder for LocalModelEmbedder {
         self.max_batch
     }
     // No `embed_local`: a model call takes milliseconds of CPU, so it never runs on the
-    // caller's (async) thread.
+    // caller's (async) thread. A store opening (engine start, a reload's blocking thread)
+    // embeds its rows here, in batches, with no separate ingest step.
+    fn embed_offline(&self, texts: &[String]) -> Option<Result<Vec<Vec<f32>>, PluginError>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(self.max_batch) {
+            match self.model.embed_blocking(chunk) {
+                Ok(v) => out.extend(v),
+                Err(m) => {
+                    return Some(Err(PluginError::internal(format!(
+                        "embedder `{}`: {m}",
+                        self.name
+                    ))));
+                }
+            }
+        }
+        Some(Ok(out))
+    }
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PluginError> {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(self.max_batch) {

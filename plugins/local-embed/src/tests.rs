@@ -2,13 +2,18 @@
 
 use super::*;
 
+/// The folder of the model the tests run (see [`model`]).
+fn model_dir() -> PathBuf {
+    std::env::var_os("PROMPTER_TEST_MODEL").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/all-MiniLM-L6-v2"),
+        PathBuf::from,
+    )
+}
+
 /// The model the tests run: `PROMPTER_TEST_MODEL`, else `models/all-MiniLM-L6-v2` at the
 /// workspace root (`scripts/get-model.sh models` puts it there; `scripts/test.sh` runs it).
 fn model() -> Option<LocalModel> {
-    let dir = std::env::var_os("PROMPTER_TEST_MODEL").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/all-MiniLM-L6-v2"),
-        PathBuf::from,
-    );
+    let dir = model_dir();
     if !dir.is_dir() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -148,6 +153,29 @@ fn a_missing_or_foreign_folder_says_what_and_how_to_get_the_model() {
         no_tokenizer.contains("holds no `tokenizer.json`"),
         "{no_tokenizer}"
     );
+
+    // The real model's tokenizer, with weights that are not whole.
+    let real = model_dir();
+    if real.is_dir() {
+        std::fs::copy(
+            real.join("tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        let no_weights = LocalModel::load(dir.path(), None).unwrap_err();
+        assert!(
+            no_weights.contains("holds no `model.safetensors`"),
+            "{no_weights}"
+        );
+        let weights = std::fs::read(real.join("model.safetensors")).unwrap();
+        let cut = dir.path().join("model.safetensors");
+        std::fs::write(&cut, &weights[..weights.len() / 2]).unwrap();
+        let truncated = LocalModel::load(dir.path(), None).unwrap_err();
+        assert!(truncated.contains("is it truncated?"), "{truncated}");
+        std::fs::write(&cut, b"not a safetensors file at all").unwrap();
+        let garbage = LocalModel::load(dir.path(), None).unwrap_err();
+        assert!(garbage.contains("not a safetensors file"), "{garbage}");
+    }
 
     let bad = LocalModelConfig {
         model_dir: "nope".into(),

@@ -7,8 +7,9 @@
 //!
 //! The default embedder is LEXICAL: it matches shared words and spellings, not meaning. "Budget
 //! Constraints" finds the row that starts with "Budget Constraints", but "too pricey" does not
-//! find "expensive". Real semantic embeddings come from Nebula later; the store and the stage
-//! will not change shape when they do.
+//! find "expensive". Semantic embedders are named in the engine config's `embedders:` (a local
+//! model, `provider: local`; Nebula; an OpenAI-compatible server); the store and the stage do
+//! not change shape with them.
 //!
 //! ```yaml
 //! - id: retrieve
@@ -19,6 +20,7 @@
 //!     top_k: 3                            # 1 to 50, default 3
 //!     min_score: 0.1                      # optional: drop documents scoring below
 //!     budget_ms: 400                      # optional: longest wait for a remote embedder
+//!     halt_if_empty: true                 # optional: no document left = the run stops
 //! ```
 //!
 //! When the store's embedder fails or exceeds `budget_ms`, the embedded store ranks by shared
@@ -86,6 +88,10 @@ pub struct RetrieveConfig {
     /// Default: no limit but the stage's `timeout_ms`.
     #[serde(default)]
     pub budget_ms: Option<u64>,
+    /// Stop the run when no document is left (none scored `min_score`): for pipelines that
+    /// offer a document or nothing. Default false: the list may be empty, later stages decide.
+    #[serde(default)]
+    pub halt_if_empty: bool,
 }
 
 fn default_query() -> String {
@@ -144,6 +150,7 @@ impl PluginFactory for RetrieveFactory {
             top_k: cfg.top_k,
             min_score: cfg.min_score,
             budget: cfg.budget_ms.map(std::time::Duration::from_millis),
+            halt_if_empty: cfg.halt_if_empty,
         }))
     }
 }
@@ -155,6 +162,7 @@ pub struct Retrieve {
     top_k: usize,
     min_score: Option<f32>,
     budget: Option<std::time::Duration>,
+    halt_if_empty: bool,
 }
 
 impl std::fmt::Debug for Retrieve {
@@ -182,6 +190,12 @@ impl Plugin for Retrieve {
             .await?;
         if let Some(min) = self.min_score {
             documents.retain(|d| d.score >= min);
+        }
+        if self.halt_if_empty && documents.is_empty() {
+            return Ok(Flow::Halt(match self.min_score {
+                Some(min) => format!("no document scored {min} or more for `{query}`"),
+                None => format!("no document for `{query}`"),
+            }));
         }
         // Typed: the prompt and notify stages take the documents as they are; the JSON form is
         // built only if a template reads `stages.<id>`.
@@ -309,6 +323,24 @@ mod tests {
         .unwrap();
         let v = continue_value(p.as_ref(), &tracker_event("Budget Constraints")).await;
         assert_eq!(v["documents"], json!([]));
+
+        // With `halt_if_empty`, nothing left stops the run (and says why); a match goes on.
+        let strict = "knowledge: sales\nquery: \"{{ event.tracker.name }}\"\nhalt_if_empty: true\nmin_score: ";
+        let p = build(&RetrieveFactory, &format!("{strict}0.99"), &res, &[]).unwrap();
+        let ev = tracker_event("Budget Constraints");
+        let r = run(p.as_ref(), &ev, &ConversationState::new("c1"), &[]).await;
+        assert_eq!(
+            r.flow.unwrap(),
+            Flow::Halt("no document scored 0.99 or more for `Budget Constraints`".into())
+        );
+        let p = build(&RetrieveFactory, &format!("{strict}0.1"), &res, &[]).unwrap();
+        let v = continue_value(p.as_ref(), &ev).await;
+        assert!(
+            v["documents"][0]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("Budget Constraints:")
+        );
     }
 
     #[test]

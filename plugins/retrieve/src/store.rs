@@ -276,9 +276,10 @@ impl EmbeddedStore {
         let rows = read_csv(&source)?;
         let mut known: HashMap<String, Document> =
             indexed.into_iter().map(|d| (d.id.clone(), d)).collect();
-        let mut documents = Vec::with_capacity(rows.len());
-        let mut missing = 0;
-        let mut embedded = 0;
+        // Rows already in the index keep their vectors; the others are embedded here when the
+        // embedder needs no network (in CSV order, so the index is the same either way).
+        let mut slots: Vec<Result<Document, (String, String, String)>> =
+            Vec::with_capacity(rows.len());
         let mut seen = HashSet::new();
         for (text, data) in rows {
             let id = document_id(&text, &data);
@@ -286,29 +287,47 @@ impl EmbeddedStore {
             if !seen.insert(id.clone()) {
                 continue;
             }
-            if let Some(d) = known.remove(&id) {
-                documents.push(d);
-            } else if let Some(embedding) = embedder.embed_local(&text) {
-                embedded += 1;
-                documents.push(Document {
+            slots.push(known.remove(&id).ok_or((id, text, data)));
+        }
+        let texts: Vec<String> = slots
+            .iter()
+            .filter_map(|s| s.as_ref().err().map(|(_, text, _)| text.clone()))
+            .collect();
+        let embedded = texts.len();
+        let mut vectors = match (embedded, embedder.embed_offline(&texts)) {
+            (0, _) => Vec::new().into_iter(),
+            (_, Some(Ok(v))) if v.len() == embedded => v.into_iter(),
+            (_, Some(Ok(v))) => {
+                return Err(StoreError::Embedding {
+                    saved: 0,
+                    source: PluginError::internal(format!(
+                        "embedder `{embedder_id}` answered {} vectors for {embedded} rows",
+                        v.len()
+                    )),
+                });
+            }
+            (_, Some(Err(source))) => return Err(StoreError::Embedding { saved: 0, source }),
+            (missing, None) => {
+                return Err(StoreError::NotIngested {
+                    store: name.to_owned(),
+                    source_file: source,
+                    missing,
+                    total: slots.len(),
+                    embedder: embedder_id,
+                });
+            }
+        };
+        let documents: Vec<Document> = slots
+            .into_iter()
+            .map(|slot| {
+                slot.unwrap_or_else(|(id, text, data)| Document {
                     id,
                     text,
                     data,
-                    embedding,
-                });
-            } else {
-                missing += 1;
-            }
-        }
-        if missing > 0 {
-            return Err(StoreError::NotIngested {
-                store: name.to_owned(),
-                source_file: source,
-                missing,
-                total: documents.len() + missing,
-                embedder: embedder_id,
-            });
-        }
+                    embedding: vectors.next().unwrap_or_default(),
+                })
+            })
+            .collect();
         check_dims(&documents, &embedder_id)?;
         // Rewrite the index when rows were added or dropped, so the next start is a pure load.
         if embedded > 0 || !known.is_empty() {

@@ -94,6 +94,7 @@
   const KIND_LABELS = {
     suggestion: "Suggestion",
     open_questions: "Questions",
+    knowledge: "Article",
     summary: "Summary",
   };
   const kindLabel = (kind) =>

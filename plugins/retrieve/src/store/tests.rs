@@ -483,3 +483,81 @@ async fn a_query_embedding_cut_by_the_budget_still_counts_as_the_stage_waiting()
     assert!(waited >= budget, "{waited:?}");
     assert!(waited < std::time::Duration::from_millis(400), "{waited:?}");
 }
+
+/// A model that runs on this machine but not per query on an async thread: it answers only
+/// `embed_offline` (counted) and `embed`, never `embed_local`.
+struct Offline {
+    inner: HashingEmbedder,
+    offline_texts: AtomicU64,
+    fail: bool,
+}
+
+#[async_trait]
+impl Embedder for Offline {
+    fn name(&self) -> &str {
+        "model"
+    }
+    fn id(&self) -> String {
+        "model-v1".into()
+    }
+    fn dims(&self) -> Option<usize> {
+        Some(1024)
+    }
+    fn embed_offline(&self, texts: &[String]) -> Option<Result<Vec<Vec<f32>>, PluginError>> {
+        self.offline_texts
+            .fetch_add(texts.len() as u64, Ordering::SeqCst);
+        if self.fail {
+            return Some(Err(PluginError::internal(
+                "running the model: out of memory",
+            )));
+        }
+        Some(Ok(texts.iter().map(|t| self.inner.embed(t)).collect()))
+    }
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PluginError> {
+        Ok(texts.iter().map(|t| self.inner.embed(t)).collect())
+    }
+}
+
+#[tokio::test]
+async fn a_local_model_store_embeds_new_rows_when_it_opens_and_keeps_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("kb.csv");
+    fs::write(&csv, KB).unwrap();
+    let model = Arc::new(Offline {
+        inner: HashingEmbedder::default(),
+        offline_texts: AtomicU64::new(0),
+        fail: false,
+    });
+    let store = EmbeddedStore::open("sales", config("kb.csv"), dir.path(), model.clone()).unwrap();
+    assert_eq!(store.len(), 4);
+    assert_eq!(model.offline_texts.load(Ordering::SeqCst), 4);
+    let docs = store.search("Security Concerns", 1).await.unwrap();
+    assert!(docs[0].text.starts_with("Security Concerns:"), "{docs:?}");
+
+    // One row edited in the middle: only it is embedded on the next start, and the rows keep
+    // the CSV's order (equal scores rank in CSV order).
+    let edited = KB.replace("phased rollout", "starter package");
+    fs::write(&csv, &edited).unwrap();
+    let store = EmbeddedStore::open("sales", config("kb.csv"), dir.path(), model.clone()).unwrap();
+    assert_eq!(model.offline_texts.load(Ordering::SeqCst), 5);
+    let order: Vec<String> = store.documents.iter().map(|d| d.data.clone()).collect();
+    assert!(order[0].contains("starter package"), "{order:?}");
+    assert!(order[3].starts_with("Ask what changes"), "{order:?}");
+
+    // A model that fails while the store opens: the error says so; nothing half-written.
+    fs::write(
+        &csv,
+        format!("{edited}\"Authority: I need to ask my boss\",\"Offer a deck.\"\n"),
+    )
+    .unwrap();
+    let failing = Arc::new(Offline {
+        inner: HashingEmbedder::default(),
+        offline_texts: AtomicU64::new(0),
+        fail: true,
+    });
+    let err = EmbeddedStore::open("sales", config("kb.csv"), dir.path(), failing).unwrap_err();
+    assert!(err.to_string().contains("out of memory"), "{err}");
+    let store = EmbeddedStore::open("sales", config("kb.csv"), dir.path(), model.clone()).unwrap();
+    assert_eq!(store.len(), 5);
+    assert_eq!(model.offline_texts.load(Ordering::SeqCst), 6);
+}
