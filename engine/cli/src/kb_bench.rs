@@ -47,8 +47,9 @@ pub struct BenchArgs {
     /// Length of the throughput pass, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
-    /// Price of one core-hour, in US dollars, for the cost per million embeddings.
-    #[arg(long, default_value_t = 0.04)]
+    /// Price of one core-hour, in US dollars, for the cost per million embeddings [default:
+    /// an on-demand cloud vCPU, about $0.09 an hour for two].
+    #[arg(long, default_value_t = 0.045)]
     pub core_hour_usd: f64,
     /// Engine config that loads the model, for the memory run (nothing to compare: `none`).
     #[arg(long, default_value = "prompter-local.yaml")]

@@ -15,6 +15,19 @@ fn root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
+/// Whether the model is there (scripts/test.sh gets it; in CI it must be).
+fn have_model() -> bool {
+    if root().join("models/all-MiniLM-L6-v2").is_dir() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "no model: scripts/test.sh gets it with scripts/get-model.sh models"
+    );
+    eprintln!("skipped: no model (scripts/get-model.sh models)");
+    false
+}
+
 fn eval(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_prompter"))
         .current_dir(root())
@@ -31,12 +44,7 @@ fn eval(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn the_local_model_finds_paraphrases_the_lexical_embedder_misses() {
-    if !root().join("models/all-MiniLM-L6-v2").is_dir() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "no model: scripts/test.sh gets it with scripts/get-model.sh models"
-        );
-        eprintln!("skipped: no model (scripts/get-model.sh models)");
+    if !have_model() {
         return;
     }
     for (labels, kb) in [
@@ -85,9 +93,7 @@ fn the_local_model_finds_paraphrases_the_lexical_embedder_misses() {
 /// questions get their article, small talk gets none, few get a wrong one.
 #[test]
 fn at_the_pipelines_min_score_questions_get_articles_and_small_talk_nothing() {
-    if !root().join("models/all-MiniLM-L6-v2").is_dir() {
-        assert!(std::env::var_os("CI").is_none(), "no model in CI");
-        eprintln!("skipped: no model (scripts/get-model.sh models)");
+    if !have_model() {
         return;
     }
     let pipeline =
@@ -209,4 +215,81 @@ fn a_label_no_row_starts_with_is_an_error_naming_its_line() {
         stderr.contains("no embedder `nebula`; there are: lexical"),
         "{stderr}"
     );
+}
+
+/// `prompter kb bench` measures what it says on a few texts (a smoke run; the figures in the
+/// README come from a release build with the defaults).
+#[test]
+fn kb_bench_reports_latency_throughput_cost_and_engine_memory() {
+    if !have_model() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let queries = dir.path().join("q.csv");
+    std::fs::write(
+        &queries,
+        "query\nCan your tool talk to our CRM?\nHow much does it cost per person?\nIs there an iPhone app?\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_prompter"))
+        .current_dir(root())
+        .args([
+            "kb",
+            "bench",
+            "--rounds",
+            "2",
+            "--seconds",
+            "0.3",
+            "--batch",
+            "4",
+        ])
+        .args(["--speed", "200", "--json", "--queries"])
+        .arg(&queries)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let f = |p: &str| r.pointer(p).and_then(Value::as_f64).unwrap();
+    assert_eq!(r["texts"], 3);
+    assert_eq!(r["single"]["count"], 6);
+    assert!(f("/single/p50_ms") > 0.0 && f("/single/p50_ms") <= f("/single/p99_ms"));
+    assert!(f("/batch/per_cpu_second") > 0.0, "{stdout}");
+    assert!(f("/batch/usd_per_million") > 0.0, "{stdout}");
+    // The model is ~90 MB of f32 weights: the process holds at least that once it is loaded.
+    assert!(f("/model_rss_mib") > 80.0, "{stdout}");
+    // The engine with the model replayed the help-desk call and printed its four cards; the
+    // one without it has no knowledge assist and less memory.
+    let engines = r["engines"].as_array().unwrap();
+    assert_eq!(engines.len(), 2, "{stdout}");
+    assert_eq!(engines[0]["knowledge_cards"], 4, "{stdout}");
+    assert_eq!(engines[1]["knowledge_cards"], 0, "{stdout}");
+    let rss = |e: &Value| e["peak_rss_mib"].as_f64().unwrap();
+    assert!(rss(&engines[0]) > rss(&engines[1]) + 80.0, "{stdout}");
+}
+
+/// The default demo loads no model: in a folder with no `prompter.yaml` and no `models/` (its
+/// embedded defaults), with no network, it plays the call and shows its cards.
+#[test]
+fn the_default_demo_runs_with_no_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_prompter"))
+        .current_dir(dir.path())
+        .env_remove("PROMPTER_MODEL_DIR")
+        .env("PROMPTER_LLM", "offline")
+        .args(["demo", "--speed", "1000", "--no-color"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Budget Constraints"), "{stdout}");
+    assert!(!dir.path().join("models").exists());
 }

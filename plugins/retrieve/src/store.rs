@@ -166,6 +166,17 @@ pub enum StoreError {
         #[source]
         source: PluginError,
     },
+    /// The embedder failed while a store embedded its rows on opening; nothing was written.
+    #[error("knowledge store `{store}`: embedding its rows with `{embedder}` failed: {source}")]
+    OpenEmbedding {
+        /// The store.
+        store: String,
+        /// The embedder's id.
+        embedder: String,
+        /// The embedder's error.
+        #[source]
+        source: PluginError,
+    },
     /// The embedder answered vectors of different lengths.
     #[error(
         "the embedder `{embedder}` answered {got}-dimensional vectors where {want} were expected"
@@ -298,15 +309,22 @@ impl EmbeddedStore {
             (0, _) => Vec::new().into_iter(),
             (_, Some(Ok(v))) if v.len() == embedded => v.into_iter(),
             (_, Some(Ok(v))) => {
-                return Err(StoreError::Embedding {
-                    saved: 0,
+                return Err(StoreError::OpenEmbedding {
+                    store: name.to_owned(),
                     source: PluginError::internal(format!(
-                        "embedder `{embedder_id}` answered {} vectors for {embedded} rows",
+                        "{} vectors for {embedded} rows",
                         v.len()
                     )),
+                    embedder: embedder_id,
                 });
             }
-            (_, Some(Err(source))) => return Err(StoreError::Embedding { saved: 0, source }),
+            (_, Some(Err(source))) => {
+                return Err(StoreError::OpenEmbedding {
+                    store: name.to_owned(),
+                    embedder: embedder_id,
+                    source,
+                });
+            }
             (missing, None) => {
                 return Err(StoreError::NotIngested {
                     store: name.to_owned(),
