@@ -158,15 +158,19 @@ async fn engine_run(config: &Path, call: &Path, speed: f64) -> Result<EngineRun,
         .spawn()
         .map_err(|e| format!("cannot start `prompter replay`: {e}"))?;
     let pid = child.id().map(|p| p.to_string()).unwrap_or_default();
-    let mut stdout = child.stdout.take();
-    let reader = tokio::spawn(async move {
-        let mut text = String::new();
-        if let Some(s) = stdout.as_mut() {
-            use tokio::io::AsyncReadExt;
-            let _ = s.read_to_string(&mut text).await;
-        }
-        text
-    });
+    // Both pipes are drained while the child runs, so neither fills and stalls it.
+    let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
+        tokio::spawn(async move {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                use tokio::io::AsyncReadExt;
+                let _ = p.read_to_string(&mut text).await;
+            }
+            text
+        })
+    };
+    let stdout_reader = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr_reader = drain(child.stderr.take().map(|p| Box::new(p) as _));
     let mut peak = 0;
     let status = loop {
         let (_, hwm) = procfs::memory_kib(&pid);
@@ -177,13 +181,9 @@ async fn engine_run(config: &Path, call: &Path, speed: f64) -> Result<EngineRun,
         }
     };
     let wall = started.elapsed();
-    let stdout = reader.await.unwrap_or_default();
+    let stdout = stdout_reader.await.unwrap_or_default();
+    let stderr = stderr_reader.await.unwrap_or_default();
     if !status.success() {
-        let mut stderr = String::new();
-        if let Some(mut s) = child.stderr.take() {
-            use tokio::io::AsyncReadExt;
-            let _ = s.read_to_string(&mut stderr).await;
-        }
         return Err(format!(
             "`prompter replay --config {}` failed: {}",
             config.display(),
@@ -209,8 +209,26 @@ async fn engine_run(config: &Path, call: &Path, speed: f64) -> Result<EngineRun,
 }
 
 async fn run(args: &BenchArgs, out: &Stream, err: &Stream) -> Result<(), String> {
-    if args.batch == 0 || args.rounds == 0 || args.seconds.is_nan() || args.seconds <= 0.0 {
-        return Err("--batch, --rounds and --seconds must be more than 0".into());
+    if !(1..=1024).contains(&args.batch) {
+        return Err(format!(
+            "--batch must be between 1 and 1024, got {}",
+            args.batch
+        ));
+    }
+    if !(1..=1000).contains(&args.rounds) {
+        return Err(format!(
+            "--rounds must be between 1 and 1000, got {}",
+            args.rounds
+        ));
+    }
+    if !(args.seconds > 0.0 && args.seconds <= 3600.0) {
+        return Err(format!(
+            "--seconds must be more than 0 and at most 3600, got {}",
+            args.seconds
+        ));
+    }
+    if !(args.speed > 0.0 && args.speed <= 1e6) {
+        return Err(format!("--speed must be more than 0, got {}", args.speed));
     }
     let files = if args.queries.is_empty() {
         default_queries()

@@ -69,6 +69,13 @@ const INTERROGATIVES: &[&str] = &[
     "whom", "whose",
 ];
 
+/// Words after an interrogative that make it a question ("how long", "what about"), beside the
+/// auxiliaries ("where is", "why did"): "when we moved ..." and "what a day" are not questions.
+const AFTER_INTERROGATIVE: &[&str] = &[
+    "much", "many", "long", "often", "soon", "far", "about", "if", "else", "happens", "happened",
+    "kind", "sort", "type", "exactly", "not", "come", "time",
+];
+
 /// Openings of indirect questions ("I was wondering if ...").
 const INDIRECT: &[&str] = &[
     "i was wondering",
@@ -84,11 +91,12 @@ const INDIRECT: &[&str] = &[
 ];
 
 /// Whether an English text asks something: it has a `?`, or (as speech-to-text often drops
-/// the mark) one of its sentences opens like a question: an interrogative word followed by at least two more
-/// words ("how do refunds work"), an auxiliary followed by a subject ("do you integrate with
-/// ...", not "do it now"), or an indirect question ("I was wondering if ..."). A cheap
-/// heuristic over the sentence's first words, for `when:` filters: `event.message.text is
-/// question`.
+/// the mark) one of its sentences or clauses opens like a question: an interrogative word
+/// followed by an auxiliary or a word such as "long" or "about" and one more word ("how do
+/// refunds work", "what about our data", not "when we moved" or "what a day"), an auxiliary
+/// followed by a subject and one more word ("do you integrate with ...", not "do it now"), or
+/// an indirect question ("I was wondering if ..."). A cheap heuristic over the first words,
+/// for `when:` filters: `event.message.text is question`.
 pub fn is_question(text: &str) -> bool {
     // A text of several sentences or clauses asks something when one of them does ("Great.
     // Also, can our data stay in Europe.", "We just signed up, and I was wondering whether").
@@ -115,7 +123,25 @@ fn opens_like_a_question(sentence: &str) -> bool {
     let second = words.next();
     let third = words.next();
     if INTERROGATIVES.contains(&first) {
-        return second.is_some() && third.is_some();
+        let Some(second) = second else {
+            return false;
+        };
+        // "what's the price", "how's the rollout going".
+        if first.ends_with("'s") {
+            return true;
+        }
+        let Some(third) = third else {
+            return false;
+        };
+        // "how long does it take", "where is our data", "why did the price change".
+        if AUXILIARIES.contains(&second) || AFTER_INTERROGATIVE.contains(&second) {
+            return true;
+        }
+        // "which country are your servers in", "what plan are we on"; not "what we need is".
+        return matches!(first, "what" | "which" | "whose")
+            && !SUBJECTS[..6].contains(&second)
+            && !matches!(second, "a" | "an")
+            && AUXILIARIES.contains(&third);
     }
     if AUXILIARIES.contains(&first) {
         // "do" and "have" also open orders and wishes ("do it now", "have a great day"): after
@@ -132,9 +158,12 @@ fn opens_like_a_question(sentence: &str) -> bool {
         .flatten()
         .collect::<Vec<_>>()
         .join(" ");
-    INDIRECT
-        .iter()
-        .any(|p| opening.starts_with(p) && opening.len() > p.len())
+    // Whole words, and something after them: "i wonder if", not "i wonder" or "i wonderful".
+    INDIRECT.iter().any(|p| {
+        opening
+            .strip_prefix(p)
+            .is_some_and(|rest| rest.starts_with(' '))
+    })
 }
 
 /// `{{ conversation.transcript[-6:] | transcript }}` → "Speaker: text" lines.
@@ -479,6 +508,12 @@ mod tests {
             "Don\u{2019}t you offer an annual discount",
             "Great. Also, can our data stay in Europe. Legal is strict about it.",
             "We just signed up, and I was wondering whether people can use Okta.",
+            "What plan are we on",
+            "Which country are your servers in",
+            "How long does a rollout take",
+            "Why did the price change",
+            "What's the price for ten seats",
+            "What about our historical data",
         ] {
             assert!(is_question(q), "a question: {q:?}");
         }
@@ -493,6 +528,11 @@ mod tests {
             "What.",
             "I wonder.",
             "Fine. How nice. Do it now!",
+            "When we moved to the new plan, billing broke.",
+            "What a great idea.",
+            "Who knows what happened.",
+            "What we need is a quote.",
+            "I wonderful it works.",
         ] {
             assert!(!is_question(s), "not a question: {s:?}");
         }

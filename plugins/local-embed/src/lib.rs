@@ -310,7 +310,7 @@ fn read_safetensors(
     file.read_exact(&mut len)
         .map_err(|_| "too short for a safetensors file".to_owned())?;
     let header_len = u64::from_le_bytes(len);
-    if header_len > 100 << 20 || 8 + header_len > size {
+    if header_len > 100 << 20 || header_len.saturating_add(8) > size {
         return Err(format!(
             "not a safetensors file (a header of {header_len} bytes in a file of {size})"
         ));
@@ -341,7 +341,7 @@ fn read_safetensors(
         ) else {
             return Err(format!("tensor `{name}` has no `data_offsets`"));
         };
-        if begin > end || data_start + end > size {
+        if begin > end || data_start.checked_add(end).is_none_or(|e| e > size) {
             return Err(format!(
                 "tensor `{name}` lies outside the file (bytes {begin}..{end}); is it truncated?"
             ));
@@ -352,11 +352,16 @@ fn read_safetensors(
     let mut tensors = std::collections::HashMap::with_capacity(entries.len());
     for (begin, end, name, dtype, shape) in entries {
         let bytes = (end - begin) as usize;
-        let elements: usize = shape.iter().product();
+        // Checked: a corrupt header must be an error, not an overflow or a huge allocation
+        // (the bytes are within the file, checked above).
+        let elements = shape
+            .iter()
+            .try_fold(1usize, |n, d| n.checked_mul(*d))
+            .ok_or_else(|| format!("tensor `{name}` has an impossible shape {shape:?}"))?;
         file.seek(SeekFrom::Start(data_start + begin))
             .map_err(|e| e.to_string())?;
         let tensor = if dtype == "F32" && cfg!(target_endian = "little") {
-            if elements * 4 != bytes {
+            if elements.checked_mul(4) != Some(bytes) {
                 return Err(format!(
                     "tensor `{name}`: {bytes} bytes for shape {shape:?}"
                 ));
@@ -376,6 +381,11 @@ fn read_safetensors(
                 "U8" => DType::U8,
                 other => return Err(format!("tensor `{name}` has an unsupported type `{other}`")),
             };
+            if elements.checked_mul(dt.size_in_bytes()) != Some(bytes) {
+                return Err(format!(
+                    "tensor `{name}`: {bytes} bytes for shape {shape:?}"
+                ));
+            }
             let mut data = vec![0u8; bytes];
             file.read_exact(&mut data)
                 .map_err(|e| format!("tensor `{name}`: {e}"))?;

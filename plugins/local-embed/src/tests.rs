@@ -175,6 +175,25 @@ fn a_missing_or_foreign_folder_says_what_and_how_to_get_the_model() {
         std::fs::write(&cut, b"not a safetensors file at all").unwrap();
         let garbage = LocalModel::load(dir.path(), None).unwrap_err();
         assert!(garbage.contains("not a safetensors file"), "{garbage}");
+        // Headers whose numbers would overflow: errors, not a panic or a huge allocation.
+        let file = |header: &str| {
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend_from_slice(&[0u8; 8]);
+            std::fs::write(&cut, bytes).unwrap();
+            LocalModel::load(dir.path(), None).unwrap_err()
+        };
+        let max = u64::MAX;
+        let far = file(&format!(
+            r#"{{"w":{{"dtype":"F32","shape":[2],"data_offsets":[0,{max}]}}}}"#
+        ));
+        assert!(far.contains("outside the file"), "{far}");
+        let huge = file(&format!(
+            r#"{{"w":{{"dtype":"F32","shape":[{max},{max}],"data_offsets":[0,8]}}}}"#
+        ));
+        assert!(huge.contains("impossible shape"), "{huge}");
+        let wrong = file(r#"{"w":{"dtype":"I64","shape":[3],"data_offsets":[0,8]}}"#);
+        assert!(wrong.contains("8 bytes for shape [3]"), "{wrong}");
     }
 
     let bad = LocalModelConfig {

@@ -192,9 +192,10 @@ impl Plugin for Retrieve {
             documents.retain(|d| d.score >= min);
         }
         if self.halt_if_empty && documents.is_empty() {
+            // The reason is logged: it names the floor, not the customer's words.
             return Ok(Flow::Halt(match self.min_score {
-                Some(min) => format!("no document scored {min} or more for `{query}`"),
-                None => format!("no document for `{query}`"),
+                Some(min) => format!("no document scored {min} or more"),
+                None => "no document".to_owned(),
             }));
         }
         // Typed: the prompt and notify stages take the documents as they are; the JSON form is
@@ -331,7 +332,7 @@ mod tests {
         let r = run(p.as_ref(), &ev, &ConversationState::new("c1"), &[]).await;
         assert_eq!(
             r.flow.unwrap(),
-            Flow::Halt("no document scored 0.99 or more for `Budget Constraints`".into())
+            Flow::Halt("no document scored 0.99 or more".into())
         );
         let p = build(&RetrieveFactory, &format!("{strict}0.1"), &res, &[]).unwrap();
         let v = continue_value(p.as_ref(), &ev).await;

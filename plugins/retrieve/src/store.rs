@@ -167,7 +167,7 @@ pub enum StoreError {
         source: PluginError,
     },
     /// The embedder failed while a store embedded its rows on opening; nothing was written.
-    #[error("knowledge store `{store}`: embedding its rows with `{embedder}` failed: {source}")]
+    #[error("embedding the rows of store `{store}` with `{embedder}` failed: {source}")]
     OpenEmbedding {
         /// The store.
         store: String,
@@ -305,9 +305,30 @@ impl EmbeddedStore {
             .filter_map(|s| s.as_ref().err().map(|(_, text, _)| text.clone()))
             .collect();
         let embedded = texts.len();
-        let mut vectors = match (embedded, embedder.embed_offline(&texts)) {
+        // A model (no `embed_local`) takes milliseconds a row: say what the start is waiting on.
+        let slow = embedded > 0 && embedder.embed_local("probe").is_none();
+        let started = std::time::Instant::now();
+        if slow {
+            tracing::info!(store = name, rows = embedded, embedder = %embedder_id, "Embedding the rows the index lacks.");
+        }
+        let outcome = if embedded == 0 {
+            None
+        } else {
+            embedder.embed_offline(&texts)
+        };
+        let mut vectors = match (embedded, outcome) {
             (0, _) => Vec::new().into_iter(),
-            (_, Some(Ok(v))) if v.len() == embedded => v.into_iter(),
+            (_, Some(Ok(v))) if v.len() == embedded => {
+                if slow {
+                    tracing::info!(
+                        store = name,
+                        rows = embedded,
+                        ms = started.elapsed().as_millis() as u64,
+                        "Embedded the new rows."
+                    );
+                }
+                v.into_iter()
+            }
             (_, Some(Ok(v))) => {
                 return Err(StoreError::OpenEmbedding {
                     store: name.to_owned(),

@@ -558,7 +558,7 @@ async fn a_local_model_store_embeds_new_rows_when_it_opens_and_keeps_the_others(
     let err = EmbeddedStore::open("sales", config("kb.csv"), dir.path(), failing).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "knowledge store `sales`: embedding its rows with `model-v1` failed: running the model: out of memory"
+        "embedding the rows of store `sales` with `model-v1` failed: running the model: out of memory"
     );
     let store = EmbeddedStore::open("sales", config("kb.csv"), dir.path(), model.clone()).unwrap();
     assert_eq!(store.len(), 5);
