@@ -206,12 +206,9 @@ async fn score(
     Ok(s)
 }
 
+/// The nearest-rank percentile of microseconds, in milliseconds.
 fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[i.clamp(1, sorted.len()) - 1] as f64 / 1000.0
+    crate::bench::pct(sorted, p) as f64 / 1000.0
 }
 
 /// The embedders to compare: the built-in lexical one, the config's, the model folders'.

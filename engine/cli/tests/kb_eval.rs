@@ -28,6 +28,18 @@ fn have_model() -> bool {
     false
 }
 
+/// `kb eval ARGS... --json`, which must succeed: one object per embedder.
+fn eval_json(args: &[&str]) -> Vec<Value> {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (ok, stdout, stderr) = eval(&all);
+    assert!(ok, "{stderr}");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn eval(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_prompter"))
         .current_dir(root())
@@ -57,19 +69,8 @@ fn the_local_model_finds_paraphrases_the_lexical_embedder_misses() {
             "pipelines/data/alt_knowledge.csv",
         ),
     ] {
-        let (ok, stdout, stderr) = eval(&[
-            labels,
-            "--kb",
-            kb,
-            "--model-dir",
-            "models/all-MiniLM-L6-v2",
-            "--json",
-        ]);
-        assert!(ok, "{stderr}");
-        let rows: Vec<Value> = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let rows = eval_json(&[labels, "--kb", kb, "--model-dir", "models/all-MiniLM-L6-v2"]);
+        let stdout = format!("{rows:#?}");
         assert_eq!(rows.len(), 2, "{stdout}");
         let (lexical, local) = (&rows[0], &rows[1]);
         assert_eq!(lexical["embedder"], "lexical");
@@ -99,7 +100,7 @@ fn at_the_pipelines_min_score_questions_get_articles_and_small_talk_nothing() {
     let pipeline =
         std::fs::read_to_string(root().join("pipelines/local/knowledge_assist.yaml")).unwrap();
     assert!(pipeline.contains("min_score: ${PROMPTER_ASSIST_MIN_SCORE:-0.35}"));
-    let (ok, stdout, stderr) = eval(&[
+    let rows = eval_json(&[
         "pipelines/data/support_articles_eval.csv",
         "--kb",
         "pipelines/data/support_articles.csv",
@@ -107,13 +108,8 @@ fn at_the_pipelines_min_score_questions_get_articles_and_small_talk_nothing() {
         "models/all-MiniLM-L6-v2",
         "--min-score",
         "0.35",
-        "--json",
     ]);
-    assert!(ok, "{stderr}");
-    let rows: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let stdout = format!("{rows:#?}");
     let (lexical, local) = (&rows[0], &rows[1]);
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
     assert_eq!(
@@ -137,35 +133,24 @@ fn unrelated_queries_count_apart_and_a_file_of_only_those_is_an_error() {
     let labels = dir.path().join("labels.csv");
     std::fs::write(
         &labels,
-        "query,expected
-it's too expensive,Budget Constraints
-how was your weekend,
-",
+        "query,expected\nit's too expensive,Budget Constraints\nhow was your weekend,\n",
     )
     .unwrap();
-    let (ok, stdout, stderr) = eval(&[
+    let rows = eval_json(&[
         labels.to_str().unwrap(),
         "--kb",
         "pipelines/data/sales_objections.csv",
         "--min-score",
         "0.99",
-        "--json",
     ]);
-    assert!(ok, "{stderr}");
-    let lexical: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    let lexical = &rows[0];
     assert_eq!(lexical["queries"], 1);
     assert_eq!(lexical["unrelated"], 1);
     assert_eq!(lexical["top1"], 1.0);
     // Nothing scores 0.99: the right row is lost, the small talk silent.
     assert_eq!(lexical["right_at_min_score"], 0.0);
     assert_eq!(lexical["unrelated_silent_at_min_score"], 1.0);
-    std::fs::write(
-        &labels,
-        "query,expected
-how was your weekend,
-",
-    )
-    .unwrap();
+    std::fs::write(&labels, "query,expected\nhow was your weekend,\n").unwrap();
     let (ok, _, stderr) = eval(&[
         labels.to_str().unwrap(),
         "--kb",

@@ -288,9 +288,11 @@ impl EmbeddedStore {
         let mut known: HashMap<String, Document> =
             indexed.into_iter().map(|d| (d.id.clone(), d)).collect();
         // Rows already in the index keep their vectors; the others are embedded here when the
-        // embedder needs no network (in CSV order, so the index is the same either way).
-        let mut slots: Vec<Result<Document, (String, String, String)>> =
-            Vec::with_capacity(rows.len());
+        // embedder needs no network, and take their place in CSV order, so the index is the
+        // same either way.
+        let mut slots: Vec<Option<Document>> = Vec::with_capacity(rows.len());
+        let mut new_rows: Vec<(usize, String, String)> = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
         let mut seen = HashSet::new();
         for (text, data) in rows {
             let id = document_id(&text, &data);
@@ -298,75 +300,70 @@ impl EmbeddedStore {
             if !seen.insert(id.clone()) {
                 continue;
             }
-            slots.push(known.remove(&id).ok_or((id, text, data)));
+            let known = known.remove(&id);
+            if known.is_none() {
+                new_rows.push((slots.len(), id, data));
+                texts.push(text);
+            }
+            slots.push(known);
         }
-        let texts: Vec<String> = slots
-            .iter()
-            .filter_map(|s| s.as_ref().err().map(|(_, text, _)| text.clone()))
-            .collect();
         let embedded = texts.len();
-        // A model (no `embed_local`) takes milliseconds a row: say what the start is waiting on.
-        let slow = embedded > 0 && embedder.embed_local("probe").is_none();
-        let started = std::time::Instant::now();
-        if slow {
-            tracing::info!(store = name, rows = embedded, embedder = %embedder_id, "Embedding the rows the index lacks.");
-        }
-        let outcome = if embedded == 0 {
-            None
-        } else {
-            embedder.embed_offline(&texts)
-        };
-        let mut vectors = match (embedded, outcome) {
-            (0, _) => Vec::new().into_iter(),
-            (_, Some(Ok(v))) if v.len() == embedded => {
-                if slow {
-                    tracing::info!(
-                        store = name,
-                        rows = embedded,
-                        ms = started.elapsed().as_millis() as u64,
-                        "Embedded the new rows."
-                    );
+        if embedded > 0 {
+            // A model takes milliseconds a row: say what the start is waiting on.
+            let slow = !computes_in_place(embedder.as_ref());
+            let started = std::time::Instant::now();
+            if slow {
+                tracing::info!(store = name, rows = embedded, embedder = %embedder_id, "Embedding the rows the index lacks.");
+            }
+            let vectors = match embedder.embed_offline(&texts) {
+                Some(Ok(v)) if v.len() == embedded => v,
+                Some(Ok(v)) => {
+                    return Err(StoreError::OpenEmbedding {
+                        store: name.to_owned(),
+                        source: PluginError::internal(format!(
+                            "{} vectors for {embedded} rows",
+                            v.len()
+                        )),
+                        embedder: embedder_id,
+                    });
                 }
-                v.into_iter()
+                Some(Err(source)) => {
+                    return Err(StoreError::OpenEmbedding {
+                        store: name.to_owned(),
+                        embedder: embedder_id,
+                        source,
+                    });
+                }
+                None => {
+                    return Err(StoreError::NotIngested {
+                        store: name.to_owned(),
+                        source_file: source,
+                        missing: embedded,
+                        total: slots.len(),
+                        embedder: embedder_id,
+                    });
+                }
+            };
+            if slow {
+                tracing::info!(
+                    store = name,
+                    rows = embedded,
+                    ms = started.elapsed().as_millis() as u64,
+                    "Embedded the new rows."
+                );
             }
-            (_, Some(Ok(v))) => {
-                return Err(StoreError::OpenEmbedding {
-                    store: name.to_owned(),
-                    source: PluginError::internal(format!(
-                        "{} vectors for {embedded} rows",
-                        v.len()
-                    )),
-                    embedder: embedder_id,
-                });
-            }
-            (_, Some(Err(source))) => {
-                return Err(StoreError::OpenEmbedding {
-                    store: name.to_owned(),
-                    embedder: embedder_id,
-                    source,
-                });
-            }
-            (missing, None) => {
-                return Err(StoreError::NotIngested {
-                    store: name.to_owned(),
-                    source_file: source,
-                    missing,
-                    total: slots.len(),
-                    embedder: embedder_id,
-                });
-            }
-        };
-        let documents: Vec<Document> = slots
-            .into_iter()
-            .map(|slot| {
-                slot.unwrap_or_else(|(id, text, data)| Document {
+            for ((slot, id, data), (text, embedding)) in
+                new_rows.into_iter().zip(texts.into_iter().zip(vectors))
+            {
+                slots[slot] = Some(Document {
                     id,
                     text,
                     data,
-                    embedding: vectors.next().unwrap_or_default(),
-                })
-            })
-            .collect();
+                    embedding,
+                });
+            }
+        }
+        let documents: Vec<Document> = slots.into_iter().flatten().collect();
         check_dims(&documents, &embedder_id)?;
         // Rewrite the index when rows were added or dropped, so the next start is a pure load.
         if embedded > 0 || !known.is_empty() {
@@ -550,7 +547,7 @@ fn lexical_index(
     embedder: &dyn Embedder,
     documents: &[Document],
 ) -> Option<(HashingEmbedder, Vec<Normed>)> {
-    if embedder.embed_local("probe").is_some() {
+    if computes_in_place(embedder) {
         return None;
     }
     let lexical = HashingEmbedder::default();
@@ -563,6 +560,12 @@ fn lexical_index(
         })
         .collect();
     Some((lexical, vectors))
+}
+
+/// Whether `embedder` answers on the caller's thread at no real cost (`embed_local`, the
+/// lexical embedder), unlike a model or a remote service.
+fn computes_in_place(embedder: &dyn Embedder) -> bool {
+    embedder.embed_local("probe").is_some()
 }
 
 /// Reads and validates a knowledge-base CSV.
