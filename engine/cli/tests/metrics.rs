@@ -121,10 +121,14 @@ fn a_scrape_during_a_replay_passes_promtool_and_matches_what_the_replay_produced
         }
         assert!(Instant::now() < deadline, "the call did not end");
     }
-    // The source is done; the conversation is released once its last runs (the recap) settle.
+    // The source is done; read the counters once the conversation is released and no run
+    // holds a slot (under load a scrape has seen the release counted while the recap run
+    // still held its slot; see the issue notes).
     let after = loop {
         let text = scrape(&addr);
-        if value(&text, "prompter_conversations_released_total") == 1.0 {
+        if value(&text, "prompter_conversations_released_total") == 1.0
+            && value(&text, "prompter_runs_in_flight") == 0.0
+        {
             break text;
         }
         assert!(
